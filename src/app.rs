@@ -1,0 +1,209 @@
+//! Assembles the service from [`Settings`]: loads playbooks (refusing to start on an invalid one),
+//! opens the store, recovers what a previous process left, binds the listener, and runs the HTTP
+//! server and the dispatcher until the shutdown token fires. Tests build it on port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::engine::{dispatch, Engine};
+use crate::escalation::Escalator;
+use crate::executor::{sandbox, Executor};
+use crate::history::{Store, StoreError};
+use crate::playbook::{self, LoadErrors};
+use crate::routes::{router, AppState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid playbooks, refusing to start:\n{0}")]
+    Playbooks(#[from] LoadErrors),
+    #[error("cannot open the database in {dir}: {source}")]
+    Store { dir: String, source: StoreError },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Installs rustls' ring provider process-wide. Test builds carry two TLS backends, so rustls
+/// cannot pick one by itself; calling this twice is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds the sandboxed Rhai engine from settings; shared by `serve`, `check` and `test`.
+pub fn rhai_engine(settings: &Settings) -> rhai::Engine {
+    sandbox::build_engine(
+        &settings.sandbox,
+        settings.disk_cleanup.allowed_roots.clone(),
+    )
+}
+
+/// A built, bound, not yet running reactor.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    engine: Arc<Engine>,
+    queue_rx: mpsc::Receiver<crate::history::Intake>,
+    settings: Settings,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("reactor/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Self::build_with(settings, http).await
+    }
+
+    /// Like [`Application::build`], with the HTTP client used for escalations injected.
+    pub async fn build_with(
+        settings: Settings,
+        http: reqwest::Client,
+    ) -> Result<Application, StartupError> {
+        let rhai = rhai_engine(&settings);
+        let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
+        tracing::info!(count = playbooks.len(), dir = %settings.playbooks_dir.display(), "playbooks loaded");
+        let store = Store::open(&settings.data_dir).map_err(|source| StartupError::Store {
+            dir: settings.data_dir.display().to_string(),
+            source,
+        })?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let bound = listener.local_addr().map_err(StartupError::Serve)?;
+        let (queue, queue_rx) = mpsc::channel(settings.limits.queue_capacity.max(1));
+        let engine = Arc::new(Engine {
+            store: store.clone(),
+            playbooks: Arc::new(playbooks),
+            executor: Executor::new(Arc::new(rhai), settings.dry_run),
+            escalator: Escalator::new(http, settings.alertmanager.clone()),
+            external_url: settings.external_url(bound),
+        });
+        let state = AppState {
+            store,
+            queue,
+            limits: Arc::new(settings.limits.clone()),
+            auth_token: settings.auth.bearer_token.as_deref().map(Arc::from),
+            playbooks_loaded: engine.playbooks.len(),
+        };
+        Ok(Application {
+            listener,
+            state,
+            engine,
+            queue_rx,
+            settings,
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Cancelling this token stops the service gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token fires, then drains in-flight runs (up to the configured
+    /// grace) and flushes the database.
+    pub async fn run(self) -> Result<(), StartupError> {
+        let Application {
+            listener,
+            state,
+            engine,
+            queue_rx,
+            settings,
+            tracker,
+            shutdown,
+        } = self;
+        let pending = engine
+            .recover(&tracker)
+            .map_err(|source| StartupError::Store {
+                dir: settings.data_dir.display().to_string(),
+                source,
+            })?;
+        if !pending.is_empty() {
+            let queue = state.queue.clone();
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                for intake in pending {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        sent = queue.send(intake) => if sent.is_err() { return },
+                    }
+                }
+            });
+        }
+        let store = state.store.clone();
+        let dispatcher = tokio::spawn(dispatch(
+            engine,
+            queue_rx,
+            settings.limits.max_concurrent_runs,
+            tracker,
+            shutdown.clone(),
+            settings.limits.shutdown_grace,
+        ));
+        tracing::info!(addr = %listener.local_addr().map_err(StartupError::Serve)?, "reactor listening");
+        let served = axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await;
+        shutdown.cancel();
+        if let Err(e) = dispatcher.await {
+            tracing::error!(error = %e, "dispatcher task failed");
+        }
+        if let Err(e) = store.flush().await {
+            tracing::error!(error = %e, "final database flush failed");
+        }
+        tracing::info!("reactor stopped");
+        served.map_err(StartupError::Serve)
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,497 @@
+//! The `reactor` command line: `serve`, `check`, `test` and `runs`. Each subcommand parses its
+//! flags here and calls into the library; output formatting for humans lives here too.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{self, Application};
+use crate::config::{Overrides, Settings};
+use crate::domain::decode_webhook;
+use crate::history::{Outcome, Run, RunFilter, Store};
+use crate::playbook::{self, render_params, TemplateContext};
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reactor",
+    version,
+    about = "Self-healing remediation engine for Prometheus Alertmanager"
+)]
+pub struct Cli {
+    /// YAML configuration file; REACTOR_* environment variables and flags override it.
+    #[arg(long, global = true, env = "REACTOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the webhook receiver and remediation engine.
+    Serve(ServeArgs),
+    /// Parse every playbook and compile every Rhai script; exit 1 with file:line errors if any.
+    Check(CheckArgs),
+    /// Show which playbooks would run for each alert of a webhook payload, running nothing.
+    Test(TestArgs),
+    /// List runs from the history (via the API, or from the database when the service is stopped).
+    Runs(RunsArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:9097).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Database directory (default ./data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Playbook directory (default ./playbooks).
+    #[arg(long)]
+    playbooks: Option<PathBuf>,
+    /// Rhai script directory (default ./scripts).
+    #[arg(long)]
+    scripts: Option<PathBuf>,
+    /// Alertmanager base URL that escalations are posted to.
+    #[arg(long)]
+    alertmanager_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// Playbook directory (default: the configured one, ./playbooks).
+    dir: Option<PathBuf>,
+    /// Rhai script directory (default: `scripts` beside DIR if it exists, else the configured one).
+    #[arg(long)]
+    scripts: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct TestArgs {
+    /// A webhook payload as Alertmanager sends it ("-" reads standard input).
+    alert: PathBuf,
+    #[arg(long)]
+    playbooks: Option<PathBuf>,
+    #[arg(long)]
+    scripts: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct RunsArgs {
+    #[command(subcommand)]
+    show: Option<RunsCommand>,
+    #[arg(long)]
+    outcome: Option<Outcome>,
+    #[arg(long)]
+    playbook: Option<String>,
+    #[arg(long)]
+    alertname: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// reactor's base URL (default: http:// plus the configured listen address).
+    #[arg(long)]
+    url: Option<String>,
+    /// Database directory used when the service is not running (default: the configured one).
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum RunsCommand {
+    /// Show one run with every step attempt, its output and logs.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(run(cli))
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let overrides = match &cli.command {
+        Command::Serve(a) => Overrides {
+            listen: a.listen,
+            data_dir: a.data.clone(),
+            playbooks_dir: a.playbooks.clone(),
+            scripts_dir: a.scripts.clone(),
+            alertmanager_url: a.alertmanager_url.clone(),
+        },
+        Command::Runs(a) => Overrides {
+            data_dir: a.data.clone(),
+            ..Overrides::default()
+        },
+        _ => Overrides::default(),
+    };
+    let settings = match Settings::load(cli.config.as_deref(), &overrides) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    match cli.command {
+        Command::Serve(_) => serve(settings).await,
+        Command::Check(a) => check(settings, a),
+        Command::Test(a) => test(settings, a),
+        Command::Runs(a) => runs(settings, a).await,
+    }
+}
+
+async fn serve(settings: Settings) -> ExitCode {
+    let app = match Application::build(settings).await {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let token = app.shutdown_token();
+    tokio::spawn(async move {
+        app::shutdown_signal().await;
+        token.cancel();
+    });
+    match app.run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// `check DIR` looks for scripts beside DIR first, so `reactor check some/playbooks` works.
+fn dirs(settings: &Settings, dir: Option<PathBuf>, scripts: Option<PathBuf>) -> (PathBuf, PathBuf) {
+    let sibling = dir
+        .as_deref()
+        .and_then(Path::parent)
+        .map(|p| p.join("scripts"))
+        .filter(|p| p.is_dir());
+    let scripts = scripts
+        .or(sibling)
+        .unwrap_or_else(|| settings.scripts_dir.clone());
+    (
+        dir.unwrap_or_else(|| settings.playbooks_dir.clone()),
+        scripts,
+    )
+}
+
+fn check(settings: Settings, a: CheckArgs) -> ExitCode {
+    let (dir, scripts) = dirs(&settings, a.dir, a.scripts);
+    match playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings)) {
+        Ok(p) => {
+            println!(
+                "ok: {} playbook(s) in {}, scripts from {}",
+                p.len(),
+                dir.display(),
+                scripts.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{} problem(s) found", errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn test(settings: Settings, a: TestArgs) -> ExitCode {
+    let (dir, scripts) = dirs(&settings, a.playbooks, a.scripts);
+    let playbooks = match playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let body = if a.alert.as_os_str() == "-" {
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut s).map(|_| s)
+    } else {
+        std::fs::read(&a.alert)
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return fail(format!("{}: {e}", a.alert.display())),
+    };
+    let notification = match decode_webhook(&body) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("{}: {e}", a.alert.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = String::new();
+    for (i, alert) in notification.alerts.iter().enumerate() {
+        let labels: Vec<String> = alert
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "alert[{i}] {} ({}) {{{}}}",
+            alert.alertname(),
+            alert.status,
+            labels.join(", ")
+        );
+        let matched = playbooks.matching(alert);
+        if matched.is_empty() {
+            let _ = writeln!(out, "  no playbook matches: recorded as skipped");
+        }
+        for p in matched {
+            if !p.triggers_on(alert.status) {
+                let _ = writeln!(
+                    out,
+                    "  {} ({}): matches, but does not run on {} alerts",
+                    p.name, p.origin, alert.status
+                );
+                continue;
+            }
+            let _ = writeln!(out, "  {} ({}): would run", p.name, p.origin);
+            let ctx = TemplateContext::new(alert, &p.name);
+            for (n, step) in p.steps.iter().enumerate() {
+                let params = serde_json::Value::Object(render_params(step, &ctx));
+                let _ = writeln!(
+                    out,
+                    "    {}. {}: {}, timeout {}, retries {}, params {params}",
+                    n + 1,
+                    step.name,
+                    step.action.describe(),
+                    humantime::format_duration(step.timeout),
+                    step.retries
+                );
+            }
+        }
+    }
+    print!("{out}");
+    ExitCode::SUCCESS
+}
+
+async fn runs(settings: Settings, a: RunsArgs) -> ExitCode {
+    let base = a.url.clone().unwrap_or_else(|| {
+        let mut addr = settings.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip([127, 0, 0, 1].into());
+        }
+        format!("http://{addr}")
+    });
+    app::install_crypto_provider();
+    let path = match &a.show {
+        Some(RunsCommand::Show { id, .. }) => format!("/api/v1/runs/{id}"),
+        None => {
+            let mut q = vec![format!("limit={}", a.limit)];
+            if let Some(o) = a.outcome {
+                q.push(format!("outcome={o}"));
+            }
+            if let Some(p) = &a.playbook {
+                q.push(format!("playbook={}", urlencode(p)));
+            }
+            if let Some(n) = &a.alertname {
+                q.push(format!("alertname={}", urlencode(n)));
+            }
+            format!("/api/v1/runs?{}", q.join("&"))
+        }
+    };
+    let value = match fetch(&base, &path, settings.auth.bearer_token.as_deref()).await {
+        Ok(Some(v)) => v,
+        Ok(None) => match from_database(&settings, &a) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        },
+        Err(e) => return fail(e),
+    };
+    let json = a.json || matches!(a.show, Some(RunsCommand::Show { json: true, .. }));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let text = match (&a.show, value) {
+        (Some(_), v) => serde_json::from_value::<Run>(v).map(|r| show_run(&r)),
+        (None, v) => serde_json::from_value::<Vec<Run>>(v).map(|r| runs_table(&r)),
+    };
+    match text {
+        Ok(t) => {
+            print!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("unexpected answer from reactor: {e}")),
+    }
+}
+
+/// `Ok(None)` when nothing listens there, so the caller reads the database instead.
+async fn fetch(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<Option<serde_json::Value>, String> {
+    let client = reqwest::Client::new();
+    let mut req = client.get(format!("{}{path}", base.trim_end_matches('/')));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Err(e) if e.is_connect() => Ok(None),
+        Err(e) => Err(e.to_string()),
+        Ok(resp) => {
+            let status = resp.status();
+            let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+            if status.is_success() {
+                Ok(Some(v))
+            } else {
+                Err(format!(
+                    "{status}: {}",
+                    v["error"].as_str().unwrap_or_default()
+                ))
+            }
+        }
+    }
+}
+
+fn from_database(settings: &Settings, a: &RunsArgs) -> Result<serde_json::Value, String> {
+    let store = Store::open(&settings.data_dir)
+        .map_err(|e| format!("reactor is not answering and its database cannot be opened: {e}"))?;
+    let v = match &a.show {
+        Some(RunsCommand::Show { id, .. }) => {
+            let id = id.parse()?;
+            let run = store
+                .get_run(id)
+                .map_err(|e| e.to_string())?
+                .ok_or(format!("no run {id}"))?;
+            serde_json::to_value(run)
+        }
+        None => serde_json::to_value(
+            store
+                .list_runs(&RunFilter {
+                    playbook: a.playbook.clone(),
+                    outcome: a.outcome,
+                    alertname: a.alertname.clone(),
+                    limit: Some(a.limit),
+                })
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    v.map_err(|e| e.to_string())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn runs_table(runs: &[Run]) -> String {
+    let mut out = format!(
+        "{:<10} {:<20} {:<12} {:<24} {:<28} REASON\n",
+        "ID", "RECEIVED", "OUTCOME", "PLAYBOOK", "ALERT"
+    );
+    for r in runs {
+        let received = r.received_at.strftime("%Y-%m-%d %H:%M:%S").to_string();
+        let _ = writeln!(
+            out,
+            "{:<10} {:<20} {:<12} {:<24} {:<28} {}",
+            r.id.to_string(),
+            received,
+            r.outcome.as_str(),
+            r.playbook.as_deref().unwrap_or("-"),
+            r.alert.alertname(),
+            r.reason.as_deref().unwrap_or("")
+        );
+    }
+    out
+}
+
+fn show_run(r: &Run) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "run        {}", r.id);
+    let _ = writeln!(out, "outcome    {}", r.outcome);
+    if let Some(reason) = &r.reason {
+        let _ = writeln!(out, "reason     {reason}");
+    }
+    let _ = writeln!(out, "playbook   {}", r.playbook.as_deref().unwrap_or("-"));
+    let _ = writeln!(
+        out,
+        "alert      {} ({}) fingerprint {} startsAt {}",
+        r.alert.alertname(),
+        r.alert.status,
+        r.alert.fingerprint,
+        r.alert.starts_at
+    );
+    let labels: Vec<String> = r
+        .alert
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v:?}"))
+        .collect();
+    let _ = writeln!(out, "labels     {{{}}}", labels.join(", "));
+    let _ = writeln!(out, "received   {}", r.received_at);
+    if let Some(t) = r.started_at {
+        let _ = writeln!(out, "started    {t}");
+    }
+    if let Some(t) = r.finished_at {
+        let _ = writeln!(out, "finished   {t}");
+    }
+    for s in &r.steps {
+        let _ = writeln!(
+            out,
+            "step       {} attempt {}: {} in {} ms (started {})",
+            s.name,
+            s.attempt,
+            if s.succeeded { "succeeded" } else { "failed" },
+            s.duration_ms,
+            s.started_at
+        );
+        if let Some(e) = &s.error {
+            let _ = writeln!(out, "  error    {e}");
+        }
+        if let Some(o) = &s.output {
+            let _ = writeln!(out, "  output   {o}");
+        }
+        for l in &s.logs {
+            let _ = writeln!(out, "  log      {l}");
+        }
+    }
+    if let Some(e) = &r.escalation {
+        let _ = writeln!(
+            out,
+            "escalated  {} {:?} after {} attempt(s) at {}{}",
+            e.alertname,
+            e.status,
+            e.attempts,
+            e.at,
+            e.last_error
+                .as_deref()
+                .map(|x| format!(" (last error: {x})"))
+                .unwrap_or_default()
+        );
+    }
+    out
+}

@@ -1,0 +1,313 @@
+//! Settings, layered: embedded defaults, then a YAML file (`--config`), then `REACTOR_*`
+//! environment variables, then command-line flags. Everything the service needs to start is here,
+//! validated once, so nothing deeper reads the environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// All of reactor's settings. See the README's configuration reference.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub playbooks_dir: PathBuf,
+    pub scripts_dir: PathBuf,
+    /// Base URL humans use to reach reactor, for links in pages. Defaults to `http://<listen>`.
+    pub external_url: Option<String>,
+    pub auth: AuthSettings,
+    pub alertmanager: AlertmanagerSettings,
+    pub limits: Limits,
+    pub sandbox: SandboxLimits,
+    pub disk_cleanup: DiskCleanupSettings,
+    /// Global dry run: scripts see `dry_run == true` and `disk_cleanup` deletes nothing.
+    pub dry_run: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9097)),
+            data_dir: "data".into(),
+            playbooks_dir: "playbooks".into(),
+            scripts_dir: "scripts".into(),
+            external_url: None,
+            auth: AuthSettings::default(),
+            alertmanager: AlertmanagerSettings::default(),
+            limits: Limits::default(),
+            sandbox: SandboxLimits::default(),
+            disk_cleanup: DiskCleanupSettings::default(),
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// When set, every request but `/healthz` needs `Authorization: Bearer <token>`.
+    pub bearer_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertmanagerSettings {
+    /// Alertmanager base URL escalations are posted to (`<url>/api/v2/alerts`). Unset: failures are
+    /// recorded and logged, but nobody is paged.
+    pub url: Option<String>,
+    /// Severity label of the pages reactor raises: the highest your routing knows.
+    pub severity: String,
+    /// How long a page stays firing in Alertmanager unless resolved earlier.
+    #[serde(deserialize_with = "duration")]
+    pub page_ttl: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Delivery attempts per escalation, with exponential backoff between them.
+    pub delivery_attempts: u32,
+    #[serde(deserialize_with = "duration")]
+    pub retry_backoff: Duration,
+}
+
+impl Default for AlertmanagerSettings {
+    fn default() -> Self {
+        AlertmanagerSettings {
+            url: None,
+            severity: "critical".into(),
+            page_ttl: Duration::from_secs(24 * 3600),
+            timeout: Duration::from_secs(10),
+            delivery_attempts: 6,
+            retry_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest webhook body accepted; larger is 413.
+    pub max_body_bytes: usize,
+    /// Most alerts in one webhook payload; more is 413.
+    pub max_alerts_per_payload: usize,
+    /// Accepted alerts waiting for a worker; when full, webhooks get 503 with Retry-After.
+    pub queue_capacity: usize,
+    /// Runs executing at once.
+    pub max_concurrent_runs: usize,
+    /// On SIGTERM, how long in-flight runs may finish before the process exits anyway.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 << 20,
+            max_alerts_per_payload: 1_000,
+            queue_capacity: 10_000,
+            max_concurrent_runs: 64,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Limits of the Rhai sandbox, applied to every script.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxLimits {
+    /// Operations per evaluation; 0 means unlimited (the wall-clock timeout still applies).
+    pub max_operations: u64,
+    pub max_call_levels: usize,
+    pub max_expr_depth: usize,
+    pub max_string_size: usize,
+    pub max_array_size: usize,
+    pub max_map_size: usize,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        SandboxLimits {
+            max_operations: 5_000_000,
+            max_call_levels: 32,
+            max_expr_depth: 64,
+            max_string_size: 1 << 20,
+            max_array_size: 100_000,
+            max_map_size: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskCleanupSettings {
+    /// Directories `disk_cleanup` may delete under. Empty: the helper refuses every call.
+    pub allowed_roots: Vec<PathBuf>,
+}
+
+/// Command-line overrides; `None` leaves the lower layers in place.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub playbooks_dir: Option<PathBuf>,
+    pub scripts_dir: Option<PathBuf>,
+    pub alertmanager_url: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}", line = line.map(|l| l.to_string()).unwrap_or_else(|| "?".into()))]
+    Parse {
+        path: PathBuf,
+        line: Option<u64>,
+        message: String,
+    },
+    #[error("environment variable {name}: {message}")]
+    Env { name: &'static str, message: String },
+}
+
+impl Settings {
+    /// Loads the layers in order: defaults, `file`, the process environment, `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigError> {
+        let mut s = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                if text.trim().is_empty() {
+                    Settings::default()
+                } else {
+                    serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
+                        path: path.to_owned(),
+                        line: e.location().map(|l| l.line()),
+                        message: e.to_string().lines().next().unwrap_or_default().to_owned(),
+                    })?
+                }
+            }
+            None => Settings::default(),
+        };
+        s.apply_env(|k| std::env::var(k).ok())?;
+        s.apply(overrides);
+        Ok(s)
+    }
+
+    /// `REACTOR_*` variables; `get` is injected so tests need not touch the process environment.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("REACTOR_LISTEN") {
+            self.listen = v.parse().map_err(|e| ConfigError::Env {
+                name: "REACTOR_LISTEN",
+                message: format!("expected HOST:PORT, got {v:?}: {e}"),
+            })?;
+        }
+        let path = |k: &str, target: &mut PathBuf| {
+            if let Some(v) = get(k) {
+                *target = v.into();
+            }
+        };
+        path("REACTOR_DATA_DIR", &mut self.data_dir);
+        path("REACTOR_PLAYBOOKS_DIR", &mut self.playbooks_dir);
+        path("REACTOR_SCRIPTS_DIR", &mut self.scripts_dir);
+        if let Some(v) = get("REACTOR_ALERTMANAGER_URL") {
+            self.alertmanager.url = Some(v);
+        }
+        if let Some(v) = get("REACTOR_AUTH_TOKEN") {
+            self.auth.bearer_token = Some(v).filter(|t| !t.is_empty());
+        }
+        if let Some(v) = get("REACTOR_EXTERNAL_URL") {
+            self.external_url = Some(v);
+        }
+        if let Some(v) = get("REACTOR_DRY_RUN") {
+            self.dry_run = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        Ok(())
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = o.listen {
+            self.listen = v;
+        }
+        if let Some(v) = &o.data_dir {
+            self.data_dir = v.clone();
+        }
+        if let Some(v) = &o.playbooks_dir {
+            self.playbooks_dir = v.clone();
+        }
+        if let Some(v) = &o.scripts_dir {
+            self.scripts_dir = v.clone();
+        }
+        if let Some(v) = &o.alertmanager_url {
+            self.alertmanager.url = Some(v.clone());
+        }
+    }
+
+    /// The base URL for links to runs.
+    pub fn external_url(&self, bound: SocketAddr) -> String {
+        self.external_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"))
+            .trim_end_matches('/')
+            .to_owned()
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "expected a duration like 30s or 5m, got {s:?}: {e}"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let s = Settings::default();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9097");
+        assert_eq!(s.data_dir, PathBuf::from("data"));
+        assert_eq!(s.alertmanager.severity, "critical");
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("reactor.yaml");
+        std::fs::write(
+            &f,
+            "listen: 127.0.0.1:1000\ndata_dir: /from-file\nalertmanager:\n  url: http://file\n  page_ttl: 2h\nauth:\n  bearer_token: t\n",
+        )
+        .unwrap();
+        let mut s = Settings::load(Some(&f), &Overrides::default()).unwrap();
+        assert_eq!(s.alertmanager.page_ttl, Duration::from_secs(7200));
+        assert_eq!(s.auth.bearer_token.as_deref(), Some("t"));
+        s.apply_env(|k| (k == "REACTOR_DATA_DIR").then(|| "/from-env".to_owned()))
+            .unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/from-env"));
+        s.apply(&Overrides {
+            listen: Some("127.0.0.1:2000".parse().unwrap()),
+            alertmanager_url: Some("http://flag".into()),
+            ..Overrides::default()
+        });
+        assert_eq!(s.listen.port(), 2000);
+        assert_eq!(s.alertmanager.url.as_deref(), Some("http://flag"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("reactor.yaml");
+        std::fs::write(&f, "listen: 127.0.0.1:1000\nlistne: x\n").unwrap();
+        let e = Settings::load(Some(&f), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("reactor.yaml:2:"), "{e}");
+    }
+}

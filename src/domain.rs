@@ -1,0 +1,290 @@
+//! The Alertmanager webhook payload (v4) as it arrives on the wire, and the validated [`Alert`] the
+//! rest of reactor works with. Raw network strings live only in the `Wire*` types; they are parsed
+//! once here ("parse, don't validate") so that a malformed alert is a 400 at the edge, never a
+//! surprise deep inside a run.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// A label or annotation set. Ordered, so that rendering and hashing are stable.
+pub type Labels = BTreeMap<String, String>;
+
+/// Alertmanager's webhook payload, version 4, exactly as Alertmanager 0.25 sends it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WirePayload {
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub group_key: Option<String>,
+    #[serde(default)]
+    pub truncated_alerts: u64,
+    #[serde(default)]
+    pub receiver: Option<String>,
+    #[serde(default)]
+    pub external_url: Option<String>,
+    pub alerts: Vec<WireAlert>,
+}
+
+/// One alert of a webhook payload.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireAlert {
+    pub status: String,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub annotations: Labels,
+    pub starts_at: String,
+    #[serde(default)]
+    pub ends_at: Option<String>,
+    #[serde(default, rename = "generatorURL")]
+    pub generator_url: Option<String>,
+    pub fingerprint: String,
+}
+
+/// Why a payload was refused; every variant becomes a 4xx with this text as the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("malformed JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(
+        "unsupported payload version {0:?}: reactor understands Alertmanager webhook version \"4\""
+    )]
+    Version(String),
+    #[error("alerts[{index}]: {reason}")]
+    Alert { index: usize, reason: String },
+}
+
+/// Whether the alert is firing or resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertStatus {
+    Firing,
+    Resolved,
+}
+
+impl AlertStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertStatus::Firing => "firing",
+            AlertStatus::Resolved => "resolved",
+        }
+    }
+}
+
+impl fmt::Display for AlertStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AlertStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "firing" => Ok(AlertStatus::Firing),
+            "resolved" => Ok(AlertStatus::Resolved),
+            other => Err(format!(
+                "status must be \"firing\" or \"resolved\", got {other:?}"
+            )),
+        }
+    }
+}
+
+/// Alertmanager's identity of an alert: a hash of its label set.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Fingerprint(String);
+
+impl Fingerprint {
+    /// Accepts what Alertmanager sends: a short, non-empty token of ASCII alphanumerics.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(format!(
+                "fingerprint must be 1-64 ASCII alphanumerics, got {s:?}"
+            ));
+        }
+        Ok(Fingerprint(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A validated alert: the unit of work. Every alert of a grouped payload becomes one of these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    pub status: AlertStatus,
+    pub fingerprint: Fingerprint,
+    pub labels: Labels,
+    #[serde(default)]
+    pub annotations: Labels,
+    pub starts_at: Timestamp,
+    /// `None` for a firing alert (Alertmanager sends the zero time `0001-01-01T00:00:00Z`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_at: Option<Timestamp>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "generatorURL"
+    )]
+    pub generator_url: Option<String>,
+}
+
+impl Alert {
+    pub fn alertname(&self) -> &str {
+        self.labels
+            .get("alertname")
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    fn from_wire(w: WireAlert) -> Result<Alert, String> {
+        let status = w.status.parse()?;
+        let fingerprint = Fingerprint::parse(&w.fingerprint)?;
+        let starts_at = parse_time("startsAt", &w.starts_at)?
+            .ok_or_else(|| "startsAt must be set".to_owned())?;
+        let ends_at = match w.ends_at.as_deref() {
+            None | Some("") => None,
+            Some(s) => parse_time("endsAt", s)?,
+        };
+        Ok(Alert {
+            status,
+            fingerprint,
+            labels: w.labels,
+            annotations: w.annotations,
+            starts_at,
+            ends_at,
+            generator_url: w.generator_url.filter(|u| !u.is_empty()),
+        })
+    }
+}
+
+/// Go's zero time, which Alertmanager uses for "not set", maps to `None`.
+fn parse_time(field: &str, s: &str) -> Result<Option<Timestamp>, String> {
+    let t: Timestamp = s
+        .parse()
+        .map_err(|e| format!("{field} is not an RFC 3339 time ({s:?}): {e}"))?;
+    Ok(
+        (t.as_second() > Timestamp::UNIX_EPOCH.as_second() - 60 * 60 * 24 * 365 * 1000)
+            .then_some(t),
+    )
+}
+
+/// A decoded webhook: its alerts, plus what Alertmanager said it had to leave out.
+#[derive(Debug)]
+pub struct Notification {
+    pub alerts: Vec<Alert>,
+    pub truncated_alerts: u64,
+    pub receiver: Option<String>,
+}
+
+/// Decodes and validates a webhook body.
+pub fn decode_webhook(body: &[u8]) -> Result<Notification, PayloadError> {
+    let wire: WirePayload = serde_json::from_slice(body)?;
+    if let Some(v) = wire.version.as_deref() {
+        if v != "4" {
+            return Err(PayloadError::Version(v.to_owned()));
+        }
+    }
+    let alerts = wire
+        .alerts
+        .into_iter()
+        .enumerate()
+        .map(|(index, w)| {
+            Alert::from_wire(w).map_err(|reason| PayloadError::Alert { index, reason })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Notification {
+        alerts,
+        truncated_alerts: wire.truncated_alerts,
+        receiver: wire.receiver,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRING: &str = include_str!("../tests/fixtures/alertmanager-0.25-firing.json");
+    const RESOLVED: &str = include_str!("../tests/fixtures/alertmanager-0.25-resolved.json");
+
+    #[test]
+    fn decodes_alertmanager_0_25_firing_payload() {
+        let n = decode_webhook(FIRING.as_bytes()).unwrap();
+        assert_eq!(n.alerts.len(), 1);
+        let a = &n.alerts[0];
+        assert_eq!(a.status, AlertStatus::Firing);
+        assert_eq!(a.alertname(), "HarnessCurl");
+        assert_eq!(a.fingerprint.as_str(), "3e27bcf000d7dae4");
+        assert_eq!(a.ends_at, None, "the zero time means not set");
+        assert_eq!(a.starts_at.to_string(), "2026-11-20T23:35:13.24322Z");
+    }
+
+    #[test]
+    fn decodes_alertmanager_0_25_resolved_payload() {
+        let n = decode_webhook(RESOLVED.as_bytes()).unwrap();
+        let a = &n.alerts[0];
+        assert_eq!(a.status, AlertStatus::Resolved);
+        assert!(a.ends_at.is_some());
+    }
+
+    #[test]
+    fn malformed_json_names_the_problem() {
+        let err = decode_webhook(b"{\"alerts\": [").unwrap_err();
+        assert!(err.to_string().starts_with("malformed JSON"), "{err}");
+    }
+
+    #[test]
+    fn bad_alert_names_its_index_and_field() {
+        let body = FIRING.replace(
+            "\"status\":\"firing\",\"labels\"",
+            "\"status\":\"burning\",\"labels\"",
+        );
+        let err = decode_webhook(body.as_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("alerts[0]: status must be"),
+            "{err}"
+        );
+        let body = FIRING.replace("2026-11-20T23:35:13.24322Z", "yesterday");
+        let err = decode_webhook(body.as_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("startsAt is not an RFC 3339 time"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn other_payload_versions_are_refused() {
+        let body = FIRING.replace("\"version\":\"4\"", "\"version\":\"5\"");
+        assert!(matches!(
+            decode_webhook(body.as_bytes()),
+            Err(PayloadError::Version(_))
+        ));
+    }
+
+    #[test]
+    fn offsets_other_than_utc_are_understood() {
+        let body = FIRING.replace(
+            "2026-11-20T23:35:13.24322Z",
+            "2026-11-21T00:35:13.24322+01:00",
+        );
+        let n = decode_webhook(body.as_bytes()).unwrap();
+        assert_eq!(
+            n.alerts[0].starts_at.to_string(),
+            "2026-11-20T23:35:13.24322Z"
+        );
+    }
+}

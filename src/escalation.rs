@@ -1,0 +1,301 @@
+//! Paging humans: when a run fails, reactor posts one `RemediationFailed` alert into Alertmanager
+//! (`POST /api/v2/alerts`), carrying the run's context, and retries delivery with backoff.
+//!
+//! Identity of a page: its labels are the original alert's labels (so the humans' routing by
+//! team, namespace, etc. keeps working) with `alertname` moved to `original_alertname` and
+//! `severity` to `original_severity`, plus `alertname="RemediationFailed"`, the configured
+//! `severity` and `playbook`. The run id lives in annotations, not labels, so repeated failures for
+//! the same target update one page instead of raising a storm of them.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::config::AlertmanagerSettings;
+use crate::domain::Labels;
+use crate::history::{DeliveryStatus, EscalationRecord, Run};
+use crate::playbook::{Playbook, TemplateContext};
+
+pub const REMEDIATION_FAILED: &str = "RemediationFailed";
+
+/// An alert in Alertmanager's API v2 `postableAlert` shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PostableAlert {
+    pub labels: Labels,
+    pub annotations: Labels,
+    pub starts_at: Timestamp,
+    pub ends_at: Timestamp,
+    #[serde(rename = "generatorURL")]
+    pub generator_url: String,
+}
+
+/// Posts pages to Alertmanager. The HTTP client is injected.
+#[derive(Clone)]
+pub struct Escalator {
+    client: reqwest::Client,
+    settings: AlertmanagerSettings,
+}
+
+impl Escalator {
+    pub fn new(client: reqwest::Client, settings: AlertmanagerSettings) -> Self {
+        Escalator { client, settings }
+    }
+
+    pub fn severity(&self) -> &str {
+        &self.settings.severity
+    }
+
+    /// Builds the page for a failed run. `run_url` links to the run in reactor's API.
+    pub fn page_for(
+        &self,
+        run: &Run,
+        playbook: Option<&Playbook>,
+        run_url: &str,
+        now: Timestamp,
+    ) -> PostableAlert {
+        let failed_step = run.steps.iter().rev().find(|s| !s.succeeded);
+        let step_name = failed_step.map(|s| s.name.as_str()).unwrap_or("");
+        let error = failed_step
+            .and_then(|s| s.error.as_deref())
+            .or(run.reason.as_deref())
+            .unwrap_or("");
+        let playbook_name = run.playbook.as_deref().unwrap_or("");
+        let run_id = run.id.to_string();
+        let ctx = TemplateContext {
+            alert: &run.alert,
+            playbook: playbook_name,
+            run_id: &run_id,
+            run_url,
+            step: step_name,
+            error,
+        };
+        let spec = playbook.map(|p| &p.escalate);
+
+        let mut labels = run.alert.labels.clone();
+        if let Some(v) = labels.remove("alertname") {
+            labels.insert("original_alertname".into(), v);
+        }
+        if let Some(v) = labels.remove("severity") {
+            labels.insert("original_severity".into(), v);
+        }
+        let severity = spec
+            .and_then(|s| s.severity.clone())
+            .unwrap_or_else(|| self.settings.severity.clone());
+        labels.insert("alertname".into(), REMEDIATION_FAILED.into());
+        labels.insert("severity".into(), severity);
+        labels.insert("playbook".into(), playbook_name.into());
+
+        let summary = spec
+            .and_then(|s| s.summary.as_ref())
+            .map(|t| t.render(&ctx))
+            .unwrap_or_else(|| {
+                format!(
+                    "Remediation {playbook_name} failed for {} {}",
+                    run.alert.alertname(),
+                    target_hint(&run.alert.labels)
+                )
+                .trim_end()
+                .to_owned()
+            });
+        let description = spec
+            .and_then(|s| s.description.as_ref())
+            .map(|t| t.render(&ctx))
+            .unwrap_or_else(|| match failed_step {
+                Some(s) => format!(
+                    "Step {:?} failed after {} attempt(s): {error}",
+                    s.name, s.attempt
+                ),
+                None => error.to_owned(),
+            });
+        let mut annotations = Labels::new();
+        annotations.insert("summary".into(), summary);
+        annotations.insert("description".into(), description);
+        annotations.insert("run_id".into(), run_id.clone());
+        annotations.insert("run_url".into(), run_url.into());
+        annotations.insert("outcome".into(), run.outcome.to_string());
+        if !step_name.is_empty() {
+            annotations.insert("failed_step".into(), step_name.into());
+        }
+        if !error.is_empty() {
+            annotations.insert("error".into(), error.into());
+        }
+        if let Some(src) = run.alert.annotations.get("summary") {
+            annotations.insert("original_summary".into(), src.clone());
+        }
+        let ttl = jiff::SignedDuration::try_from(self.settings.page_ttl)
+            .unwrap_or(jiff::SignedDuration::from_hours(24));
+        PostableAlert {
+            labels,
+            annotations,
+            starts_at: now,
+            ends_at: now.checked_add(ttl).unwrap_or(now),
+            generator_url: run_url.into(),
+        }
+    }
+
+    /// Delivers a page, retrying with exponential backoff. Never panics and never gives up
+    /// silently: the record says what happened.
+    pub async fn deliver(&self, page: &PostableAlert) -> EscalationRecord {
+        let alertname = page.labels.get("alertname").cloned().unwrap_or_default();
+        let Some(base) = self.settings.url.as_deref() else {
+            tracing::error!(%alertname, "remediation failed but no Alertmanager URL is configured: nobody was paged");
+            return EscalationRecord {
+                alertname,
+                status: DeliveryStatus::NotConfigured,
+                attempts: 0,
+                at: Timestamp::now(),
+                last_error: Some("alertmanager.url is not configured".into()),
+            };
+        };
+        let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
+        let attempts = self.settings.delivery_attempts.max(1);
+        let mut last_error = None;
+        for attempt in 1..=attempts {
+            match self.post(&url, page).await {
+                Ok(()) => {
+                    tracing::info!(%alertname, attempt, "escalation delivered to Alertmanager");
+                    return EscalationRecord {
+                        alertname,
+                        status: DeliveryStatus::Delivered,
+                        attempts: attempt,
+                        at: Timestamp::now(),
+                        last_error,
+                    };
+                }
+                Err((retryable, e)) => {
+                    tracing::warn!(%alertname, attempt, error = %e, "escalation delivery failed");
+                    last_error = Some(e);
+                    if !retryable {
+                        break;
+                    }
+                    if attempt < attempts {
+                        tokio::time::sleep(backoff(self.settings.retry_backoff, attempt)).await;
+                    }
+                }
+            }
+        }
+        tracing::error!(%alertname, error = ?last_error, "escalation could not be delivered: nobody was paged");
+        EscalationRecord {
+            alertname,
+            status: DeliveryStatus::Failed,
+            attempts,
+            at: Timestamp::now(),
+            last_error,
+        }
+    }
+
+    /// `Err((retryable, reason))` on failure.
+    async fn post(&self, url: &str, page: &PostableAlert) -> Result<(), (bool, String)> {
+        let resp = self
+            .client
+            .post(url)
+            .timeout(self.settings.timeout)
+            .json(&[page])
+            .send()
+            .await
+            .map_err(|e| (true, format!("POST {url}: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = resp.text().await.unwrap_or_default();
+        let retryable = status.is_server_error() || status.as_u16() == 429;
+        Err((retryable, format!("POST {url}: {status}: {}", body.trim())))
+    }
+}
+
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    (base * 2u32.saturating_pow(attempt.saturating_sub(1))).min(Duration::from_secs(30))
+}
+
+fn target_hint(labels: &Labels) -> String {
+    ["instance", "pod", "namespace", "job"]
+        .iter()
+        .filter_map(|k| labels.get(*k).map(|v| format!("{k}={v}")))
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::decode_webhook;
+    use crate::history::{Outcome, RunId, StepRecord};
+
+    fn failed_run() -> Run {
+        let body = include_str!("../tests/fixtures/alertmanager-0.25-firing.json");
+        let alert = decode_webhook(body.as_bytes()).unwrap().alerts.remove(0);
+        Run {
+            id: RunId { seq: 7, index: 0 },
+            alert,
+            playbook: Some("selftest-fail".into()),
+            outcome: Outcome::Failed,
+            reason: Some("step \"boom\" failed".into()),
+            received_at: Timestamp::now(),
+            started_at: None,
+            finished_at: None,
+            steps: vec![StepRecord {
+                name: "boom".into(),
+                attempt: 2,
+                succeeded: false,
+                started_at: Timestamp::now(),
+                duration_ms: 1,
+                output: None,
+                error: Some("script threw: no".into()),
+                logs: vec![],
+            }],
+            escalation: None,
+        }
+    }
+
+    #[test]
+    fn page_carries_the_original_labels_and_run_context() {
+        crate::app::install_crypto_provider();
+        let esc = Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default());
+        let page = esc.page_for(
+            &failed_run(),
+            None,
+            "http://r/api/v1/runs/7-0",
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(page.labels["alertname"], "RemediationFailed");
+        assert_eq!(page.labels["severity"], "critical");
+        assert_eq!(page.labels["original_alertname"], "HarnessCurl");
+        assert_eq!(page.labels["original_severity"], "critical");
+        assert_eq!(page.labels["instance"], "curl-test");
+        assert_eq!(page.labels["playbook"], "selftest-fail");
+        assert!(
+            !page.labels.contains_key("run_id"),
+            "one page per target, not per run"
+        );
+        assert_eq!(page.annotations["run_id"], "7-0");
+        assert_eq!(page.annotations["failed_step"], "boom");
+        assert_eq!(page.annotations["error"], "script threw: no");
+        assert_eq!(
+            page.annotations["summary"],
+            "Remediation selftest-fail failed for HarnessCurl instance=curl-test"
+        );
+        assert_eq!(page.generator_url, "http://r/api/v1/runs/7-0");
+        assert_eq!(page.ends_at.as_second(), 24 * 3600);
+    }
+
+    #[tokio::test]
+    async fn without_an_alertmanager_url_the_record_says_nobody_was_paged() {
+        crate::app::install_crypto_provider();
+        let esc = Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default());
+        let page = esc.page_for(&failed_run(), None, "x", Timestamp::now());
+        let rec = esc.deliver(&page).await;
+        assert_eq!(rec.status, DeliveryStatus::NotConfigured);
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let b = Duration::from_millis(500);
+        assert_eq!(backoff(b, 1), b);
+        assert_eq!(backoff(b, 3), b * 4);
+        assert_eq!(backoff(b, 30), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,282 @@
+//! Runs one attempt of one playbook step. Rhai evaluation happens on a blocking thread (never on
+//! an async worker), carrying the caller's tracing span, bounded by the sandbox's limits and the
+//! step's wall-clock timeout, with an async backstop in case a native helper does not return.
+
+pub mod disk;
+pub mod sandbox;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rhai::{Dynamic, Scope};
+use serde_json::{Map, Value};
+
+use crate::domain::Alert;
+use crate::playbook::StepAction;
+
+/// Grace given to a native helper past the step timeout before the run stops waiting for it.
+const BACKSTOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs step actions; cheap to clone and shared by every run.
+#[derive(Clone)]
+pub struct Executor {
+    engine: Arc<rhai::Engine>,
+    global_dry_run: bool,
+}
+
+/// What one attempt produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptResult {
+    pub result: Result<Value, String>,
+    pub logs: Vec<String>,
+}
+
+/// The inputs of one attempt.
+pub struct Attempt<'a> {
+    pub action: &'a StepAction,
+    pub alert: &'a Alert,
+    pub params: Map<String, Value>,
+    pub timeout: Duration,
+    pub dry_run: Option<bool>,
+}
+
+impl Executor {
+    pub fn new(engine: Arc<rhai::Engine>, global_dry_run: bool) -> Self {
+        Executor {
+            engine,
+            global_dry_run,
+        }
+    }
+
+    pub fn engine(&self) -> &rhai::Engine {
+        &self.engine
+    }
+
+    pub async fn run(&self, attempt: Attempt<'_>) -> AttemptResult {
+        match attempt.action {
+            StepAction::Rhai { ast, .. } => self.run_rhai(Arc::clone(ast), attempt).await,
+        }
+    }
+
+    async fn run_rhai(&self, ast: Arc<rhai::AST>, a: Attempt<'_>) -> AttemptResult {
+        let alert = match alert_dynamic(a.alert) {
+            Ok(d) => d,
+            Err(e) => return failed(format!("cannot pass the alert to the script: {e}")),
+        };
+        let params = match rhai::serde::to_dynamic(Value::Object(a.params)) {
+            Ok(d) => d,
+            Err(e) => return failed(format!("cannot pass params to the script: {e}")),
+        };
+        let engine = Arc::clone(&self.engine);
+        let timeout = a.timeout;
+        let dry_run = a.dry_run.unwrap_or(self.global_dry_run);
+        let span = tracing::Span::current();
+        let task = tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let state = sandbox::EvalState {
+                deadline: Instant::now() + timeout,
+                logs: Vec::new(),
+                dry_run,
+            };
+            let (res, state) = sandbox::with_state(state, || {
+                let mut scope = Scope::new();
+                scope.push_constant("alert", alert);
+                scope.push_constant("params", params);
+                scope.push_constant("dry_run", dry_run);
+                engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
+            });
+            let result = res
+                .map_err(|e| sandbox::describe_error(&e, timeout))
+                .and_then(|d| {
+                    rhai::serde::from_dynamic::<Value>(&d)
+                        .map_err(|e| format!("script returned a value that is not data: {e}"))
+                });
+            AttemptResult {
+                result,
+                logs: state.logs,
+            }
+        });
+        match tokio::time::timeout(timeout + BACKSTOP_GRACE, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => failed(format!("script evaluation panicked: {join}")),
+            Err(_) => failed(format!(
+                "timed out after {}: a helper call did not return",
+                humantime::format_duration(timeout)
+            )),
+        }
+    }
+}
+
+fn failed(error: String) -> AttemptResult {
+    AttemptResult {
+        result: Err(error),
+        logs: Vec::new(),
+    }
+}
+
+/// The `alert` map scripts see.
+fn alert_dynamic(alert: &Alert) -> Result<Dynamic, Box<rhai::EvalAltResult>> {
+    rhai::serde::to_dynamic(serde_json::json!({
+        "alertname": alert.alertname(),
+        "status": alert.status,
+        "fingerprint": alert.fingerprint,
+        "labels": alert.labels,
+        "annotations": alert.annotations,
+        "startsAt": alert.starts_at.to_string(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SandboxLimits;
+    use crate::domain::decode_webhook;
+
+    fn executor(roots: Vec<std::path::PathBuf>) -> Executor {
+        Executor::new(
+            Arc::new(sandbox::build_engine(&SandboxLimits::default(), roots)),
+            false,
+        )
+    }
+
+    fn alert() -> Alert {
+        let body = include_str!("../../tests/fixtures/alertmanager-0.25-firing.json");
+        decode_webhook(body.as_bytes()).unwrap().alerts.remove(0)
+    }
+
+    async fn run(ex: &Executor, src: &str, params: Value, timeout: Duration) -> AttemptResult {
+        let action = StepAction::Rhai {
+            ast: Arc::new(ex.engine().compile(src).unwrap()),
+            source: "test".into(),
+        };
+        let Value::Object(params) = params else {
+            panic!()
+        };
+        ex.run(Attempt {
+            action: &action,
+            alert: &alert(),
+            params,
+            timeout,
+            dry_run: None,
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn scripts_see_the_alert_and_params_log_and_return_a_value() {
+        let ex = executor(vec![]);
+        let r = run(
+            &ex,
+            r#"log("hello " + alert.labels.instance); print(params.n); #{ fp: alert.fingerprint, n: params.n + 1 }"#,
+            serde_json::json!({"n": 41}),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(
+            r.result,
+            Ok(serde_json::json!({"fp": "3e27bcf000d7dae4", "n": 42}))
+        );
+        assert_eq!(r.logs, vec!["hello curl-test".to_owned(), "41".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn throw_fails_the_attempt_with_the_message() {
+        let r = run(
+            &executor(vec![]),
+            r#"throw "disk still full""#,
+            serde_json::json!({}),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(
+            r.result,
+            Err("script threw: disk still full (line 1)".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_loop_is_stopped_by_the_limits() {
+        let r = run(
+            &executor(vec![]),
+            "loop { }",
+            serde_json::json!({}),
+            Duration::from_secs(30),
+        )
+        .await;
+        let err = r.result.unwrap_err();
+        assert!(
+            err.contains("operation limit exceeded") || err.contains("timed out"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_wall_clock_deadline_stops_a_slow_script() {
+        let ex = Executor::new(
+            Arc::new(sandbox::build_engine(
+                &SandboxLimits {
+                    max_operations: 0,
+                    ..SandboxLimits::default()
+                },
+                vec![],
+            )),
+            false,
+        );
+        let r = run(
+            &ex,
+            "loop { sleep(50); }",
+            serde_json::json!({}),
+            Duration::from_millis(300),
+        )
+        .await;
+        assert_eq!(r.result, Err("timed out after 300ms".into()));
+    }
+
+    #[tokio::test]
+    async fn no_file_system_access_from_scripts() {
+        let ex = executor(vec![]);
+        assert!(
+            ex.engine().compile(r#"import "std" as s; 1"#).is_err(),
+            "modules cannot be loaded"
+        );
+        let r = run(
+            &executor(vec![]),
+            r#"disk_cleanup("/", "*", 0)"#,
+            serde_json::json!({}),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(r.result.unwrap_err().contains("no allowed roots"));
+    }
+
+    #[tokio::test]
+    async fn disk_cleanup_honours_dry_run_and_reports_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.log"), b"12345").unwrap();
+        let ex = executor(vec![dir.path().to_owned()]);
+        let src = r#"let r = disk_cleanup(params.path, "*.log", 0, true); r"#;
+        let r = run(
+            &ex,
+            src,
+            serde_json::json!({"path": dir.path()}),
+            Duration::from_secs(5),
+        )
+        .await;
+        let v = r.result.unwrap();
+        assert_eq!(v["bytes"], 5);
+        assert_eq!(v["dry_run"], true);
+        assert!(dir.path().join("a.log").exists());
+        let src = r#"disk_cleanup(params.path, "*.log", "0s")"#;
+        let v = run(
+            &ex,
+            src,
+            serde_json::json!({"path": dir.path()}),
+            Duration::from_secs(5),
+        )
+        .await
+        .result
+        .unwrap();
+        assert_eq!(v["bytes"], 5);
+        assert!(!dir.path().join("a.log").exists());
+    }
+}

@@ -1,0 +1,166 @@
+//! The Rhai sandbox: one shared [`rhai::Engine`] with limits on operations, call depth and
+//! string/array/map sizes, no module loading (so no file system), and only the helpers registered
+//! here. Per-evaluation state (wall-clock deadline, captured logs, dry-run flag) lives in a
+//! thread-local, because each evaluation owns its blocking thread for its whole duration.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rhai::{Dynamic, Engine, EvalAltResult, Position};
+
+use super::disk::{cleanup, CleanupRequest};
+use crate::config::SandboxLimits;
+
+/// At most this many log lines, each at most this long, are kept per step attempt.
+const MAX_LOG_LINES: usize = 200;
+const MAX_LOG_LINE: usize = 4096;
+
+/// State of the evaluation running on this thread.
+pub(crate) struct EvalState {
+    pub deadline: Instant,
+    pub logs: Vec<String>,
+    pub dry_run: bool,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<EvalState>> = const { RefCell::new(None) };
+}
+
+/// Installs the state for one evaluation on this thread and returns it when `f` is done.
+pub(crate) fn with_state<T>(state: EvalState, f: impl FnOnce() -> T) -> (T, EvalState) {
+    STATE.with(|s| *s.borrow_mut() = Some(state));
+    let out = f();
+    let state = STATE
+        .with(|s| s.borrow_mut().take())
+        .expect("eval state installed above");
+    (out, state)
+}
+
+fn log_line(line: String) {
+    STATE.with(|s| {
+        if let Some(st) = s.borrow_mut().as_mut() {
+            if st.logs.len() < MAX_LOG_LINES {
+                let mut line = line;
+                if line.len() > MAX_LOG_LINE {
+                    let mut cut = MAX_LOG_LINE;
+                    while !line.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    line.truncate(cut);
+                    line.push('…');
+                }
+                st.logs.push(line);
+            }
+        }
+    });
+}
+
+fn deadline() -> Option<Instant> {
+    STATE.with(|s| s.borrow().as_ref().map(|st| st.deadline))
+}
+
+fn dry_run() -> bool {
+    STATE.with(|s| s.borrow().as_ref().is_some_and(|st| st.dry_run))
+}
+
+/// The token `on_progress` terminates a script with when its deadline passes.
+pub(crate) const DEADLINE_TOKEN: &str = "reactor: step deadline exceeded";
+
+/// Builds the sandboxed engine. `cleanup_roots` are the directories `disk_cleanup` may touch.
+pub fn build_engine(limits: &SandboxLimits, cleanup_roots: Vec<PathBuf>) -> Engine {
+    let mut engine = Engine::new();
+    engine
+        .set_max_operations(limits.max_operations)
+        .set_max_call_levels(limits.max_call_levels)
+        .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
+        .set_max_string_size(limits.max_string_size)
+        .set_max_array_size(limits.max_array_size)
+        .set_max_map_size(limits.max_map_size)
+        .set_max_variables(1_000)
+        .set_max_functions(1_000);
+    // Checking the clock on every operation would dominate cheap scripts; every 1024 is enough.
+    engine.on_progress(|ops| {
+        if ops % 1024 == 0 && deadline().is_some_and(|d| Instant::now() >= d) {
+            Some(Dynamic::from(DEADLINE_TOKEN))
+        } else {
+            None
+        }
+    });
+    engine.on_print(|s| log_line(s.to_owned()));
+    engine.on_debug(|s, _, _| log_line(s.to_owned()));
+    engine.register_fn("log", |s: &str| log_line(s.to_owned()));
+    engine.register_fn("log", |d: Dynamic| log_line(d.to_string()));
+    engine.register_fn("is_dry_run", dry_run);
+    // Native code is not interrupted by the deadline, so sleep never outlives it.
+    engine.register_fn("sleep", |ms: i64| {
+        let want = Duration::from_millis(ms.max(0) as u64);
+        let left = deadline().map_or(want, |d| d.saturating_duration_since(Instant::now()));
+        std::thread::sleep(want.min(left));
+    });
+    register_disk_cleanup(&mut engine, cleanup_roots);
+    engine
+}
+
+type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+fn register_disk_cleanup(engine: &mut Engine, roots: Vec<PathBuf>) {
+    let roots = std::sync::Arc::new(roots);
+    let run = move |path: &str,
+                    glob: &str,
+                    older: Dynamic,
+                    dry: Option<bool>|
+          -> RhaiResult<Dynamic> {
+        let older_than = if let Some(secs) = older.clone().try_cast::<i64>() {
+            Duration::from_secs(secs.max(0) as u64)
+        } else {
+            let s = older.into_string().map_err(|t| format!("disk_cleanup: older_than must be a duration string like \"7d\" or seconds, got {t}"))?;
+            humantime::parse_duration(&s)
+                .map_err(|e| format!("disk_cleanup: older_than {s:?}: {e}"))?
+        };
+        let req = CleanupRequest {
+            path: path.into(),
+            glob: glob.to_owned(),
+            older_than,
+            dry_run: dry.unwrap_or(false) || dry_run(),
+        };
+        let until = deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
+        let report = cleanup(&req, &roots, until).map_err(|e| format!("disk_cleanup: {e}"))?;
+        log_line(format!(
+            "disk_cleanup {}: {} files, {} bytes{}",
+            path,
+            report.files.len(),
+            report.bytes,
+            if report.dry_run { " (dry run)" } else { "" }
+        ));
+        rhai::serde::to_dynamic(&report)
+    };
+    let r3 = run.clone();
+    engine.register_fn("disk_cleanup", move |p: &str, g: &str, o: Dynamic| {
+        r3(p, g, o, None)
+    });
+    engine.register_fn(
+        "disk_cleanup",
+        move |p: &str, g: &str, o: Dynamic, d: bool| run(p, g, o, Some(d)),
+    );
+}
+
+/// Turns an evaluation error into the text a run records.
+pub(crate) fn describe_error(err: &EvalAltResult, timeout: Duration) -> String {
+    match err {
+        EvalAltResult::ErrorTerminated(token, _) if token.to_string() == DEADLINE_TOKEN => {
+            format!("timed out after {}", humantime::format_duration(timeout))
+        }
+        EvalAltResult::ErrorTooManyOperations(pos) => {
+            format!("stopped: operation limit exceeded{}", at(*pos))
+        }
+        EvalAltResult::ErrorRuntime(value, pos) => format!("script threw: {value}{}", at(*pos)),
+        other => other.to_string(),
+    }
+}
+
+fn at(pos: Position) -> String {
+    pos.line()
+        .map(|l| format!(" (line {l})"))
+        .unwrap_or_default()
+}

@@ -1,0 +1,506 @@
+//! Durable state in sled: the intake of accepted alerts (written and flushed before the webhook
+//! answers) and the run history (each step, output, timing and outcome). An intake entry lives
+//! until its runs are recorded, so a crash between the 2xx and the run loses nothing.
+
+mod commit;
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Alert;
+pub use commit::GroupCommit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("database flush failed: {0}")]
+    Flush(Arc<sled::Error>),
+    #[error("corrupt record {key}: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// A run's identity: the alert's intake sequence number and the index of the matching playbook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunId {
+    pub seq: u64,
+    pub index: u16,
+}
+
+impl RunId {
+    fn key(self) -> [u8; 10] {
+        let mut k = [0u8; 10];
+        k[..8].copy_from_slice(&self.seq.to_be_bytes());
+        k[8..].copy_from_slice(&self.index.to_be_bytes());
+        k
+    }
+
+    fn from_key(k: &[u8]) -> Option<RunId> {
+        Some(RunId {
+            seq: u64::from_be_bytes(k.get(..8)?.try_into().ok()?),
+            index: u16::from_be_bytes(k.get(8..10)?.try_into().ok()?),
+        })
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.seq, self.index)
+    }
+}
+
+impl FromStr for RunId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("run id must look like 42-0, got {s:?}");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        Ok(RunId {
+            seq: a.parse().map_err(|_| bad())?,
+            index: b.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl Serialize for RunId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RunId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// An accepted alert, durable before the webhook answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Intake {
+    pub seq: u64,
+    pub received_at: Timestamp,
+    pub alert: Alert,
+}
+
+/// How a run ended, or that it has not yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+    /// The process stopped while the run was in progress; see the README for what follows.
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl FromStr for Outcome {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned()))
+            .map_err(|_| format!("outcome must be one of running, succeeded, failed, skipped, interrupted; got {s:?}"))
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One attempt of one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    pub name: String,
+    pub attempt: u32,
+    pub succeeded: bool,
+    pub started_at: Timestamp,
+    pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<String>,
+}
+
+/// Whether the humans were told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    Delivered,
+    Failed,
+    /// No Alertmanager URL is configured: nobody could be paged.
+    NotConfigured,
+}
+
+/// The page a failed run raised.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EscalationRecord {
+    pub alertname: String,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// One alert handled by one playbook (or recorded as skipped when none applied).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Run {
+    pub id: RunId,
+    pub alert: Alert,
+    pub playbook: Option<String>,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub received_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+    #[serde(default)]
+    pub steps: Vec<StepRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<EscalationRecord>,
+}
+
+/// Which runs to list.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RunFilter {
+    pub playbook: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub alertname: Option<String>,
+    pub limit: Option<usize>,
+}
+
+impl RunFilter {
+    pub const DEFAULT_LIMIT: usize = 50;
+    pub const MAX_LIMIT: usize = 10_000;
+
+    fn accepts(&self, r: &Run) -> bool {
+        self.playbook
+            .as_ref()
+            .is_none_or(|p| r.playbook.as_ref() == Some(p))
+            && self.outcome.is_none_or(|o| r.outcome == o)
+            && self
+                .alertname
+                .as_ref()
+                .is_none_or(|a| r.alert.alertname() == a)
+    }
+}
+
+/// The database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    intake: sled::Tree,
+    runs: sled::Tree,
+    commit: GroupCommit,
+    next_seq: AtomicU64,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`. Must run inside a Tokio runtime: it starts the
+    /// group-commit flusher.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 << 20)
+            .flush_every_ms(Some(200))
+            .open()?;
+        let intake = db.open_tree("intake")?;
+        let runs = db.open_tree("runs")?;
+        let last_intake = intake.last()?.and_then(|(k, _)| {
+            k.get(..8)
+                .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+        });
+        let last_run = runs
+            .last()?
+            .and_then(|(k, _)| RunId::from_key(&k))
+            .map(|id| id.seq);
+        let next = last_intake.max(last_run).map_or(1, |s| s + 1);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                commit: GroupCommit::spawn(db.clone()),
+                db,
+                intake,
+                runs,
+                next_seq: AtomicU64::new(next),
+            }),
+        })
+    }
+
+    /// Records the alerts and returns once they are on disk.
+    pub async fn accept(
+        &self,
+        alerts: Vec<Alert>,
+        received_at: Timestamp,
+    ) -> Result<Vec<Intake>, StoreError> {
+        let n = alerts.len() as u64;
+        let first = self.inner.next_seq.fetch_add(n, Ordering::Relaxed);
+        let mut batch = sled::Batch::default();
+        let intakes: Vec<Intake> = alerts
+            .into_iter()
+            .enumerate()
+            .map(|(i, alert)| Intake {
+                seq: first + i as u64,
+                received_at,
+                alert,
+            })
+            .collect();
+        for it in &intakes {
+            batch.insert(
+                &it.seq.to_be_bytes(),
+                serde_json::to_vec(it).expect("intake serializes"),
+            );
+        }
+        self.inner.intake.apply_batch(batch)?;
+        self.durable().await?;
+        Ok(intakes)
+    }
+
+    /// Waits until every earlier write is on disk (group-committed).
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        self.inner.commit.durable().await.map_err(StoreError::Flush)
+    }
+
+    /// Accepted alerts whose runs were never recorded, oldest first.
+    pub fn pending_intake(&self) -> Result<Vec<Intake>, StoreError> {
+        self.inner
+            .intake
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn remove_intake(&self, seq: u64) -> Result<(), StoreError> {
+        self.inner.intake.remove(seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn put_run(&self, run: &Run) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(run).expect("run serializes");
+        self.inner.runs.insert(run.id.key(), bytes)?;
+        Ok(())
+    }
+
+    pub fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        self.inner
+            .runs
+            .get(id.key())?
+            .map(|v| decode(&id.key(), &v))
+            .transpose()
+    }
+
+    /// Runs recorded for one intake sequence number.
+    pub fn runs_for_seq(&self, seq: u64) -> Result<Vec<Run>, StoreError> {
+        self.inner
+            .runs
+            .scan_prefix(seq.to_be_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Newest first. A full scan in the worst case: call it off the async workers.
+    pub fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        let limit = filter
+            .limit
+            .unwrap_or(RunFilter::DEFAULT_LIMIT)
+            .min(RunFilter::MAX_LIMIT);
+        let mut out = Vec::new();
+        for kv in self.inner.runs.iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv?;
+            let run: Run = decode(&k, &v)?;
+            if filter.accepts(&run) {
+                out.push(run);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs that were in progress, e.g. when the process was killed.
+    pub fn running_runs(&self) -> Result<Vec<Run>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.runs.iter() {
+            let (k, v) = kv?;
+            let run: Run = decode(&k, &v)?;
+            if run.outcome == Outcome::Running {
+                out.push(run);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn run_count(&self) -> usize {
+        self.inner.runs.len()
+    }
+
+    /// Size of the database on disk, for benchmarks and metrics.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Flushes everything; used at shutdown.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.durable().await
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|source| StoreError::Corrupt {
+        key: format!("{key:02x?}"),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::decode_webhook;
+
+    fn alert() -> Alert {
+        let body = include_str!("../../tests/fixtures/alertmanager-0.25-firing.json");
+        decode_webhook(body.as_bytes()).unwrap().alerts.remove(0)
+    }
+
+    fn run(id: RunId, playbook: &str, outcome: Outcome) -> Run {
+        Run {
+            id,
+            alert: alert(),
+            playbook: Some(playbook.into()),
+            outcome,
+            reason: None,
+            received_at: Timestamp::now(),
+            started_at: None,
+            finished_at: None,
+            steps: vec![],
+            escalation: None,
+        }
+    }
+
+    #[test]
+    fn run_ids_round_trip_and_sort_by_sequence() {
+        let id: RunId = "42-1".parse().unwrap();
+        assert_eq!(id, RunId { seq: 42, index: 1 });
+        assert_eq!(id.to_string(), "42-1");
+        assert!(RunId { seq: 9, index: 0 }.key() < RunId { seq: 10, index: 0 }.key());
+        assert!("42".parse::<RunId>().is_err());
+    }
+
+    #[tokio::test]
+    async fn accepted_alerts_stay_pending_until_removed_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let accepted = store
+                .accept(vec![alert(), alert()], Timestamp::now())
+                .await
+                .unwrap();
+            assert_eq!(
+                accepted.iter().map(|i| i.seq).collect::<Vec<_>>(),
+                vec![1, 2]
+            );
+            store.remove_intake(1).unwrap();
+            store
+                .put_run(&run(RunId { seq: 1, index: 0 }, "p", Outcome::Succeeded))
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        // The flusher task lets go of the database a moment after the last handle is dropped.
+        let store = loop {
+            match Store::open(dir.path()) {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        };
+        let pending = store.pending_intake().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].seq, 2);
+        let next = store.accept(vec![alert()], Timestamp::now()).await.unwrap();
+        assert_eq!(next[0].seq, 3, "sequence numbers continue after a restart");
+    }
+
+    #[tokio::test]
+    async fn lists_newest_first_with_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for seq in 1..=5 {
+            let outcome = if seq % 2 == 0 {
+                Outcome::Failed
+            } else {
+                Outcome::Succeeded
+            };
+            store
+                .put_run(&run(
+                    RunId { seq, index: 0 },
+                    if seq < 3 { "a" } else { "b" },
+                    outcome,
+                ))
+                .unwrap();
+        }
+        let all = store.list_runs(&RunFilter::default()).unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.id.seq).collect::<Vec<_>>(),
+            vec![5, 4, 3, 2, 1]
+        );
+        let failed = store
+            .list_runs(&RunFilter {
+                outcome: Some(Outcome::Failed),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            failed.iter().map(|r| r.id.seq).collect::<Vec<_>>(),
+            vec![4, 2]
+        );
+        let a = store
+            .list_runs(&RunFilter {
+                playbook: Some("a".into()),
+                limit: Some(1),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(a.iter().map(|r| r.id.seq).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(store.runs_for_seq(3).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,18 @@
+//! reactor: a self-healing remediation engine wired as a Prometheus Alertmanager webhook receiver.
+//!
+//! An alert travels `routes` (HTTP edge) → `domain` (parse the wire payload once) → `playbook`
+//! (match) → `engine` + `executor` (run steps in the Rhai sandbox) → `history` (sled) →
+//! `escalation` (page humans through Alertmanager when the fix fails). `app` assembles these from
+//! `config`; `cli` is the command line.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod escalation;
+pub mod executor;
+pub mod history;
+pub mod playbook;
+pub mod routes;
+pub mod telemetry;

@@ -1,0 +1,467 @@
+//! Loads playbook YAML files (one or more playbooks per file, separated by `---`) and the Rhai
+//! scripts they use. Every problem is reported with the file, the line when known, and what was
+//! expected; all problems of a directory are collected, so `reactor check` shows them in one go.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::{
+    EscalateSpec, MatchOp, Origin, Param, Playbook, Playbooks, Step, StepAction, Template,
+};
+use crate::domain::AlertStatus;
+
+/// Timeout of a step that does not set one.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between attempts of a step that does not set one.
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// One problem in one file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct LoadError {
+    pub file: PathBuf,
+    pub line: Option<u64>,
+    pub message: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+/// Every problem found while loading a directory.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct LoadErrors(pub Vec<LoadError>);
+
+impl fmt::Display for LoadErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlaybook {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(rename = "match")]
+    matcher: Spanned<RawMatch>,
+    #[serde(default)]
+    statuses: Option<Spanned<Vec<String>>>,
+    steps: Spanned<Vec<Spanned<RawStep>>>,
+    #[serde(default)]
+    escalate: Option<Spanned<RawEscalate>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    alertname: Option<String>,
+    #[serde(default)]
+    matchers: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    script: Option<Spanned<String>>,
+    #[serde(default)]
+    inline: Option<Spanned<String>>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    retries: u32,
+    #[serde(default)]
+    retry_delay: Option<String>,
+    #[serde(default)]
+    params: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    dry_run: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEscalate {
+    #[serde(default)]
+    severity: Option<String>,
+    #[serde(default)]
+    summary: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// Loads every `*.yaml`/`*.yml` file in `playbooks_dir`, compiling the `*.rhai` scripts of
+/// `scripts_dir` with `engine` (all of them, used or not, so a broken script is found early).
+pub fn load_dir(
+    playbooks_dir: &Path,
+    scripts_dir: &Path,
+    engine: &rhai::Engine,
+) -> Result<Playbooks, LoadErrors> {
+    let mut errors = Vec::new();
+    let scripts = compile_scripts(scripts_dir, engine, &mut errors);
+    let files = match list_files(playbooks_dir, &["yaml", "yml"]) {
+        Ok(f) => f,
+        Err(e) => {
+            errors.push(LoadError {
+                file: playbooks_dir.to_owned(),
+                line: None,
+                message: format!("cannot read playbook directory: {e}"),
+            });
+            return Err(LoadErrors(errors));
+        }
+    };
+    let mut playbooks = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let ctx = FileCtx {
+                    file: &file,
+                    text: &text,
+                    scripts_dir,
+                    scripts: &scripts,
+                    engine,
+                };
+                playbooks.extend(ctx.load(&mut errors));
+            }
+            Err(e) => errors.push(LoadError {
+                file: file.clone(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    let mut seen: HashMap<String, Origin> = HashMap::new();
+    for p in &playbooks {
+        if let Some(first) = seen.insert(p.name.clone(), p.origin.clone()) {
+            errors.push(LoadError {
+                file: p.origin.file.clone(),
+                line: Some(p.origin.line),
+                message: format!(
+                    "duplicate playbook name {:?}, first defined at {first}",
+                    p.name
+                ),
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(Playbooks::new(playbooks))
+    } else {
+        Err(LoadErrors(errors))
+    }
+}
+
+fn list_files(dir: &Path, exts: &[&str]) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| exts.iter().any(|e| x == *e)))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Compiles every script in the scripts directory; a missing directory simply has no scripts.
+fn compile_scripts(
+    dir: &Path,
+    engine: &rhai::Engine,
+    errors: &mut Vec<LoadError>,
+) -> HashMap<String, Arc<rhai::AST>> {
+    let mut out = HashMap::new();
+    let Ok(files) = list_files(dir, &["rhai"]) else {
+        return out;
+    };
+    for file in files {
+        let name = file
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let compiled = std::fs::read_to_string(&file)
+            .map_err(|e| (None, format!("cannot read: {e}")))
+            .and_then(|src| engine.compile(&src).map_err(|e| rhai_error(&e, 0)));
+        match compiled {
+            Ok(ast) => {
+                out.insert(name, Arc::new(ast));
+            }
+            Err((line, message)) => errors.push(LoadError {
+                file,
+                line,
+                message,
+            }),
+        }
+    }
+    out
+}
+
+fn rhai_error(e: &rhai::ParseError, line_offset: u64) -> (Option<u64>, String) {
+    let line = e.position().line().map(|l| l as u64 + line_offset);
+    (line, format!("Rhai syntax error: {}", e.err_type()))
+}
+
+struct FileCtx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    scripts_dir: &'a Path,
+    scripts: &'a HashMap<String, Arc<rhai::AST>>,
+    engine: &'a rhai::Engine,
+}
+
+impl FileCtx<'_> {
+    fn err(&self, line: Option<u64>, message: impl Into<String>) -> LoadError {
+        LoadError {
+            file: self.file.to_owned(),
+            line,
+            message: message.into(),
+        }
+    }
+
+    fn load(&self, errors: &mut Vec<LoadError>) -> Vec<Playbook> {
+        let raws: Vec<RawPlaybook> = match serde_saphyr::from_multiple(self.text) {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.location().map(|l| l.line());
+                errors.push(self.err(line, yaml_message(&e)));
+                return Vec::new();
+            }
+        };
+        raws.into_iter()
+            .filter_map(|raw| match self.playbook(raw) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn playbook(&self, raw: RawPlaybook) -> Result<Playbook, LoadError> {
+        let line = raw.name.referenced.line();
+        let name = raw.name.value;
+        if name.trim().is_empty() {
+            return Err(self.err(Some(line), "playbook name must not be empty"));
+        }
+        let (alertname, matchers) = self.matchers(&raw.matcher)?;
+        let statuses = match raw.statuses {
+            None => vec![AlertStatus::Firing],
+            Some(s) => {
+                let line = s.referenced.line();
+                s.value
+                    .iter()
+                    .map(|v| v.parse::<AlertStatus>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| self.err(Some(line), format!("statuses: {e}")))?
+            }
+        };
+        if raw.steps.value.is_empty() {
+            return Err(self.err(
+                Some(raw.steps.referenced.line()),
+                "steps: expected at least one step",
+            ));
+        }
+        let steps = raw
+            .steps
+            .value
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| self.step(i, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let escalate = match raw.escalate {
+            None => EscalateSpec::default(),
+            Some(e) => {
+                let line = Some(e.referenced.line());
+                let tpl = |t: Option<String>| {
+                    t.map(|t| Template::parse(&t))
+                        .transpose()
+                        .map_err(|m| self.err(line, format!("escalate: {m}")))
+                };
+                EscalateSpec {
+                    severity: e.value.severity,
+                    summary: tpl(e.value.summary)?,
+                    description: tpl(e.value.description)?,
+                }
+            }
+        };
+        Ok(Playbook {
+            name,
+            description: raw.description,
+            origin: Origin {
+                file: self.file.to_owned(),
+                line,
+            },
+            alertname,
+            matchers,
+            statuses,
+            steps,
+            escalate,
+        })
+    }
+
+    fn matchers(
+        &self,
+        raw: &Spanned<RawMatch>,
+    ) -> Result<(Option<String>, Vec<super::LabelMatcher>), LoadError> {
+        let mut matchers = Vec::new();
+        if let Some(name) = &raw.value.alertname {
+            let m = super::LabelMatcher::new("alertname", MatchOp::Equal, name)
+                .map_err(|e| self.err(Some(raw.referenced.line()), e))?;
+            matchers.push(m);
+        }
+        for m in &raw.value.matchers {
+            let parsed = super::parse_matchers(&m.value)
+                .map_err(|e| self.err(Some(m.referenced.line()), format!("match.matchers: {e}")))?;
+            matchers.extend(parsed);
+        }
+        if matchers.is_empty() {
+            return Err(self.err(
+                Some(raw.referenced.line()),
+                "match: expected `alertname` and/or `matchers` (e.g. severity=~\"warning|critical\"); \
+                 a playbook that matches every alert must say so with a matcher such as alertname=~\".+\"",
+            ));
+        }
+        let alertname = matchers
+            .iter()
+            .find(|m| m.name() == "alertname" && m.op() == MatchOp::Equal)
+            .map(|m| m.value().to_owned());
+        Ok((alertname, matchers))
+    }
+
+    fn step(&self, index: usize, raw: Spanned<RawStep>) -> Result<Step, LoadError> {
+        let line = Some(raw.referenced.line());
+        let s = raw.value;
+        let name = s.name.unwrap_or_else(|| format!("step-{}", index + 1));
+        let action = match (s.script, s.inline) {
+            (Some(script), None) => self.script_file(&script)?,
+            (None, Some(inline)) => self.inline_script(&inline)?,
+            _ => {
+                return Err(self.err(line, format!("step {name:?}: expected exactly one of `script` (a file under scripts/) or `inline` (Rhai source)")));
+            }
+        };
+        let duration = |field: &str, v: Option<String>, default: Duration| {
+            match v {
+            None => Ok(default),
+            Some(v) => humantime::parse_duration(&v)
+                .map_err(|e| self.err(line, format!("step {name:?}: {field}: expected a duration like 30s or 5m, got {v:?} ({e})"))),
+        }
+        };
+        let timeout = duration("timeout", s.timeout, DEFAULT_STEP_TIMEOUT)?;
+        if timeout.is_zero() {
+            return Err(self.err(
+                line,
+                format!("step {name:?}: timeout must be greater than zero"),
+            ));
+        }
+        let retry_delay = duration("retry_delay", s.retry_delay, DEFAULT_RETRY_DELAY)?;
+        let params = s
+            .params
+            .into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    Param::from_yaml(v)
+                        .map_err(|m| self.err(line, format!("step {name:?}: params.{k}: {m}")))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        Ok(Step {
+            name,
+            action,
+            timeout,
+            retries: s.retries,
+            retry_delay,
+            params,
+            dry_run: s.dry_run,
+        })
+    }
+
+    fn script_file(&self, script: &Spanned<String>) -> Result<StepAction, LoadError> {
+        let name = script.value.as_str();
+        let line = Some(script.referenced.line());
+        let path = Path::new(name);
+        if path.is_absolute() || path.components().count() != 1 {
+            return Err(self.err(
+                line,
+                format!("script: expected a file name under the scripts directory, got {name:?}"),
+            ));
+        }
+        match self.scripts.get(name) {
+            Some(ast) => Ok(StepAction::Rhai {
+                ast: Arc::clone(ast),
+                source: self.scripts_dir.join(name).display().to_string(),
+            }),
+            None if self.scripts_dir.join(name).is_file() => {
+                // Exists but failed to compile: that error is reported against the script itself.
+                Err(self.err(
+                    line,
+                    format!("script {name:?} does not compile (see its own error)"),
+                ))
+            }
+            None => Err(self.err(
+                line,
+                format!(
+                    "script {name:?} not found in {}",
+                    self.scripts_dir.display()
+                ),
+            )),
+        }
+    }
+
+    fn inline_script(&self, inline: &Spanned<String>) -> Result<StepAction, LoadError> {
+        let line = inline.referenced.line();
+        // A block scalar (`inline: |`) starts on the line after the indicator.
+        let block = self
+            .text
+            .lines()
+            .nth(line.saturating_sub(1) as usize)
+            .and_then(|l| l.get(inline.referenced.column().saturating_sub(1) as usize..))
+            .is_some_and(|rest| rest.starts_with('|') || rest.starts_with('>'));
+        let offset = if block { line } else { line - 1 };
+        match self.engine.compile(&inline.value) {
+            Ok(ast) => Ok(StepAction::Rhai {
+                ast: Arc::new(ast),
+                source: format!("inline at {}:{}", self.file.display(), line),
+            }),
+            Err(e) => {
+                let (line, message) = rhai_error(&e, offset);
+                Err(self.err(line, message))
+            }
+        }
+    }
+}
+
+/// serde-saphyr's message without its own location prefix and source snippet: we print file:line.
+fn yaml_message(e: &serde_saphyr::Error) -> String {
+    let full = e.to_string();
+    let first = full.lines().next().unwrap_or("invalid YAML").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("YAML: {first}")
+}
+
+/// Names of the scripts a playbook set references, for `reactor check`'s summary.
+pub fn referenced_scripts(playbooks: &Playbooks) -> HashSet<String> {
+    playbooks
+        .iter()
+        .flat_map(|p| p.steps.iter())
+        .map(|s| s.action.describe())
+        .collect()
+}

@@ -1,0 +1,218 @@
+//! Playbooks: which alerts a remediation applies to and what it runs. This module owns the
+//! validated [`Playbook`] model and the [`Playbooks`] index that picks the playbooks for an alert;
+//! [`loader`] turns YAML files into it, [`matcher`] and [`template`] are its building blocks.
+
+pub mod loader;
+pub mod matcher;
+pub mod template;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::domain::{Alert, AlertStatus};
+pub use loader::{load_dir, LoadError, LoadErrors};
+pub use matcher::{parse_matchers, LabelMatcher, MatchOp};
+pub use template::{Template, TemplateContext};
+
+/// Where a playbook was defined, for messages and `reactor test`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: u64,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A loaded, validated playbook.
+#[derive(Debug)]
+pub struct Playbook {
+    pub name: String,
+    pub description: String,
+    pub origin: Origin,
+    /// Exact alertname this playbook is indexed under, when it has one.
+    pub alertname: Option<String>,
+    /// Every matcher, including the alertname one.
+    pub matchers: Vec<LabelMatcher>,
+    /// Alert statuses that start a run. Firing only unless the playbook says otherwise.
+    pub statuses: Vec<AlertStatus>,
+    pub steps: Vec<Step>,
+    pub escalate: EscalateSpec,
+}
+
+impl Playbook {
+    pub fn matches(&self, alert: &Alert) -> bool {
+        self.matchers.iter().all(|m| m.matches(&alert.labels))
+    }
+
+    pub fn triggers_on(&self, status: AlertStatus) -> bool {
+        self.statuses.contains(&status)
+    }
+}
+
+/// One step of a playbook.
+#[derive(Debug)]
+pub struct Step {
+    pub name: String,
+    pub action: StepAction,
+    pub timeout: Duration,
+    /// Extra attempts after the first failure.
+    pub retries: u32,
+    pub retry_delay: Duration,
+    pub params: Vec<(String, Param)>,
+    /// Step-level dry run; `None` falls back to the global setting.
+    pub dry_run: Option<bool>,
+}
+
+/// What a step does.
+#[derive(Debug, Clone)]
+pub enum StepAction {
+    /// A Rhai script, compiled once at load. `source` names the file or the inline location.
+    Rhai { ast: Arc<rhai::AST>, source: String },
+}
+
+impl StepAction {
+    pub fn describe(&self) -> String {
+        match self {
+            StepAction::Rhai { source, .. } => format!("rhai {source}"),
+        }
+    }
+}
+
+/// A step parameter: strings are templates, everything else passes through as written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    Text(Template),
+    Value(serde_json::Value),
+    List(Vec<Param>),
+    Map(Vec<(String, Param)>),
+}
+
+impl Param {
+    pub fn from_yaml(value: serde_json::Value) -> Result<Param, String> {
+        Ok(match value {
+            serde_json::Value::String(s) => Param::Text(Template::parse(&s)?),
+            serde_json::Value::Array(items) => Param::List(
+                items
+                    .into_iter()
+                    .map(Param::from_yaml)
+                    .collect::<Result<_, _>>()?,
+            ),
+            serde_json::Value::Object(map) => Param::Map(
+                map.into_iter()
+                    .map(|(k, v)| Ok((k, Param::from_yaml(v)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            other => Param::Value(other),
+        })
+    }
+
+    pub fn render(&self, ctx: &TemplateContext<'_>) -> serde_json::Value {
+        match self {
+            Param::Text(t) => serde_json::Value::String(t.render(ctx)),
+            Param::Value(v) => v.clone(),
+            Param::List(items) => items.iter().map(|p| p.render(ctx)).collect(),
+            Param::Map(entries) => entries
+                .iter()
+                .map(|(k, p)| (k.clone(), p.render(ctx)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        }
+    }
+}
+
+/// Renders a step's parameters into one JSON object.
+pub fn render_params(
+    step: &Step,
+    ctx: &TemplateContext<'_>,
+) -> serde_json::Map<String, serde_json::Value> {
+    step.params
+        .iter()
+        .map(|(k, p)| (k.clone(), p.render(ctx)))
+        .collect()
+}
+
+/// How a failed run pages. Unset fields fall back to the global escalation settings.
+#[derive(Debug, Default)]
+pub struct EscalateSpec {
+    pub severity: Option<String>,
+    pub summary: Option<Template>,
+    pub description: Option<Template>,
+}
+
+/// Every loaded playbook, indexed by exact alertname so that matching one alert looks only at the
+/// playbooks that can apply to it, plus those without an exact alertname.
+#[derive(Debug, Default)]
+pub struct Playbooks {
+    list: Vec<Arc<Playbook>>,
+    by_alertname: HashMap<String, Vec<usize>>,
+    unindexed: Vec<usize>,
+}
+
+impl Playbooks {
+    pub fn new(list: Vec<Playbook>) -> Playbooks {
+        let mut by_alertname: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut unindexed = Vec::new();
+        for (i, p) in list.iter().enumerate() {
+            match &p.alertname {
+                Some(name) => by_alertname.entry(name.clone()).or_default().push(i),
+                None => unindexed.push(i),
+            }
+        }
+        Playbooks {
+            list: list.into_iter().map(Arc::new).collect(),
+            by_alertname,
+            unindexed,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Playbook>> {
+        self.list.iter()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Playbook>> {
+        self.list.iter().find(|p| p.name == name)
+    }
+
+    /// The playbooks whose matchers accept the alert's labels, in load order. Status is not
+    /// considered here: the engine records a skip when a matching playbook does not trigger on it.
+    pub fn matching(&self, alert: &Alert) -> Vec<Arc<Playbook>> {
+        let indexed = self
+            .by_alertname
+            .get(alert.alertname())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let mut out = Vec::new();
+        let (mut i, mut j) = (0, 0);
+        // Merge the two sorted index lists to keep load order.
+        while i < indexed.len() || j < self.unindexed.len() {
+            let take_indexed =
+                j >= self.unindexed.len() || (i < indexed.len() && indexed[i] < self.unindexed[j]);
+            let idx = if take_indexed {
+                i += 1;
+                indexed[i - 1]
+            } else {
+                j += 1;
+                self.unindexed[j - 1]
+            };
+            let p = &self.list[idx];
+            if p.matches(alert) {
+                out.push(Arc::clone(p));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,82 @@
+//! `POST /webhook/alertmanager`: decode, reserve queue space, record durably, answer, then hand
+//! the alerts to the engine. The answer never waits for a remediation.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use jiff::Timestamp;
+
+use super::{ApiError, AppState};
+use crate::domain::decode_webhook;
+
+/// Seconds Alertmanager is asked to wait before retrying when the queue is full.
+const RETRY_AFTER_SECS: u32 = 5;
+
+pub async fn receive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected Content-Type: application/json",
+        ));
+    }
+    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let notification =
+        decode_webhook(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let n = notification.alerts.len();
+    if n > state.limits.max_alerts_per_payload {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{n} alerts in one payload; the limit is {}",
+                state.limits.max_alerts_per_payload
+            ),
+        ));
+    }
+    if notification.truncated_alerts > 0 {
+        tracing::warn!(
+            truncated = notification.truncated_alerts,
+            receiver = notification.receiver.as_deref().unwrap_or(""),
+            "Alertmanager truncated this notification (max_alerts): those alerts never reached reactor"
+        );
+    }
+    // Reserve queue space before recording, so an accepted alert always has a place to go.
+    let permits = match state.queue.try_reserve_many(n) {
+        Ok(p) => p,
+        Err(_) => {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "work queue is full; retry later",
+            );
+            e.retry_after = Some(RETRY_AFTER_SECS);
+            return Err(e);
+        }
+    };
+    let intakes = state
+        .store
+        .accept(notification.alerts, Timestamp::now())
+        .await
+        .map_err(ApiError::internal)?;
+    let ids: Vec<u64> = intakes.iter().map(|i| i.seq).collect();
+    for (permit, intake) in permits.zip(intakes) {
+        permit.send(intake);
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "accepted": n,
+            "intake": ids,
+            "truncatedAlerts": notification.truncated_alerts,
+        })),
+    ))
+}
