@@ -2,7 +2,7 @@
 //! scripts they use. Every problem is reported with the file, the line when known, and what was
 //! expected; all problems of a directory are collected, so `reactor check` shows them in one go.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -454,14 +454,234 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
     let full = e.to_string();
     let first = full.lines().next().unwrap_or("invalid YAML").trim();
     let first = first.strip_prefix("error: ").unwrap_or(first);
+    // The line is already in our `file:line:` prefix; keep the column.
+    let first = match first.split_once(" column ") {
+        Some((head, rest)) if head.starts_with("line ") => rest
+            .split_once(": ")
+            .map_or(first.to_owned(), |(col, msg)| {
+                format!("column {col}: {msg}")
+            }),
+        _ => first.to_owned(),
+    };
     format!("YAML: {first}")
 }
 
-/// Names of the scripts a playbook set references, for `reactor check`'s summary.
-pub fn referenced_scripts(playbooks: &Playbooks) -> HashSet<String> {
-    playbooks
-        .iter()
-        .flat_map(|p| p.steps.iter())
-        .map(|s| s.action.describe())
-        .collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SandboxLimits;
+    use crate::executor::sandbox::build_engine;
+
+    struct Dirs {
+        _root: tempfile::TempDir,
+        playbooks: PathBuf,
+        scripts: PathBuf,
+    }
+
+    fn dirs(files: &[(&str, &str)]) -> Dirs {
+        let root = tempfile::tempdir().unwrap();
+        let playbooks = root.path().join("playbooks");
+        let scripts = root.path().join("scripts");
+        std::fs::create_dir_all(&playbooks).unwrap();
+        std::fs::create_dir_all(&scripts).unwrap();
+        for (name, text) in files {
+            std::fs::write(root.path().join(name), text).unwrap();
+        }
+        Dirs {
+            _root: root,
+            playbooks,
+            scripts,
+        }
+    }
+
+    fn load(files: &[(&str, &str)]) -> Result<Playbooks, LoadErrors> {
+        let d = dirs(files);
+        load_dir(
+            &d.playbooks,
+            &d.scripts,
+            &build_engine(&SandboxLimits::default(), vec![]),
+        )
+    }
+
+    fn only_error(files: &[(&str, &str)]) -> String {
+        let errs = load(files).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        let e = &errs.0[0];
+        format!(
+            "{}:{}: {}",
+            e.file.file_name().unwrap().to_string_lossy(),
+            e.line.unwrap_or(0),
+            e.message
+        )
+    }
+
+    #[test]
+    fn the_shipped_playbooks_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let p = load_dir(
+            &root.join("playbooks"),
+            &root.join("scripts"),
+            &build_engine(&SandboxLimits::default(), vec![]),
+        )
+        .unwrap();
+        for name in [
+            "node-filesystem-cleanup",
+            "reactor-selftest-ok",
+            "reactor-selftest-fail",
+        ] {
+            assert!(p.get(name).is_some(), "{name} missing");
+        }
+    }
+
+    #[test]
+    fn several_playbooks_per_file_with_defaults() {
+        let p = load(&[(
+            "playbooks/a.yaml",
+            "name: a\nmatch: {alertname: A}\nsteps: [{inline: '1'}]\n---\nname: b\nmatch:\n  matchers: ['team=~\"x|y\"']\nstatuses: [firing, resolved]\nsteps:\n  - {name: s, inline: '2', timeout: 5s, retries: 2}\n",
+        )])
+        .unwrap();
+        let a = p.get("a").unwrap();
+        assert_eq!(
+            a.statuses,
+            vec![AlertStatus::Firing],
+            "firing only by default"
+        );
+        assert_eq!(a.alertname.as_deref(), Some("A"));
+        assert_eq!(a.steps[0].timeout, DEFAULT_STEP_TIMEOUT);
+        assert_eq!(a.steps[0].name, "step-1");
+        let b = p.get("b").unwrap();
+        assert_eq!(b.origin.line, 5);
+        assert_eq!(b.alertname, None);
+        assert_eq!(b.statuses.len(), 2);
+        assert_eq!(
+            (b.steps[0].timeout, b.steps[0].retries),
+            (Duration::from_secs(5), 2)
+        );
+    }
+
+    #[test]
+    fn yaml_errors_name_file_and_line() {
+        let e = only_error(&[(
+            "playbooks/y.yaml",
+            "name: d\nmatch: {alertname: X\nsteps: []\n",
+        )]);
+        assert!(e.starts_with("y.yaml:3: YAML:"), "{e}");
+        let e = only_error(&[(
+            "playbooks/u.yaml",
+            "name: c\nmatch:\n  alertname: X\nstpes:\n  - inline: '1'\n",
+        )]);
+        assert!(
+            e.starts_with("u.yaml:4: YAML:") && e.contains("unknown field `stpes`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rhai_syntax_errors_name_the_line_inline_and_in_files() {
+        let e = only_error(&[(
+            "playbooks/r.yaml",
+            "name: a\nmatch:\n  alertname: X\nsteps:\n  - name: s\n    inline: |\n      let x = 1;\n      let y = ;\n",
+        )]);
+        assert!(e.starts_with("r.yaml:8: Rhai syntax error"), "{e}");
+        let errs = load(&[
+            (
+                "playbooks/s.yaml",
+                "name: e\nmatch: {alertname: Y}\nsteps:\n  - script: broken.rhai\n",
+            ),
+            ("scripts/broken.rhai", "let a = 1;\n\nfn f( { }\n"),
+        ])
+        .unwrap_err();
+        let text = errs.to_string();
+        assert!(text.contains("broken.rhai:3: Rhai syntax error"), "{text}");
+        assert!(
+            text.contains("s.yaml:4: script \"broken.rhai\" does not compile"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_line_and_what_was_expected() {
+        let e = only_error(&[("playbooks/m.yaml", "name: b\nmatch:\n  alertname: X\n  matchers: ['sev=~\"(\"']\nsteps: [ {inline: '1'} ]\n")]);
+        assert!(
+            e.starts_with("m.yaml:4: match.matchers: bad matcher")
+                && e.contains("unclosed group")
+                && !e.contains('\n'),
+            "{e}"
+        );
+        let e = only_error(&[("playbooks/t.yaml", "name: b\nmatch: {alertname: X}\nsteps:\n  - inline: '1'\n    params: {a: '{{ label.x }}'}\n")]);
+        assert!(
+            e.starts_with("t.yaml:4:") && e.contains("unknown template variable"),
+            "{e}"
+        );
+        let e = only_error(&[(
+            "playbooks/n.yaml",
+            "name: b\nmatch: {}\nsteps: [{inline: '1'}]\n",
+        )]);
+        assert!(e.starts_with("n.yaml:2: match: expected"), "{e}");
+        let e = only_error(&[(
+            "playbooks/o.yaml",
+            "name: b\nmatch: {alertname: X}\nsteps:\n  - script: nope.rhai\n",
+        )]);
+        assert!(
+            e.contains("o.yaml:4: script \"nope.rhai\" not found"),
+            "{e}"
+        );
+        let e = only_error(&[(
+            "playbooks/p.yaml",
+            "name: b\nmatch: {alertname: X}\nsteps:\n  - {inline: '1', timeout: soon}\n",
+        )]);
+        assert!(
+            e.contains("p.yaml:4:") && e.contains("timeout: expected a duration"),
+            "{e}"
+        );
+        let e = only_error(&[(
+            "playbooks/q.yaml",
+            "name: b\nmatch: {alertname: X}\nsteps:\n  - {inline: '1', script: x.rhai}\n",
+        )]);
+        assert!(
+            e.contains("q.yaml:4:") && e.contains("exactly one of"),
+            "{e}"
+        );
+        let e = only_error(&[(
+            "playbooks/s.yaml",
+            "name: b\nmatch: {alertname: X}\nstatuses: [burning]\nsteps: [{inline: '1'}]\n",
+        )]);
+        assert!(e.contains("s.yaml:3: statuses:"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let errs = load(&[
+            (
+                "playbooks/a.yaml",
+                "name: a\nmatch: {alertname: A}\nsteps: [{inline: '1'}]\n",
+            ),
+            (
+                "playbooks/b.yaml",
+                "\nname: a\nmatch: {alertname: B}\nsteps: [{inline: '1'}]\n",
+            ),
+        ])
+        .unwrap_err();
+        assert!(
+            errs.to_string()
+                .contains("b.yaml:2: duplicate playbook name \"a\""),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn matching_uses_the_alertname_index_and_keeps_load_order() {
+        let p = load(&[(
+            "playbooks/a.yaml",
+            "name: any-team-x\nmatch: {matchers: ['team=\"x\"']}\nsteps: [{inline: '1'}]\n---\nname: disk\nmatch: {alertname: Disk}\nsteps: [{inline: '1'}]\n---\nname: disk-critical\nmatch: {matchers: ['alertname=\"Disk\",severity=\"critical\"']}\nsteps: [{inline: '1'}]\n",
+        )])
+        .unwrap();
+        let body = r#"{"alerts":[{"status":"firing","labels":{"alertname":"Disk","team":"x","severity":"critical"},"startsAt":"2026-01-01T00:00:00Z","fingerprint":"f"}]}"#;
+        let alert = crate::domain::decode_webhook(body.as_bytes())
+            .unwrap()
+            .alerts
+            .remove(0);
+        let names: Vec<_> = p.matching(&alert).iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, vec!["any-team-x", "disk", "disk-critical"]);
+    }
 }

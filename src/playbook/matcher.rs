@@ -61,10 +61,20 @@ impl LabelMatcher {
             ));
         }
         let regex = match op {
-            MatchOp::Regex | MatchOp::NotRegex => Some(
-                Regex::new(&format!("^(?:{value})$"))
-                    .map_err(|e| format!("invalid regex {value:?}: {e}"))?,
-            ),
+            MatchOp::Regex | MatchOp::NotRegex => {
+                Some(Regex::new(&format!("^(?:{value})$")).map_err(|e| {
+                    // regex's syntax errors draw a caret diagram over several lines; keep the gist.
+                    let text = e.to_string();
+                    let gist = text
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned();
+                    format!("invalid regex {value:?}: {gist}")
+                })?)
+            }
             _ => None,
         };
         Ok(LabelMatcher {
