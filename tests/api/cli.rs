@@ -1,0 +1,167 @@
+//! The `reactor` command line as an SRE uses it: check, test, serve on defaults, runs.
+
+use std::time::Duration;
+
+use crate::helpers::{
+    free_port, payload, repo, run_binary, spawn_binary, wait_for, wait_healthy, PlaybookDir,
+};
+
+#[test]
+fn check_accepts_the_shipped_playbooks() {
+    let (code, out, err) = run_binary(&["check", "playbooks/"], repo());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ok: 3 playbook(s)"), "{out}");
+}
+
+#[test]
+fn check_names_file_and_line_of_yaml_and_rhai_errors() {
+    let dir = PlaybookDir::new(&[
+        ("playbooks/yaml.yaml", "name: d\nmatch: {alertname: X\nsteps: []\n"),
+        ("playbooks/rhai.yaml", "name: a\nmatch:\n  alertname: X\nsteps:\n  - name: s\n    inline: |\n      let x = 1;\n      let y = ;\n"),
+        ("scripts/broken.rhai", "let a = 1;\nfn f( { }\n"),
+    ]);
+    let (code, _, err) = run_binary(&["check", "playbooks"], dir.root.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("playbooks/yaml.yaml:3: YAML:"), "{err}");
+    assert!(
+        err.contains("playbooks/rhai.yaml:8: Rhai syntax error"),
+        "{err}"
+    );
+    assert!(
+        err.contains("scripts/broken.rhai:2: Rhai syntax error"),
+        "{err}"
+    );
+}
+
+#[test]
+fn serve_refuses_to_start_on_an_invalid_playbook() {
+    let dir = PlaybookDir::new(&[(
+        "playbooks/bad.yaml",
+        "name: a\nmatch: {alertname: X}\nsteps:\n  - inline: 'let = 2'\n",
+    )]);
+    let port = free_port().to_string();
+    let (code, _, err) = run_binary(
+        &["serve", "--listen", &format!("127.0.0.1:{port}")],
+        dir.root.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("invalid playbooks") && err.contains("playbooks/bad.yaml:4"),
+        "{err}"
+    );
+}
+
+#[test]
+fn test_prints_what_would_run_and_runs_nothing() {
+    let (code, out, err) = run_binary(
+        &["test", "tests/fixtures/alertmanager-0.25-firing.json"],
+        repo(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("alert[0] HarnessCurl (firing)") && out.contains("no playbook matches"),
+        "{out}"
+    );
+    let dir = PlaybookDir::new(&[]);
+    let body = payload(&[
+        ("ReactorSelfTestFail", "x1"),
+        ("NodeFilesystemAlmostOutOfSpace", "x2"),
+    ])
+    .to_string();
+    std::fs::write(dir.root.path().join("alert.json"), body).unwrap();
+    let alert = dir.root.path().join("alert.json");
+    let (code, out, _) = run_binary(&["test", alert.to_str().unwrap()], repo());
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("reactor-selftest-fail (playbooks/selftest.yaml:14): would run"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1. always-fails: rhai inline at playbooks/selftest.yaml:"),
+        "{out}"
+    );
+    let (code, _, err) = run_binary(&["test", "Cargo.toml"], repo());
+    assert_eq!(code, 1);
+    assert!(err.contains("malformed JSON"), "{err}");
+}
+
+/// `reactor serve` with no config file in a directory laid out like the repository.
+#[tokio::test]
+async fn serve_runs_on_embedded_defaults_and_runs_reads_history_live_and_stopped() {
+    let dir = PlaybookDir::new(&[]);
+    let root = dir.root.path();
+    for sub in ["playbooks", "scripts"] {
+        for entry in std::fs::read_dir(repo().join(sub)).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, root.join(sub).join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut reactor = spawn_binary(&["serve", "--listen", &listen], root);
+    wait_healthy(port).await;
+    assert!(
+        root.join("data").is_dir(),
+        "the database lives in ./data by default"
+    );
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("http://{listen}/webhook/alertmanager"))
+        .json(&payload(&[
+            ("ReactorSelfTestOk", "cli1"),
+            ("ReactorSelfTestFail", "cli2"),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let url = format!("http://{listen}");
+    let listed = wait_for(Duration::from_secs(10), || async {
+        let (_, out, _) = run_binary(&["runs", "--url", &url], root);
+        (out.contains("succeeded") && out.contains("failed")).then_some(out)
+    })
+    .await
+    .expect("runs lists both runs");
+    assert!(
+        listed.contains("reactor-selftest-ok") && listed.contains("reactor-selftest-fail"),
+        "{listed}"
+    );
+    let (_, failed_only, _) = run_binary(&["runs", "--url", &url, "--outcome", "failed"], root);
+    assert!(
+        !failed_only.contains("reactor-selftest-ok")
+            && failed_only.contains("reactor-selftest-fail"),
+        "{failed_only}"
+    );
+    let id = failed_only
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let (code, shown, _) = run_binary(&["runs", "--url", &url, "show", &id], root);
+    assert_eq!(code, 0);
+    assert!(
+        shown.contains("outcome    failed") && shown.contains("always-fails attempt 2: failed"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("escalated  RemediationFailed NotConfigured"),
+        "{shown}"
+    );
+
+    assert!(reactor.terminate().success());
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let (code, offline, err) = run_binary(&["runs", "--url", &closed, "--outcome", "failed"], root);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        offline, failed_only,
+        "the database gives the same answer as the API"
+    );
+    let (code, shown_offline, _) =
+        run_binary(&["runs", "--url", &closed, "show", &id, "--json"], root);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&shown_offline).unwrap();
+    assert_eq!(v["id"].as_str(), Some(id.as_str()));
+}

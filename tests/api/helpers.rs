@@ -1,0 +1,432 @@
+//! Shared test plumbing: the app on port 0 with a temporary database, the real binary, a capture
+//! server standing in for the humans' receiver, and the real Alertmanager from Debian's package.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::{Json, Router};
+use reactor::app::Application;
+use reactor::config::Settings;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+pub const FIRING: &str = include_str!("../fixtures/alertmanager-0.25-firing.json");
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A directory of playbooks written for one test, with an empty scripts dir beside it.
+pub struct PlaybookDir {
+    pub root: tempfile::TempDir,
+}
+
+impl PlaybookDir {
+    pub fn new(files: &[(&str, &str)]) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("playbooks")).unwrap();
+        std::fs::create_dir_all(root.path().join("scripts")).unwrap();
+        for (name, text) in files {
+            std::fs::write(root.path().join(name), text).unwrap();
+        }
+        PlaybookDir { root }
+    }
+
+    pub fn playbooks(&self) -> PathBuf {
+        self.root.path().join("playbooks")
+    }
+
+    pub fn scripts(&self) -> PathBuf {
+        self.root.path().join("scripts")
+    }
+}
+
+/// A webhook payload with one alert per (alertname, fingerprint, extra labels).
+pub fn payload(alerts: &[(&str, &str)]) -> Value {
+    let alerts: Vec<Value> = alerts
+        .iter()
+        .map(|(name, fp)| {
+            json!({
+                "status": "firing",
+                "labels": {"alertname": name, "instance": "test-host", "severity": "warning"},
+                "annotations": {"summary": "test alert"},
+                "startsAt": "2026-11-20T23:35:13.24322Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://127.0.0.1/graph",
+                "fingerprint": fp,
+            })
+        })
+        .collect();
+    json!({"receiver": "reactor", "status": "firing", "alerts": alerts, "groupLabels": {}, "commonLabels": {},
+           "commonAnnotations": {}, "externalURL": "http://127.0.0.1:9093", "version": "4", "groupKey": "{}", "truncatedAlerts": 0})
+}
+
+/// The app, running in this process on port 0 with a temporary database.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub token: Option<String>,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    _data: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn spawn(configure: impl FnOnce(&mut Settings)) -> TestApp {
+        reactor::app::install_crypto_provider();
+        let data = tempfile::tempdir().unwrap();
+        let mut settings = Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data.path().join("db"),
+            playbooks_dir: repo().join("playbooks"),
+            scripts_dir: repo().join("scripts"),
+            ..Settings::default()
+        };
+        settings.alertmanager.retry_backoff = Duration::from_millis(50);
+        settings.alertmanager.delivery_attempts = 3;
+        configure(&mut settings);
+        let token = settings.auth.bearer_token.clone();
+        let app = Application::build(settings).await.expect("app builds");
+        let addr = app.local_addr();
+        let shutdown = app.shutdown_token();
+        let handle = tokio::spawn(async move { app.run().await.expect("app runs") });
+        TestApp {
+            addr,
+            client: reqwest::Client::new(),
+            token,
+            shutdown,
+            handle,
+            _data: data,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post_webhook(&self, body: &Value) -> reqwest::Response {
+        let mut req = self
+            .client
+            .post(self.url("/webhook/alertmanager"))
+            .json(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+
+    pub async fn runs(&self, query: &str) -> Vec<Value> {
+        get_runs(
+            &self.client,
+            &self.url(&format!("/api/v1/runs?{query}")),
+            self.token.as_deref(),
+        )
+        .await
+    }
+
+    /// Polls the run list until `done` holds for it.
+    pub async fn wait_for_runs(
+        &self,
+        query: &str,
+        timeout: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        wait_for(timeout, || async {
+            Some(self.runs(query).await).filter(|r| done(r))
+        })
+        .await
+        .unwrap_or_else(|| panic!("runs matching {query:?} did not appear in {timeout:?}"))
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+pub async fn get_runs(client: &reqwest::Client, url: &str, token: Option<&str>) -> Vec<Value> {
+    let mut req = client.get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// Polls `probe` every 50 ms until it yields `Some` or the timeout passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, probe: F) -> Option<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP server that records every JSON body POSTed to it: the humans' webhook receiver, or an
+/// Alertmanager API stand-in where a test needs no routing.
+pub struct Capture {
+    pub addr: SocketAddr,
+    pub bodies: Arc<Mutex<Vec<Value>>>,
+    shutdown: CancellationToken,
+}
+
+impl Capture {
+    pub async fn start() -> Capture {
+        let bodies: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let b = bodies.clone();
+        let record = move |Json(v): Json<Value>| {
+            let b = b.clone();
+            async move {
+                b.lock().unwrap().push(v);
+                "ok"
+            }
+        };
+        let app = Router::new()
+            .route("/", post(record.clone()))
+            .route("/api/v2/alerts", post(record));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .unwrap()
+        });
+        Capture {
+            addr,
+            bodies,
+            shutdown,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A free 127.0.0.1 port for programs that cannot report the port they bound.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub const ALERTMANAGER: &str = "/usr/bin/prometheus-alertmanager";
+
+/// The real Alertmanager, on 127.0.0.1 with clustering off and its own storage.
+pub struct Alertmanager {
+    pub port: u16,
+    /// Held so that dropping the Alertmanager kills the process.
+    _proc: Proc,
+    pub dir: tempfile::TempDir,
+}
+
+impl Alertmanager {
+    pub async fn start(port: u16, config: &str) -> Alertmanager {
+        assert!(
+            Path::new(ALERTMANAGER).exists(),
+            "{ALERTMANAGER} is missing: install Debian's prometheus-alertmanager (scripts/test.sh does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("alertmanager.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("alertmanager.log")).unwrap();
+        let child = Command::new(ALERTMANAGER)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("alertmanager starts");
+        let am = Alertmanager {
+            port,
+            _proc: Proc { child },
+            dir,
+        };
+        let client = reqwest::Client::new();
+        let ready = wait_for(Duration::from_secs(20), || async {
+            let r = client
+                .get(format!("{}/-/ready", am.url()))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        if ready.is_none() {
+            let log =
+                std::fs::read_to_string(am.dir.path().join("alertmanager.log")).unwrap_or_default();
+            panic!("alertmanager did not become ready:\n{log}");
+        }
+        am
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Posts alerts as Prometheus would, through the v2 API.
+    pub async fn post_alerts(&self, alerts: &Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v2/alerts", self.url()))
+            .json(alerts)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "alertmanager refused alerts: {}",
+            r.status()
+        );
+    }
+
+    pub async fn alerts(&self, filter: &str) -> Vec<Value> {
+        reqwest::Client::new()
+            .get(format!("{}/api/v2/alerts", self.url()))
+            .query(&[("filter", filter)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+/// Alertmanager routing: everything to reactor, `RemediationFailed` to the humans.
+pub fn alertmanager_config(reactor: SocketAddr, token: &str, humans: &str) -> String {
+    format!(
+        r#"route:
+  receiver: reactor
+  group_by: ['...']
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 1h
+  routes:
+    - receiver: humans
+      matchers: ['alertname="RemediationFailed"']
+receivers:
+  - name: reactor
+    webhook_configs:
+      - url: http://{reactor}/webhook/alertmanager
+        send_resolved: true
+        http_config:
+          authorization:
+            credentials: {token}
+  - name: humans
+    webhook_configs:
+      - url: {humans}/
+        send_resolved: true
+"#
+    )
+}
+
+/// The real `reactor` binary with the given arguments, run in `cwd`, logging to `cwd/reactor.log`.
+pub fn spawn_binary(args: &[&str], cwd: &Path) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cwd.join("reactor.log"))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_reactor"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("reactor binary starts");
+    Proc { child }
+}
+
+/// Runs the binary to completion: (exit code, stdout, stderr).
+pub fn run_binary(args: &[&str], cwd: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_reactor"))
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("reactor binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub async fn wait_healthy(port: u16) {
+    let client = reqwest::Client::new();
+    wait_for(Duration::from_secs(20), || async {
+        let r = client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await
+    .expect("reactor answers /healthz");
+}

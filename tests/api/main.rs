@@ -1,0 +1,9 @@
+//! One integration test binary (zero2prod style): the real app on port 0 with a temporary sled,
+//! the real binary for crash and CLI tests, and the real Alertmanager for end-to-end tests.
+
+mod alertmanager;
+mod cli;
+mod crash;
+mod helpers;
+mod router;
+mod webhook;
