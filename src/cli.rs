@@ -482,9 +482,9 @@ fn show_run(r: &Run) -> String {
     if let Some(e) = &r.escalation {
         let _ = writeln!(
             out,
-            "escalated  {} {:?} after {} attempt(s) at {}{}",
+            "escalated  {} {} after {} attempt(s) at {}{}",
             e.alertname,
-            e.status,
+            e.status.as_str(),
             e.attempts,
             e.at,
             e.last_error

@@ -158,6 +158,16 @@ pub enum DeliveryStatus {
     NotConfigured,
 }
 
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::NotConfigured => "not_configured",
+        }
+    }
+}
+
 /// The page a failed run raised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -147,7 +147,7 @@ async fn serve_runs_on_embedded_defaults_and_runs_reads_history_live_and_stopped
         "{shown}"
     );
     assert!(
-        shown.contains("escalated  RemediationFailed NotConfigured"),
+        shown.contains("escalated  RemediationFailed not_configured"),
         "{shown}"
     );
 
