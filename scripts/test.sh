@@ -15,4 +15,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-exec cargo test --locked -j2 "$@"
+# No doctests: the library has none, and their empty run would be the last result line.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked -j2 --lib --bins --tests "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { p += $4; f += $6 } END { printf "reactor: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
