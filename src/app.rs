@@ -10,10 +10,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::engine::{dispatch, Engine};
-use crate::escalation::Escalator;
+use crate::escalation::{outbox, Escalator};
 use crate::executor::{sandbox, Executor};
+use crate::history::retention;
 use crate::history::{Store, StoreError};
 use crate::playbook::{self, LoadErrors};
 use crate::routes::{router, AppState};
@@ -33,6 +35,8 @@ pub enum StartupError {
     Http(#[from] reqwest::Error),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error("refusing to listen on {0} without authentication: set auth.bearer_token or auth.basic, or pass --insecure")]
+    Insecure(SocketAddr),
 }
 
 /// Installs rustls' ring provider process-wide. Test builds carry two TLS backends, so rustls
@@ -66,14 +70,19 @@ impl Application {
         let http = reqwest::Client::builder()
             .user_agent(concat!("reactor/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Self::build_with(settings, http).await
+        Self::build_with(settings, http, Arc::new(SystemClock)).await
     }
 
-    /// Like [`Application::build`], with the HTTP client used for escalations injected.
+    /// Like [`Application::build`], with the HTTP client used for escalations and the clock the
+    /// guards read injected.
     pub async fn build_with(
         settings: Settings,
         http: reqwest::Client,
+        clock: Arc<dyn Clock>,
     ) -> Result<Application, StartupError> {
+        if !settings.listen.ip().is_loopback() && !settings.auth.enabled() && !settings.insecure {
+            return Err(StartupError::Insecure(settings.listen));
+        }
         let rhai = rhai_engine(&settings);
         let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
         tracing::info!(count = playbooks.len(), dir = %settings.playbooks_dir.display(), "playbooks loaded");
@@ -90,18 +99,25 @@ impl Application {
                 })?;
         let bound = listener.local_addr().map_err(StartupError::Serve)?;
         let (queue, queue_rx) = mpsc::channel(settings.limits.queue_capacity.max(1));
-        let engine = Arc::new(Engine {
-            store: store.clone(),
-            playbooks: Arc::new(playbooks),
-            executor: Executor::new(Arc::new(rhai), settings.dry_run),
-            escalator: Escalator::new(http, settings.alertmanager.clone()),
-            external_url: settings.external_url(bound),
-        });
+        let store_error = |source| StartupError::Store {
+            dir: settings.data_dir.display().to_string(),
+            source,
+        };
+        let engine = Engine::new(
+            store.clone(),
+            Arc::new(playbooks),
+            Executor::new(Arc::new(rhai), settings.dry_run),
+            Escalator::new(http, settings.alertmanager.clone()),
+            clock,
+            settings.external_url(bound),
+        )
+        .map_err(store_error)?;
+        let engine = Arc::new(engine);
         let state = AppState {
             store,
             queue,
             limits: Arc::new(settings.limits.clone()),
-            auth_token: settings.auth.bearer_token.as_deref().map(Arc::from),
+            credentials: crate::routes::credentials(&settings.auth),
             playbooks_loaded: engine.playbooks.len(),
         };
         Ok(Application {
@@ -142,12 +158,30 @@ impl Application {
             tracker,
             shutdown,
         } = self;
-        let pending = engine
-            .recover(&tracker)
+        let (pending, rerun) = engine
+            .recover()
+            .await
             .map_err(|source| StartupError::Store {
                 dir: settings.data_dir.display().to_string(),
                 source,
             })?;
+        for (run, playbook) in rerun {
+            let engine = Arc::clone(&engine);
+            tracker.spawn(async move { engine.resume(run, playbook).await });
+        }
+        let background = TaskTracker::new();
+        background.spawn(outbox::send_loop(
+            engine.outbox.clone(),
+            engine.escalator.clone(),
+            Arc::clone(&engine.clock),
+            shutdown.clone(),
+        ));
+        background.spawn(retention::prune_loop(
+            Arc::clone(&engine),
+            settings.history.clone(),
+            shutdown.clone(),
+        ));
+        background.close();
         if !pending.is_empty() {
             let queue = state.queue.clone();
             let stop = shutdown.clone();
@@ -177,6 +211,7 @@ impl Application {
         if let Err(e) = dispatcher.await {
             tracing::error!(error = %e, "dispatcher task failed");
         }
+        background.wait().await;
         if let Err(e) = store.flush().await {
             tracing::error!(error = %e, "final database flush failed");
         }

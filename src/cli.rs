@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Alertmanager base URL that escalations are posted to.
     #[arg(long)]
     alertmanager_url: Option<String>,
+    /// Allow a non-loopback listen address without authentication.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +145,7 @@ async fn run(cli: Cli) -> ExitCode {
             playbooks_dir: a.playbooks.clone(),
             scripts_dir: a.scripts.clone(),
             alertmanager_url: a.alertmanager_url.clone(),
+            insecure: a.insecure,
         },
         Command::Runs(a) => Overrides {
             data_dir: a.data.clone(),

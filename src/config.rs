@@ -23,8 +23,11 @@ pub struct Settings {
     pub limits: Limits,
     pub sandbox: SandboxLimits,
     pub disk_cleanup: DiskCleanupSettings,
+    pub history: HistorySettings,
     /// Global dry run: scripts see `dry_run == true` and `disk_cleanup` deletes nothing.
     pub dry_run: bool,
+    /// Allow listening on a non-loopback address without authentication.
+    pub insecure: bool,
 }
 
 impl Default for Settings {
@@ -40,7 +43,9 @@ impl Default for Settings {
             limits: Limits::default(),
             sandbox: SandboxLimits::default(),
             disk_cleanup: DiskCleanupSettings::default(),
+            history: HistorySettings::default(),
             dry_run: false,
+            insecure: false,
         }
     }
 }
@@ -48,8 +53,44 @@ impl Default for Settings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
-    /// When set, every request but `/healthz` needs `Authorization: Bearer <token>`.
+    /// When set, requests (except `/healthz`) may authenticate with `Authorization: Bearer <token>`.
     pub bearer_token: Option<String>,
+    /// When set, requests may authenticate with HTTP basic auth (Alertmanager's `basic_auth`).
+    pub basic: Option<BasicAuth>,
+}
+
+impl AuthSettings {
+    pub fn enabled(&self) -> bool {
+        self.bearer_token.is_some() || self.basic.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    pub password: String,
+}
+
+/// Retention of the run history, enforced by a background task.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistorySettings {
+    #[serde(deserialize_with = "duration")]
+    pub max_age: Duration,
+    pub max_runs: usize,
+    #[serde(deserialize_with = "duration")]
+    pub prune_interval: Duration,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        HistorySettings {
+            max_age: Duration::from_secs(30 * 86_400),
+            max_runs: 1_000_000,
+            prune_interval: Duration::from_secs(600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +132,10 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most alerts in one webhook payload; more is 413.
     pub max_alerts_per_payload: usize,
+    /// Most labels on one alert; more is 400.
+    pub max_labels_per_alert: usize,
+    /// Longest label name or value, and longest annotation value, in bytes; longer is 400.
+    pub max_label_bytes: usize,
     /// Accepted alerts waiting for a worker; when full, webhooks get 503 with Retry-After.
     pub queue_capacity: usize,
     /// Runs executing at once.
@@ -105,6 +150,8 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 4 << 20,
             max_alerts_per_payload: 1_000,
+            max_labels_per_alert: 128,
+            max_label_bytes: 16 * 1024,
             queue_capacity: 10_000,
             max_concurrent_runs: 64,
             shutdown_grace: Duration::from_secs(10),
@@ -153,6 +200,7 @@ pub struct Overrides {
     pub playbooks_dir: Option<PathBuf>,
     pub scripts_dir: Option<PathBuf>,
     pub alertmanager_url: Option<String>,
+    pub insecure: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +293,7 @@ impl Settings {
         if let Some(v) = &o.alertmanager_url {
             self.alertmanager.url = Some(v.clone());
         }
+        self.insecure |= o.insecure;
     }
 
     /// The base URL for links to runs.

@@ -191,6 +191,35 @@ pub struct Notification {
     pub receiver: Option<String>,
 }
 
+impl Notification {
+    /// Refuses alerts with more labels, or longer labels and annotations, than the limits allow.
+    pub fn check_sizes(&self, max_labels: usize, max_bytes: usize) -> Result<(), PayloadError> {
+        for (index, a) in self.alerts.iter().enumerate() {
+            let err = |reason: String| Err(PayloadError::Alert { index, reason });
+            if a.labels.len() > max_labels {
+                return err(format!(
+                    "{} labels; the limit is {max_labels}",
+                    a.labels.len()
+                ));
+            }
+            let long = a
+                .labels
+                .iter()
+                .flat_map(|(k, v)| [k, v])
+                .chain(a.annotations.values())
+                .find(|s| s.len() > max_bytes);
+            if let Some(s) = long {
+                let start: String = s.chars().take(40).collect();
+                return err(format!(
+                    "a label or annotation of {} bytes ({start:?}…); the limit is {max_bytes}",
+                    s.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Decodes and validates a webhook body.
 pub fn decode_webhook(body: &[u8]) -> Result<Notification, PayloadError> {
     let wire: WirePayload = serde_json::from_slice(body)?;
@@ -273,6 +302,37 @@ mod tests {
             decode_webhook(body.as_bytes()),
             Err(PayloadError::Version(_))
         ));
+    }
+
+    #[test]
+    fn size_limits_name_the_alert_and_the_limit() {
+        let n = decode_webhook(FIRING.as_bytes()).unwrap();
+        assert!(n.check_sizes(3, 100).is_ok());
+        assert_eq!(
+            n.check_sizes(2, 100).unwrap_err().to_string(),
+            "alerts[0]: 3 labels; the limit is 2"
+        );
+        assert!(n
+            .check_sizes(3, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("the limit is 10"));
+    }
+
+    proptest::proptest! {
+        /// Fuzzing by property: no input makes the decoder panic.
+        #[test]
+        fn decoder_never_panics_on_arbitrary_bytes(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode_webhook(&body);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_mutated_payloads(pos in 0usize..FIRING.len(), byte in proptest::num::u8::ANY, cut in 0usize..FIRING.len()) {
+            let mut body = FIRING.as_bytes().to_vec();
+            body[pos] = byte;
+            let _ = decode_webhook(&body);
+            let _ = decode_webhook(&body[..cut]);
+        }
     }
 
     #[test]

@@ -1,13 +1,15 @@
-//! The engine turns accepted alerts into runs: it matches each alert against the playbooks, records
-//! one run per matching playbook (or one `skipped` run when none applies), executes the steps with
-//! their retries, records every attempt, and escalates a failed run. It also owns crash recovery
-//! at start-up and the drain at shutdown.
+//! The engine turns accepted alerts into runs. For each alert it asks the guards, per matching
+//! playbook, whether to remediate (deduplication, cooldown, attempts per window, circuit breaker),
+//! records one history entry per decision, executes admitted runs with their retries, and sends
+//! failures to the escalation outbox. It also owns crash recovery and the drain at shutdown.
 //!
-//! Crash semantics (SIGKILL): an accepted alert is in the intake until its runs are recorded, so
-//! after a restart it is processed normally. A run that was in progress is *not* re-run (its steps
-//! may not be idempotent); it is recorded as `interrupted` and escalated, so a human looks at it.
+//! Crash semantics (SIGKILL): an accepted alert is in the intake until its decisions are recorded,
+//! so after a restart it is processed normally. A run caught in progress is re-run when its
+//! playbook declares `idempotent: true`; otherwise it is recorded as `interrupted` and escalated
+//! once, so a human looks at it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -16,10 +18,23 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::escalation::Escalator;
+use crate::clock::Clock;
+use crate::domain::{AlertStatus, Fingerprint};
+use crate::escalation::outbox::Outbox;
+use crate::escalation::{Escalator, REMEDIATION_FAILED, REMEDIATION_LOOP};
 use crate::executor::{Attempt, Executor};
-use crate::history::{Intake, Outcome, Run, RunId, StepRecord, Store, StoreError};
-use crate::playbook::{render_params, Playbook, Playbooks, TemplateContext};
+use crate::guard::{target_key, BreakerDecision, Claim, Guards, TargetDecision};
+use crate::history::{
+    DeliveryStatus, EscalationRecord, Intake, Outcome, Run, RunId, StepRecord, Store, StoreError,
+};
+use crate::playbook::{render_params, OnResolved, Playbook, Playbooks, TemplateContext};
+
+/// A run in progress, for cancellation and for the shutdown drain.
+struct InFlight {
+    fingerprint: Fingerprint,
+    playbook: String,
+    cancel: CancellationToken,
+}
 
 /// Everything a run needs, shared by all runs.
 pub struct Engine {
@@ -27,14 +42,54 @@ pub struct Engine {
     pub playbooks: Arc<Playbooks>,
     pub executor: Executor,
     pub escalator: Escalator,
+    pub outbox: Outbox,
+    pub guards: Guards,
+    pub clock: Arc<dyn Clock>,
     /// Base URL for links to runs in pages.
     pub external_url: String,
+    per_playbook: HashMap<String, Arc<Semaphore>>,
+    in_flight: Mutex<HashMap<RunId, InFlight>>,
 }
 
 /// The sending side of the work queue, held by the webhook handler.
 pub type Queue = mpsc::Sender<Intake>;
 
+/// An escalation decided while recording an alert's decisions, sent once they are stored.
+struct Page {
+    alertname: &'static str,
+    run: Run,
+    playbook: Arc<Playbook>,
+}
+
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        playbooks: Arc<Playbooks>,
+        executor: Executor,
+        escalator: Escalator,
+        clock: Arc<dyn Clock>,
+        external_url: String,
+    ) -> Result<Engine, StoreError> {
+        let per_playbook = playbooks
+            .iter()
+            .filter(|p| p.max_concurrent > 0)
+            .map(|p| (p.name.clone(), Arc::new(Semaphore::new(p.max_concurrent))))
+            .collect();
+        Ok(Engine {
+            outbox: Outbox::open(&store)?,
+            guards: Guards::open(&store)?,
+            store,
+            playbooks,
+            executor,
+            escalator,
+            clock,
+            external_url,
+            per_playbook,
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
     pub fn run_url(&self, id: RunId) -> String {
         format!("{}/api/v1/runs/{id}", self.external_url)
     }
@@ -49,57 +104,182 @@ impl Engine {
 
     async fn process_inner(self: &Arc<Self>, intake: Intake) -> Result<(), StoreError> {
         let matched = self.playbooks.matching(&intake.alert);
-        let now = Timestamp::now();
-        let new_run = |index: usize, playbook: Option<&Playbook>| Run {
-            id: RunId {
-                seq: intake.seq,
-                index: index as u16,
-            },
-            alert: intake.alert.clone(),
-            playbook: playbook.map(|p| p.name.clone()),
-            outcome: Outcome::Running,
-            reason: None,
-            received_at: intake.received_at,
-            started_at: None,
-            finished_at: None,
-            steps: Vec::new(),
-            escalation: None,
-        };
-        if matched.is_empty() {
-            let mut run = new_run(0, None);
-            run.outcome = Outcome::Skipped;
-            run.reason = Some("no playbook matches this alert".into());
-            run.finished_at = Some(now);
-            self.store.put_run(&run)?;
-            self.store.remove_intake(intake.seq)?;
-            return Ok(());
-        }
+        let now = self.clock.now();
+        let mut records = Vec::new();
         let mut runnable = Vec::new();
-        for (i, playbook) in matched.iter().enumerate().take(u16::MAX as usize) {
-            let mut run = new_run(i, Some(playbook));
-            if !playbook.triggers_on(intake.alert.status) {
-                run.outcome = Outcome::Skipped;
-                run.reason = Some(format!(
-                    "playbook does not run on {} alerts",
-                    intake.alert.status
-                ));
-                run.finished_at = Some(now);
-            } else {
-                run.started_at = Some(now);
-                runnable.push((run.clone(), Arc::clone(playbook)));
-            }
-            self.store.put_run(&run)?;
+        let mut pages = Vec::new();
+        if matched.is_empty() {
+            let mut run = new_run(&intake, 0, None);
+            settle(
+                &mut run,
+                Outcome::Skipped,
+                "no playbook matches this alert",
+                now,
+            );
+            records.push(run);
         }
+        for (i, playbook) in matched.iter().enumerate().take(u16::MAX as usize) {
+            let mut run = new_run(&intake, i, Some(playbook));
+            if !self.admit(&mut run, playbook, now, &mut pages)? {
+                records.push(run);
+                continue;
+            }
+            run.started_at = Some(now);
+            records.push(run.clone());
+            runnable.push((run, Arc::clone(playbook)));
+        }
+        self.store.put_runs(&records)?;
         self.store.remove_intake(intake.seq)?;
+        for page in pages {
+            self.escalate(page.alertname, page.run, Some(&page.playbook))
+                .await?;
+        }
         for (run, playbook) in runnable {
-            let span = tracing::info_span!("run", run_id = %run.id, playbook = %playbook.name);
-            self.execute(run, &playbook).instrument(span).await?;
+            self.execute(run, playbook).await?;
         }
         Ok(())
     }
 
-    /// Runs the playbook's steps in order; the first step that exhausts its retries fails the run.
-    async fn execute(&self, mut run: Run, playbook: &Playbook) -> Result<(), StoreError> {
+    /// Decides whether `run` may remediate. When not, settles it with the reason (and may queue a
+    /// page); when it may, the guards have recorded the attempt.
+    fn admit(
+        &self,
+        run: &mut Run,
+        playbook: &Arc<Playbook>,
+        now: Timestamp,
+        pages: &mut Vec<Page>,
+    ) -> Result<bool, StoreError> {
+        let alert = &run.alert;
+        if !playbook.triggers_on(alert.status) {
+            let mut reason = format!("playbook does not run on {} alerts", alert.status);
+            if alert.status == AlertStatus::Resolved && playbook.on_resolved == OnResolved::Cancel {
+                let cancelled = self.cancel_in_flight(&alert.fingerprint, &playbook.name);
+                if !cancelled.is_empty() {
+                    let ids: Vec<String> = cancelled.iter().map(RunId::to_string).collect();
+                    reason = format!("alert resolved: cancelled run {}", ids.join(", "));
+                }
+            }
+            settle(run, Outcome::Skipped, &reason, now);
+            return Ok(false);
+        }
+        if let Claim::RepeatOf(owner) = self.guards.claim(alert, &playbook.name, run.id)? {
+            settle(
+                run,
+                Outcome::Deduplicated,
+                &format!("repeat delivery of run {owner}"),
+                now,
+            );
+            tracing::debug!(run_id = %run.id, %owner, "repeat delivery deduplicated");
+            return Ok(false);
+        }
+        let policy = &playbook.guards;
+        let key = target_key(&playbook.name, alert, policy.target_labels.as_deref());
+        match self.guards.admit_target(&key, now, policy)? {
+            TargetDecision::Run => {}
+            TargetDecision::Cooldown { until } => {
+                settle(run, Outcome::Skipped, &format!("cooldown: this target was remediated recently; next run allowed at {until}"), now);
+                return Ok(false);
+            }
+            TargetDecision::LoopGuard {
+                escalate,
+                attempts,
+                until,
+            } => {
+                let reason = format!(
+                    "loop guard: {attempts} runs for this target within {}; no more until {until}",
+                    humantime::format_duration(policy.window)
+                );
+                settle(run, Outcome::Skipped, &reason, now);
+                if escalate {
+                    tracing::warn!(run_id = %run.id, playbook = %playbook.name, "remediation loop detected; escalating once");
+                    pages.push(Page {
+                        alertname: REMEDIATION_LOOP,
+                        run: run.clone(),
+                        playbook: Arc::clone(playbook),
+                    });
+                }
+                return Ok(false);
+            }
+        }
+        if let Some(bp) = &policy.breaker {
+            if let BreakerDecision::Open { since } =
+                self.guards.admit_breaker(&playbook.name, now, bp)?
+            {
+                let reason = format!("circuit breaker open since {since}: too many recent failures of this playbook; not remediating");
+                settle(run, Outcome::Skipped, &reason, now);
+                pages.push(Page {
+                    alertname: REMEDIATION_FAILED,
+                    run: run.clone(),
+                    playbook: Arc::clone(playbook),
+                });
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn cancel_in_flight(&self, fingerprint: &Fingerprint, playbook: &str) -> Vec<RunId> {
+        let in_flight = self.in_flight.lock().unwrap();
+        in_flight
+            .iter()
+            .filter(|(_, f)| &f.fingerprint == fingerprint && f.playbook == playbook)
+            .map(|(id, f)| {
+                f.cancel.cancel();
+                *id
+            })
+            .collect()
+    }
+
+    /// Runs an admitted run under the playbook's concurrency limit, then reports to the breaker
+    /// and escalates a failure.
+    async fn execute(&self, run: Run, playbook: Arc<Playbook>) -> Result<(), StoreError> {
+        let span = tracing::info_span!("run", run_id = %run.id, playbook = %playbook.name);
+        async {
+            let _permit = match self.per_playbook.get(&playbook.name) {
+                Some(s) => Some(Arc::clone(s).acquire_owned().await.expect("never closed")),
+                None => None,
+            };
+            let cancel = CancellationToken::new();
+            self.in_flight.lock().unwrap().insert(
+                run.id,
+                InFlight {
+                    fingerprint: run.alert.fingerprint.clone(),
+                    playbook: playbook.name.clone(),
+                    cancel: cancel.clone(),
+                },
+            );
+            let id = run.id;
+            let result = self.run_steps(run, &playbook, cancel).await;
+            self.in_flight.lock().unwrap().remove(&id);
+            let run = result?;
+            if let Some(bp) = &playbook.guards.breaker {
+                if matches!(run.outcome, Outcome::Succeeded | Outcome::Failed) {
+                    self.guards.record_breaker(
+                        &playbook.name,
+                        run.outcome == Outcome::Failed,
+                        self.clock.now(),
+                        bp,
+                    )?;
+                }
+            }
+            if run.outcome == Outcome::Failed {
+                tracing::warn!(reason = run.reason.as_deref(), "run failed; escalating");
+                self.escalate(REMEDIATION_FAILED, run, Some(&playbook))
+                    .await?;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The steps in order; the first step that exhausts its retries fails the run.
+    async fn run_steps(
+        &self,
+        mut run: Run,
+        playbook: &Playbook,
+        cancel: CancellationToken,
+    ) -> Result<Run, StoreError> {
         tracing::info!(alertname = run.alert.alertname(), fingerprint = %run.alert.fingerprint, "run started");
         let run_id = run.id.to_string();
         let run_url = self.run_url(run.id);
@@ -113,7 +293,10 @@ impl Engine {
                 render_params(step, &ctx)
             };
             for attempt in 1..=step.retries + 1 {
-                let started_at = Timestamp::now();
+                if cancel.is_cancelled() {
+                    break 'steps;
+                }
+                let started_at = self.clock.now();
                 let clock = Instant::now();
                 let result = self
                     .executor
@@ -123,6 +306,7 @@ impl Engine {
                         params: params.clone(),
                         timeout: step.timeout,
                         dry_run: step.dry_run,
+                        cancel: Some(cancel.clone()),
                     })
                     .await;
                 let (output, error) = match result.result {
@@ -147,8 +331,11 @@ impl Engine {
                 if succeeded {
                     continue 'steps;
                 }
-                if attempt <= step.retries {
-                    tokio::time::sleep(step.retry_delay).await;
+                if attempt <= step.retries && !cancel.is_cancelled() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(step.retry_delay) => {},
+                        _ = cancel.cancelled() => {},
+                    }
                 } else {
                     failure = Some(format!(
                         "step {:?} failed after {attempt} attempt(s): {}",
@@ -159,52 +346,95 @@ impl Engine {
                 }
             }
         }
-        run.finished_at = Some(Timestamp::now());
-        match failure {
-            None => {
-                run.outcome = Outcome::Succeeded;
-                self.store.put_run(&run)?;
-                tracing::info!("run succeeded");
-            }
-            Some(reason) => {
-                run.outcome = Outcome::Failed;
-                run.reason = Some(reason);
-                self.store.put_run(&run)?;
-                tracing::warn!(reason = run.reason.as_deref(), "run failed; escalating");
-                self.escalate(run, Some(playbook)).await?;
-            }
+        let now = self.clock.now();
+        if cancel.is_cancelled() {
+            settle(
+                &mut run,
+                Outcome::Cancelled,
+                "alert resolved while the run was in progress (on_resolved: cancel)",
+                now,
+            );
+            tracing::info!("run cancelled: its alert resolved");
+        } else if let Some(reason) = failure {
+            settle(&mut run, Outcome::Failed, &reason, now);
+        } else {
+            run.outcome = Outcome::Succeeded;
+            run.finished_at = Some(now);
+            tracing::info!("run succeeded");
+        }
+        self.store.put_run(&run)?;
+        Ok(run)
+    }
+
+    /// Records that `run` pages the humans and hands the page to the durable outbox.
+    async fn escalate(
+        &self,
+        alertname: &str,
+        mut run: Run,
+        playbook: Option<&Playbook>,
+    ) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let page = self
+            .escalator
+            .page_for(alertname, &run, playbook, &self.run_url(run.id), now);
+        let status = if self.escalator.configured() {
+            DeliveryStatus::Pending
+        } else {
+            tracing::error!(run_id = %run.id, %alertname, "no Alertmanager URL is configured: nobody was paged");
+            DeliveryStatus::NotConfigured
+        };
+        if run.escalation.is_none() {
+            run.escalation = Some(EscalationRecord {
+                alertname: alertname.to_owned(),
+                status,
+                attempts: 0,
+                at: now,
+                last_error: None,
+            });
+            self.store.put_run(&run)?;
+        }
+        if status == DeliveryStatus::Pending {
+            self.outbox.enqueue(run.id, page, now).await?;
         }
         Ok(())
     }
 
-    /// Pages the humans for a failed or interrupted run and records the delivery on it.
-    async fn escalate(&self, mut run: Run, playbook: Option<&Playbook>) -> Result<(), StoreError> {
-        let page = self
-            .escalator
-            .page_for(&run, playbook, &self.run_url(run.id), Timestamp::now());
-        run.escalation = Some(self.escalator.deliver(&page).await);
-        self.store.put_run(&run)
-    }
-
-    /// Start-up recovery: runs caught in progress become `interrupted` and are escalated; accepted
-    /// alerts without runs are returned for processing.
-    pub fn recover(self: &Arc<Self>, tracker: &TaskTracker) -> Result<Vec<Intake>, StoreError> {
+    /// Start-up recovery. Runs caught in progress are re-run (idempotent playbooks, returned as
+    /// the second list) or recorded `interrupted` and escalated; accepted alerts without runs are
+    /// returned for processing.
+    pub async fn recover(
+        self: &Arc<Self>,
+    ) -> Result<(Vec<Intake>, Vec<(Run, Arc<Playbook>)>), StoreError> {
+        let now = self.clock.now();
+        let mut rerun = Vec::new();
         for mut run in self.store.running_runs()? {
-            run.outcome = Outcome::Interrupted;
-            run.reason = Some(
-                "reactor stopped while this run was in progress; it was not re-run because its steps may not be idempotent"
-                    .into(),
-            );
-            run.finished_at = Some(Timestamp::now());
-            self.store.put_run(&run)?;
-            tracing::warn!(run_id = %run.id, "run was interrupted by a restart; escalating");
-            let engine = Arc::clone(self);
-            tracker.spawn(async move {
-                let playbook = run.playbook.as_deref().and_then(|n| engine.playbooks.get(n)).cloned();
-                if let Err(e) = engine.escalate(run, playbook.as_deref()).await {
-                    tracing::error!(error = %e, "could not record the escalation of an interrupted run");
+            let playbook = run
+                .playbook
+                .as_deref()
+                .and_then(|n| self.playbooks.get(n))
+                .cloned();
+            match playbook {
+                Some(p) if p.idempotent => {
+                    tracing::info!(run_id = %run.id, "re-running a run interrupted by a restart (playbook is idempotent)");
+                    run.reason = Some(
+                        "re-run after a restart interrupted it (playbook is idempotent)".into(),
+                    );
+                    self.store.put_run(&run)?;
+                    rerun.push((run, p));
                 }
-            });
+                _ => {
+                    settle(
+                        &mut run,
+                        Outcome::Interrupted,
+                        "reactor stopped while this run was in progress; not re-run because the playbook does not declare idempotent: true",
+                        now,
+                    );
+                    self.store.put_run(&run)?;
+                    tracing::warn!(run_id = %run.id, "run was interrupted by a restart; escalating");
+                    self.escalate(REMEDIATION_FAILED, run, playbook.as_deref())
+                        .await?;
+                }
+            }
         }
         let mut pending = Vec::new();
         for intake in self.store.pending_intake()? {
@@ -220,13 +450,79 @@ impl Engine {
                 "processing alerts accepted before the last stop"
             );
         }
-        Ok(pending)
+        Ok((pending, rerun))
+    }
+
+    /// Re-runs a recovered run of an idempotent playbook.
+    pub async fn resume(self: &Arc<Self>, run: Run, playbook: Arc<Playbook>) {
+        let id = run.id;
+        if let Err(e) = self.execute(run, playbook).await {
+            tracing::error!(run_id = %id, error = %e, "could not record a resumed run");
+        }
+    }
+
+    /// At shutdown, after the grace period: records runs still in flight as interrupted and
+    /// queues their pages (delivered by the outbox at the next start).
+    async fn interrupt_in_flight(&self) {
+        let ids: Vec<RunId> = self.in_flight.lock().unwrap().keys().copied().collect();
+        for id in ids {
+            let result = async {
+                if let Some(mut run) = self.store.get_run(id)? {
+                    let playbook = run
+                        .playbook
+                        .as_deref()
+                        .and_then(|n| self.playbooks.get(n))
+                        .cloned();
+                    if playbook.as_ref().is_some_and(|p| p.idempotent) {
+                        return Ok(()); // left `running`: re-run at the next start
+                    }
+                    settle(
+                        &mut run,
+                        Outcome::Interrupted,
+                        "shutdown grace elapsed while this run was in progress",
+                        self.clock.now(),
+                    );
+                    self.store.put_run(&run)?;
+                    self.escalate(REMEDIATION_FAILED, run, playbook.as_deref())
+                        .await?;
+                }
+                Ok::<_, StoreError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::error!(run_id = %id, error = %e, "could not record an interrupted run");
+            }
+        }
     }
 }
 
+fn new_run(intake: &Intake, index: usize, playbook: Option<&Arc<Playbook>>) -> Run {
+    Run {
+        id: RunId {
+            seq: intake.seq,
+            index: index as u16,
+        },
+        alert: intake.alert.clone(),
+        playbook: playbook.map(|p| p.name.clone()),
+        outcome: Outcome::Running,
+        reason: None,
+        received_at: intake.received_at,
+        started_at: None,
+        finished_at: None,
+        steps: Vec::new(),
+        escalation: None,
+    }
+}
+
+fn settle(run: &mut Run, outcome: Outcome, reason: &str, now: Timestamp) {
+    run.outcome = outcome;
+    run.reason = Some(reason.to_owned());
+    run.finished_at = Some(now);
+}
+
 /// Takes accepted alerts off the queue and runs them, at most `max_concurrent` at a time, until
-/// `shutdown` fires; then waits up to `grace` for runs in flight. What is left stays recorded in
-/// sled (intake or `running`) and is recovered at the next start.
+/// `shutdown` fires; then waits up to `grace` for runs in flight and records the rest as
+/// interrupted. Alerts still queued stay in the intake and are processed at the next start.
 pub async fn dispatch(
     engine: Arc<Engine>,
     mut queue: mpsc::Receiver<Intake>,
@@ -260,8 +556,9 @@ pub async fn dispatch(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
             in_flight = tracker.len(),
-            "shutdown grace elapsed; runs still in flight will be recorded as interrupted at the next start"
+            "shutdown grace elapsed; recording runs still in flight as interrupted"
         );
+        engine.interrupt_in_flight().await;
     } else {
         tracing::info!("all in-flight runs finished");
     }

@@ -7,11 +7,13 @@
 
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod escalation;
 pub mod executor;
+pub mod guard;
 pub mod history;
 pub mod playbook;
 pub mod routes;

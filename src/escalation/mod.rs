@@ -6,21 +6,27 @@
 //! `severity` to `original_severity`, plus `alertname="RemediationFailed"`, the configured
 //! `severity` and `playbook`. The run id lives in annotations, not labels, so repeated failures for
 //! the same target update one page instead of raising a storm of them.
+//!
+//! Pages are not sent from the run: they go through the durable [`outbox`], which retries until
+//! Alertmanager accepts them, across restarts and outages.
+
+pub mod outbox;
 
 use std::time::Duration;
 
 use jiff::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::AlertmanagerSettings;
 use crate::domain::Labels;
-use crate::history::{DeliveryStatus, EscalationRecord, Run};
+use crate::history::Run;
 use crate::playbook::{Playbook, TemplateContext};
 
 pub const REMEDIATION_FAILED: &str = "RemediationFailed";
+pub const REMEDIATION_LOOP: &str = "RemediationLoop";
 
 /// An alert in Alertmanager's API v2 `postableAlert` shape.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PostableAlert {
     pub labels: Labels,
@@ -50,6 +56,7 @@ impl Escalator {
     /// Builds the page for a failed run. `run_url` links to the run in reactor's API.
     pub fn page_for(
         &self,
+        alertname: &str,
         run: &Run,
         playbook: Option<&Playbook>,
         run_url: &str,
@@ -83,7 +90,7 @@ impl Escalator {
         let severity = spec
             .and_then(|s| s.severity.clone())
             .unwrap_or_else(|| self.settings.severity.clone());
-        labels.insert("alertname".into(), REMEDIATION_FAILED.into());
+        labels.insert("alertname".into(), alertname.into());
         labels.insert("severity".into(), severity);
         labels.insert("playbook".into(), playbook_name.into());
 
@@ -135,58 +142,24 @@ impl Escalator {
         }
     }
 
-    /// Delivers a page, retrying with exponential backoff. Never panics and never gives up
-    /// silently: the record says what happened.
-    pub async fn deliver(&self, page: &PostableAlert) -> EscalationRecord {
-        let alertname = page.labels.get("alertname").cloned().unwrap_or_default();
-        let Some(base) = self.settings.url.as_deref() else {
-            tracing::error!(%alertname, "remediation failed but no Alertmanager URL is configured: nobody was paged");
-            return EscalationRecord {
-                alertname,
-                status: DeliveryStatus::NotConfigured,
-                attempts: 0,
-                at: Timestamp::now(),
-                last_error: Some("alertmanager.url is not configured".into()),
-            };
-        };
-        let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
-        let attempts = self.settings.delivery_attempts.max(1);
-        let mut last_error = None;
-        for attempt in 1..=attempts {
-            match self.post(&url, page).await {
-                Ok(()) => {
-                    tracing::info!(%alertname, attempt, "escalation delivered to Alertmanager");
-                    return EscalationRecord {
-                        alertname,
-                        status: DeliveryStatus::Delivered,
-                        attempts: attempt,
-                        at: Timestamp::now(),
-                        last_error,
-                    };
-                }
-                Err((retryable, e)) => {
-                    tracing::warn!(%alertname, attempt, error = %e, "escalation delivery failed");
-                    last_error = Some(e);
-                    if !retryable {
-                        break;
-                    }
-                    if attempt < attempts {
-                        tokio::time::sleep(backoff(self.settings.retry_backoff, attempt)).await;
-                    }
-                }
-            }
-        }
-        tracing::error!(%alertname, error = ?last_error, "escalation could not be delivered: nobody was paged");
-        EscalationRecord {
-            alertname,
-            status: DeliveryStatus::Failed,
-            attempts,
-            at: Timestamp::now(),
-            last_error,
-        }
+    /// True when an Alertmanager URL is configured, so pages can be delivered at all.
+    pub fn configured(&self) -> bool {
+        self.settings.url.is_some()
     }
 
-    /// `Err((retryable, reason))` on failure.
+    pub fn settings(&self) -> &AlertmanagerSettings {
+        &self.settings
+    }
+
+    /// One delivery attempt. `Err((retryable, reason))` on failure.
+    pub async fn post_once(&self, page: &PostableAlert) -> Result<(), (bool, String)> {
+        let Some(base) = self.settings.url.as_deref() else {
+            return Err((false, "alertmanager.url is not configured".into()));
+        };
+        let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
+        self.post(&url, page).await
+    }
+
     async fn post(&self, url: &str, page: &PostableAlert) -> Result<(), (bool, String)> {
         let resp = self
             .client
@@ -206,8 +179,10 @@ impl Escalator {
     }
 }
 
-fn backoff(base: Duration, attempt: u32) -> Duration {
-    (base * 2u32.saturating_pow(attempt.saturating_sub(1))).min(Duration::from_secs(30))
+/// Exponential backoff: `base`, 2×, 4×, … capped at `cap`.
+pub fn backoff(base: Duration, attempt: u32, cap: Duration) -> Duration {
+    base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)))
+        .min(cap)
 }
 
 fn target_hint(labels: &Labels) -> String {
@@ -226,7 +201,7 @@ mod tests {
     use crate::history::{Outcome, RunId, StepRecord};
 
     fn failed_run() -> Run {
-        let body = include_str!("../tests/fixtures/alertmanager-0.25-firing.json");
+        let body = include_str!("../../tests/fixtures/alertmanager-0.25-firing.json");
         let alert = decode_webhook(body.as_bytes()).unwrap().alerts.remove(0);
         Run {
             id: RunId { seq: 7, index: 0 },
@@ -256,6 +231,7 @@ mod tests {
         crate::app::install_crypto_provider();
         let esc = Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default());
         let page = esc.page_for(
+            REMEDIATION_FAILED,
             &failed_run(),
             None,
             "http://r/api/v1/runs/7-0",
@@ -283,19 +259,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn without_an_alertmanager_url_the_record_says_nobody_was_paged() {
+    async fn without_an_alertmanager_url_delivery_is_refused_for_good() {
         crate::app::install_crypto_provider();
         let esc = Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default());
-        let page = esc.page_for(&failed_run(), None, "x", Timestamp::now());
-        let rec = esc.deliver(&page).await;
-        assert_eq!(rec.status, DeliveryStatus::NotConfigured);
+        let page = esc.page_for(
+            REMEDIATION_FAILED,
+            &failed_run(),
+            None,
+            "x",
+            Timestamp::now(),
+        );
+        assert!(!esc.configured());
+        assert_eq!(
+            esc.post_once(&page).await,
+            Err((false, "alertmanager.url is not configured".into()))
+        );
     }
 
     #[test]
     fn backoff_doubles_and_is_capped() {
         let b = Duration::from_millis(500);
-        assert_eq!(backoff(b, 1), b);
-        assert_eq!(backoff(b, 3), b * 4);
-        assert_eq!(backoff(b, 30), Duration::from_secs(30));
+        let cap = Duration::from_secs(30);
+        assert_eq!(backoff(b, 1, cap), b);
+        assert_eq!(backoff(b, 3, cap), b * 4);
+        assert_eq!(backoff(b, 300, cap), cap);
     }
 }

@@ -38,6 +38,8 @@ pub struct Attempt<'a> {
     pub params: Map<String, Value>,
     pub timeout: Duration,
     pub dry_run: Option<bool>,
+    /// Cancelling it stops the script at its next operation.
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Executor {
@@ -70,6 +72,7 @@ impl Executor {
         let engine = Arc::clone(&self.engine);
         let timeout = a.timeout;
         let dry_run = a.dry_run.unwrap_or(self.global_dry_run);
+        let cancel = a.cancel;
         let span = tracing::Span::current();
         let task = tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
@@ -77,6 +80,7 @@ impl Executor {
                 deadline: Instant::now() + timeout,
                 logs: Vec::new(),
                 dry_run,
+                cancel,
             };
             let (res, state) = sandbox::with_state(state, || {
                 let mut scope = Scope::new();
@@ -158,6 +162,7 @@ mod tests {
             params,
             timeout,
             dry_run: None,
+            cancel: None,
         })
         .await
     }

@@ -21,6 +21,8 @@ pub(crate) struct EvalState {
     pub deadline: Instant,
     pub logs: Vec<String>,
     pub dry_run: bool,
+    /// Set when the run is cancelled (its alert resolved); checked like the deadline.
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
 }
 
 thread_local! {
@@ -60,12 +62,22 @@ fn deadline() -> Option<Instant> {
     STATE.with(|s| s.borrow().as_ref().map(|st| st.deadline))
 }
 
+fn cancelled() -> bool {
+    STATE.with(|s| {
+        s.borrow()
+            .as_ref()
+            .is_some_and(|st| st.cancel.as_ref().is_some_and(|c| c.is_cancelled()))
+    })
+}
+
 fn dry_run() -> bool {
     STATE.with(|s| s.borrow().as_ref().is_some_and(|st| st.dry_run))
 }
 
 /// The token `on_progress` terminates a script with when its deadline passes.
 pub(crate) const DEADLINE_TOKEN: &str = "reactor: step deadline exceeded";
+/// The token `on_progress` terminates a script with when its run is cancelled.
+pub(crate) const CANCEL_TOKEN: &str = "reactor: run cancelled";
 
 /// Builds the sandboxed engine. `cleanup_roots` are the directories `disk_cleanup` may touch.
 pub fn build_engine(limits: &SandboxLimits, cleanup_roots: Vec<PathBuf>) -> Engine {
@@ -81,8 +93,12 @@ pub fn build_engine(limits: &SandboxLimits, cleanup_roots: Vec<PathBuf>) -> Engi
         .set_max_functions(1_000);
     // Checking the clock on every operation would dominate cheap scripts; every 1024 is enough.
     engine.on_progress(|ops| {
-        if ops % 1024 == 0 && deadline().is_some_and(|d| Instant::now() >= d) {
+        if ops % 1024 != 0 {
+            None
+        } else if deadline().is_some_and(|d| Instant::now() >= d) {
             Some(Dynamic::from(DEADLINE_TOKEN))
+        } else if cancelled() {
+            Some(Dynamic::from(CANCEL_TOKEN))
         } else {
             None
         }
@@ -96,7 +112,15 @@ pub fn build_engine(limits: &SandboxLimits, cleanup_roots: Vec<PathBuf>) -> Engi
     engine.register_fn("sleep", |ms: i64| {
         let want = Duration::from_millis(ms.max(0) as u64);
         let left = deadline().map_or(want, |d| d.saturating_duration_since(Instant::now()));
-        std::thread::sleep(want.min(left));
+        // Sleep in slices so that a cancelled run does not wait out the whole nap.
+        let until = Instant::now() + want.min(left);
+        while !cancelled() {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(50)));
+        }
     });
     register_disk_cleanup(&mut engine, cleanup_roots);
     engine
@@ -150,6 +174,9 @@ pub(crate) fn describe_error(err: &EvalAltResult, timeout: Duration) -> String {
     match err {
         EvalAltResult::ErrorTerminated(token, _) if token.to_string() == DEADLINE_TOKEN => {
             format!("timed out after {}", humantime::format_duration(timeout))
+        }
+        EvalAltResult::ErrorTerminated(token, _) if token.to_string() == CANCEL_TOKEN => {
+            "cancelled".to_owned()
         }
         EvalAltResult::ErrorTooManyOperations(pos) => {
             format!("stopped: operation limit exceeded{}", at(*pos))

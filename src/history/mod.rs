@@ -3,6 +3,7 @@
 //! until its runs are recorded, so a crash between the 2xx and the run loses nothing.
 
 mod commit;
+pub mod retention;
 
 use std::fmt;
 use std::path::Path;
@@ -37,7 +38,8 @@ pub struct RunId {
 }
 
 impl RunId {
-    fn key(self) -> [u8; 10] {
+    /// The sled key: big-endian, so keys sort by sequence number.
+    pub fn key(self) -> [u8; 10] {
         let mut k = [0u8; 10];
         k[..8].copy_from_slice(&self.seq.to_be_bytes());
         k[8..].copy_from_slice(&self.index.to_be_bytes());
@@ -103,6 +105,10 @@ pub enum Outcome {
     Skipped,
     /// The process stopped while the run was in progress; see the README for what follows.
     Interrupted,
+    /// A repeat delivery of an alert another run already handles; `reason` names that run.
+    Deduplicated,
+    /// Stopped because the alert resolved and the playbook says `on_resolved: cancel`.
+    Cancelled,
 }
 
 impl Outcome {
@@ -113,6 +119,8 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::Skipped => "skipped",
             Outcome::Interrupted => "interrupted",
+            Outcome::Deduplicated => "deduplicated",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -121,7 +129,7 @@ impl FromStr for Outcome {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(serde_json::Value::String(s.to_owned()))
-            .map_err(|_| format!("outcome must be one of running, succeeded, failed, skipped, interrupted; got {s:?}"))
+            .map_err(|_| format!("outcome must be one of running, succeeded, failed, skipped, interrupted, deduplicated, cancelled; got {s:?}"))
     }
 }
 
@@ -152,6 +160,8 @@ pub struct StepRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryStatus {
+    /// Stored in the outbox; not yet accepted by Alertmanager.
+    Pending,
     Delivered,
     Failed,
     /// No Alertmanager URL is configured: nobody could be paged.
@@ -161,6 +171,7 @@ pub enum DeliveryStatus {
 impl DeliveryStatus {
     pub fn as_str(self) -> &'static str {
         match self {
+            DeliveryStatus::Pending => "pending",
             DeliveryStatus::Delivered => "delivered",
             DeliveryStatus::Failed => "failed",
             DeliveryStatus::NotConfigured => "not_configured",
@@ -320,6 +331,52 @@ impl Store {
     pub fn remove_intake(&self, seq: u64) -> Result<(), StoreError> {
         self.inner.intake.remove(seq.to_be_bytes())?;
         Ok(())
+    }
+
+    /// Another tree of the same database, for the guards and the outbox.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.inner.db.open_tree(name)?)
+    }
+
+    /// Writes several runs atomically (a sled batch on the runs tree).
+    pub fn put_runs(&self, runs: &[Run]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for run in runs {
+            batch.insert(
+                &run.id.key(),
+                serde_json::to_vec(run).expect("run serializes"),
+            );
+        }
+        self.inner.runs.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Retention: removes the oldest runs while there are more than `max_runs` or they were
+    /// received before `cutoff`. Returns how many were removed and the first sequence number kept.
+    pub fn prune_runs(
+        &self,
+        cutoff: Timestamp,
+        max_runs: usize,
+    ) -> Result<(usize, u64), StoreError> {
+        let mut count = self.inner.runs.len();
+        let mut removed = 0;
+        let mut first_kept = 0;
+        for kv in self.inner.runs.iter() {
+            let (k, v) = kv?;
+            let run: Run = decode(&k, &v)?;
+            if count <= max_runs && run.received_at >= cutoff {
+                first_kept = run.id.seq;
+                break;
+            }
+            if run.outcome == Outcome::Running {
+                first_kept = run.id.seq;
+                break;
+            }
+            self.inner.runs.remove(&k)?;
+            count -= 1;
+            removed += 1;
+        }
+        Ok((removed, first_kept))
     }
 
     pub fn put_run(&self, run: &Run) -> Result<(), StoreError> {
@@ -512,5 +569,23 @@ mod tests {
             .unwrap();
         assert_eq!(a.iter().map(|r| r.id.seq).collect::<Vec<_>>(), vec![2]);
         assert_eq!(store.runs_for_seq(3).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn retention_removes_the_oldest_runs_by_count_and_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Timestamp::now();
+        for seq in 1..=10 {
+            let mut r = run(RunId { seq, index: 0 }, "p", Outcome::Succeeded);
+            r.received_at = now - jiff::SignedDuration::from_hours(20 - seq as i64);
+            store.put_run(&r).unwrap();
+        }
+        assert_eq!(store.prune_runs(Timestamp::MIN, 7).unwrap(), (3, 4));
+        assert_eq!(store.run_count(), 7);
+        // Runs 4..=7 were received more than 12 hours ago.
+        let cutoff = now - jiff::SignedDuration::from_hours(12);
+        assert_eq!(store.prune_runs(cutoff, 100).unwrap(), (4, 8));
+        assert_eq!(store.run_count(), 3);
     }
 }

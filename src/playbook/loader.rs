@@ -12,9 +12,11 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::{
-    EscalateSpec, MatchOp, Origin, Param, Playbook, Playbooks, Step, StepAction, Template,
+    EscalateSpec, MatchOp, OnResolved, Origin, Param, Playbook, Playbooks, Step, StepAction,
+    Template,
 };
 use crate::domain::AlertStatus;
+use crate::guard::{BreakerPolicy, GuardPolicy};
 
 /// Timeout of a step that does not set one.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,6 +69,40 @@ struct RawPlaybook {
     steps: Spanned<Vec<Spanned<RawStep>>>,
     #[serde(default)]
     escalate: Option<Spanned<RawEscalate>>,
+    #[serde(default)]
+    guards: Option<Spanned<RawGuards>>,
+    #[serde(default)]
+    idempotent: bool,
+    #[serde(default)]
+    on_resolved: OnResolved,
+    #[serde(default)]
+    max_concurrent: usize,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGuards {
+    #[serde(default)]
+    target_labels: Option<Vec<String>>,
+    #[serde(default)]
+    cooldown: Option<String>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    window: Option<String>,
+    #[serde(default)]
+    circuit_breaker: Option<RawBreaker>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    /// 0 turns the breaker off.
+    failures: u32,
+    #[serde(default)]
+    of_last: Option<u32>,
+    #[serde(default)]
+    cooldown: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -302,7 +338,15 @@ impl FileCtx<'_> {
                 }
             }
         };
+        let guards = match raw.guards {
+            None => GuardPolicy::default(),
+            Some(g) => self.guards(g.value, g.referenced.line())?,
+        };
         Ok(Playbook {
+            guards,
+            idempotent: raw.idempotent,
+            on_resolved: raw.on_resolved,
+            max_concurrent: raw.max_concurrent,
             name,
             description: raw.description,
             origin: Origin {
@@ -314,6 +358,49 @@ impl FileCtx<'_> {
             statuses,
             steps,
             escalate,
+        })
+    }
+
+    fn guards(&self, raw: RawGuards, line: u64) -> Result<GuardPolicy, LoadError> {
+        let d = GuardPolicy::default();
+        let dur = |field: &str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(v) => humantime::parse_duration(&v).map_err(|e| {
+                self.err(
+                    Some(line),
+                    format!("guards.{field}: expected a duration like 10m, got {v:?} ({e})"),
+                )
+            }),
+        };
+        let breaker = match raw.circuit_breaker {
+            None => d.breaker.clone(),
+            Some(b) if b.failures == 0 => None,
+            Some(b) => {
+                let bd = BreakerPolicy::default();
+                let of_last = b.of_last.unwrap_or(bd.of_last.max(b.failures));
+                if of_last < b.failures {
+                    return Err(self.err(
+                        Some(line),
+                        format!("guards.circuit_breaker: of_last ({of_last}) must be at least failures ({})", b.failures),
+                    ));
+                }
+                Some(BreakerPolicy {
+                    failures: b.failures,
+                    of_last,
+                    cooldown: dur("circuit_breaker.cooldown", b.cooldown, bd.cooldown)?,
+                })
+            }
+        };
+        let window = dur("window", raw.window, d.window)?;
+        if window.is_zero() {
+            return Err(self.err(Some(line), "guards.window must be greater than zero"));
+        }
+        Ok(GuardPolicy {
+            target_labels: raw.target_labels,
+            cooldown: dur("cooldown", raw.cooldown, d.cooldown)?,
+            max_attempts: raw.max_attempts.unwrap_or(d.max_attempts),
+            window,
+            breaker,
         })
     }
 
@@ -647,6 +734,34 @@ mod tests {
             "name: b\nmatch: {alertname: X}\nstatuses: [burning]\nsteps: [{inline: '1'}]\n",
         )]);
         assert!(e.contains("s.yaml:3: statuses:"), "{e}");
+    }
+
+    #[test]
+    fn guards_default_safely_and_can_be_tuned() {
+        let p = load(&[(
+            "playbooks/g.yaml",
+            "name: a\nmatch: {alertname: A}\nsteps: [{inline: '1'}]\n---\nname: b\nmatch: {alertname: B}\nidempotent: true\non_resolved: cancel\nmax_concurrent: 2\nguards:\n  target_labels: [instance]\n  cooldown: 5m\n  max_attempts: 2\n  window: 30m\n  circuit_breaker: {failures: 0}\nsteps: [{inline: '1'}]\n",
+        )])
+        .unwrap();
+        let a = p.get("a").unwrap();
+        assert_eq!(a.guards, GuardPolicy::default());
+        assert!(!a.idempotent);
+        assert_eq!(a.on_resolved, OnResolved::Finish);
+        let b = p.get("b").unwrap();
+        assert_eq!(b.guards.max_attempts, 2);
+        assert_eq!(b.guards.cooldown, Duration::from_secs(300));
+        assert_eq!(
+            b.guards.target_labels.as_deref(),
+            Some(&["instance".to_owned()][..])
+        );
+        assert_eq!(b.guards.breaker, None);
+        assert!(b.idempotent);
+        assert_eq!((b.on_resolved, b.max_concurrent), (OnResolved::Cancel, 2));
+        let e = only_error(&[(
+            "playbooks/h.yaml",
+            "name: a\nmatch: {alertname: A}\nguards:\n  window: 0s\nsteps: [{inline: '1'}]\n",
+        )]);
+        assert!(e.starts_with("h.yaml:4: guards.window"), "{e}");
     }
 
     #[test]

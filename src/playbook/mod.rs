@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::{Alert, AlertStatus};
+use crate::guard::GuardPolicy;
 pub use loader::{load_dir, LoadError, LoadErrors};
 pub use matcher::{parse_matchers, LabelMatcher, MatchOp};
 pub use template::{Template, TemplateContext};
@@ -43,6 +44,23 @@ pub struct Playbook {
     pub statuses: Vec<AlertStatus>,
     pub steps: Vec<Step>,
     pub escalate: EscalateSpec,
+    pub guards: GuardPolicy,
+    /// Steps are safe to run again: a run interrupted by a crash is re-run instead of escalated.
+    pub idempotent: bool,
+    pub on_resolved: OnResolved,
+    /// Runs of this playbook at once; 0 means only the global limit applies.
+    pub max_concurrent: usize,
+}
+
+/// What a resolved notification does to a run of this playbook that is still in progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnResolved {
+    /// Let it finish (default).
+    #[default]
+    Finish,
+    /// Stop it between operations and record it as `cancelled`.
+    Cancel,
 }
 
 impl Playbook {

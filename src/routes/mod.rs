@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 
-use crate::config::Limits;
+use crate::config::{AuthSettings, Limits};
 use crate::engine::Queue;
 use crate::history::Store;
 
@@ -25,7 +25,8 @@ pub struct AppState {
     pub store: Store,
     pub queue: Queue,
     pub limits: Arc<Limits>,
-    pub auth_token: Option<Arc<str>>,
+    /// Accepted `Authorization` header values (bearer and/or basic); empty means no auth.
+    pub credentials: Arc<[String]>,
     pub playbooks_loaded: usize,
 }
 
@@ -47,23 +48,45 @@ async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok", "playbooks": state.playbooks_loaded}))
 }
 
+/// The `Authorization` header values that `auth` accepts.
+pub fn credentials(auth: &AuthSettings) -> Arc<[String]> {
+    use base64::Engine as _;
+    let mut out = Vec::new();
+    if let Some(t) = &auth.bearer_token {
+        out.push(format!("Bearer {t}"));
+    }
+    if let Some(b) = &auth.basic {
+        let encoded = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", b.username, b.password));
+        out.push(format!("Basic {encoded}"));
+    }
+    out.into()
+}
+
 async fn require_auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(token) = &state.auth_token {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
-            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
-                .into_response();
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"reactor\""),
-            );
-            return resp;
-        }
+    if state.credentials.is_empty() {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    // Compare against every accepted value, each in constant time, with no early exit.
+    let ok = state
+        .credentials
+        .iter()
+        .fold(subtle::Choice::from(0), |acc, c| {
+            acc | presented.ct_eq(c.as_bytes())
+        });
+    if !bool::from(ok) {
+        let mut resp =
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong credentials").into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"reactor\", Basic realm=\"reactor\""),
+        );
+        return resp;
     }
     next.run(req).await
 }

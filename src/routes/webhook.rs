@@ -33,6 +33,12 @@ pub async fn receive(
     let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
     let notification =
         decode_webhook(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    notification
+        .check_sizes(
+            state.limits.max_labels_per_alert,
+            state.limits.max_label_bytes,
+        )
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let n = notification.alerts.len();
     if n > state.limits.max_alerts_per_payload {
         return Err(ApiError::new(

@@ -104,7 +104,7 @@ async fn serve_runs_on_embedded_defaults_and_runs_reads_history_live_and_stopped
         root.join("data").is_dir(),
         "the database lives in ./data by default"
     );
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let r = client
         .post(format!("http://{listen}/webhook/alertmanager"))
         .json(&payload(&[

@@ -32,7 +32,7 @@ fn serve_args(port: u16, dir: &Path) -> Vec<String> {
 }
 
 async fn post(port: u16, body: &Value) -> reqwest::StatusCode {
-    reqwest::Client::new()
+    crate::helpers::client()
         .post(format!("http://127.0.0.1:{port}/webhook/alertmanager"))
         .json(body)
         .send()
@@ -42,7 +42,7 @@ async fn post(port: u16, body: &Value) -> reqwest::StatusCode {
 }
 
 async fn settled_runs(port: u16, n: usize) -> Vec<Value> {
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let url = format!("http://127.0.0.1:{port}/api/v1/runs?limit=1000");
     wait_for(Duration::from_secs(30), || async {
         let runs = get_runs(&client, &url, None).await;

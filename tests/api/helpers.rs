@@ -16,6 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 pub const FIRING: &str = include_str!("../fixtures/alertmanager-0.25-firing.json");
 
+/// An HTTP client; installs the TLS crypto provider first, as every client here needs it.
+pub fn client() -> reqwest::Client {
+    reactor::app::install_crypto_provider();
+    reqwest::Client::builder().build().expect("client builds")
+}
+
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -52,7 +58,7 @@ pub fn payload(alerts: &[(&str, &str)]) -> Value {
         .map(|(name, fp)| {
             json!({
                 "status": "firing",
-                "labels": {"alertname": name, "instance": "test-host", "severity": "warning"},
+                "labels": {"alertname": name, "instance": "test-host", "severity": "warning", "id": fp},
                 "annotations": {"summary": "test alert"},
                 "startsAt": "2026-11-20T23:35:13.24322Z",
                 "endsAt": "0001-01-01T00:00:00Z",
@@ -96,7 +102,7 @@ impl TestApp {
         let handle = tokio::spawn(async move { app.run().await.expect("app runs") });
         TestApp {
             addr,
-            client: reqwest::Client::new(),
+            client: client(),
             token,
             shutdown,
             handle,
@@ -305,7 +311,7 @@ impl Alertmanager {
             _proc: Proc { child },
             dir,
         };
-        let client = reqwest::Client::new();
+        let client = client();
         let ready = wait_for(Duration::from_secs(20), || async {
             let r = client
                 .get(format!("{}/-/ready", am.url()))
@@ -329,7 +335,7 @@ impl Alertmanager {
 
     /// Posts alerts as Prometheus would, through the v2 API.
     pub async fn post_alerts(&self, alerts: &Value) {
-        let r = reqwest::Client::new()
+        let r = client()
             .post(format!("{}/api/v2/alerts", self.url()))
             .json(alerts)
             .send()
@@ -343,7 +349,7 @@ impl Alertmanager {
     }
 
     pub async fn alerts(&self, filter: &str) -> Vec<Value> {
-        reqwest::Client::new()
+        client()
             .get(format!("{}/api/v2/alerts", self.url()))
             .query(&[("filter", filter)])
             .send()
@@ -418,7 +424,7 @@ pub fn run_binary(args: &[&str], cwd: &Path) -> (i32, String, String) {
 }
 
 pub async fn wait_healthy(port: u16) {
-    let client = reqwest::Client::new();
+    let client = client();
     wait_for(Duration::from_secs(20), || async {
         let r = client
             .get(format!("http://127.0.0.1:{port}/healthz"))

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
-use reactor::config::Limits;
+use reactor::config::{AuthSettings, BasicAuth, Limits};
 use reactor::history::Store;
 use reactor::routes::{router, AppState};
 use tower::ServiceExt;
@@ -25,7 +25,13 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
         store: Store::open(dir.path()).unwrap(),
         queue,
         limits: Arc::new(limits),
-        auth_token: token.map(Arc::from),
+        credentials: reactor::routes::credentials(&AuthSettings {
+            bearer_token: token.map(str::to_owned),
+            basic: token.map(|t| BasicAuth {
+                username: "alertmanager".into(),
+                password: t.to_owned(),
+            }),
+        }),
         playbooks_loaded: 0,
     };
     Fixture {
@@ -177,6 +183,18 @@ async fn missing_or_wrong_token_is_401_and_healthz_stays_open() {
         (status, body["status"].as_str()),
         (StatusCode::OK, Some("ok"))
     );
+}
+
+#[tokio::test]
+async fn oversized_label_sets_are_400_with_the_limit() {
+    let limits = Limits {
+        max_labels_per_alert: 2,
+        ..Limits::default()
+    };
+    let f = fixture(limits, None, 16);
+    let (status, body, _) = send(&f.app, webhook(FIRING, Some("application/json"), None)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "alerts[0]: 3 labels; the limit is 2");
 }
 
 #[tokio::test]

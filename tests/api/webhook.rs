@@ -110,7 +110,7 @@ async fn a_failing_run_retries_then_escalates_once() {
         .wait_for_runs(
             "alertname=ReactorSelfTestFail",
             Duration::from_secs(5),
-            |r| r.len() == 1 && r[0]["escalation"].is_object(),
+            |r| r.len() == 1 && r[0]["escalation"]["status"] == "delivered",
         )
         .await;
     let run = &runs[0];
@@ -169,7 +169,7 @@ async fn an_endless_script_is_stopped_by_the_operation_limit_and_escalates() {
     app.post_webhook(&payload(&[("Endless", "ccc1")])).await;
     let runs = app
         .wait_for_runs("", Duration::from_secs(10), |r| {
-            r.len() == 1 && r[0]["escalation"].is_object()
+            r.len() == 1 && r[0]["escalation"]["status"] == "delivered"
         })
         .await;
     assert_eq!(runs[0]["outcome"], "failed");
@@ -193,7 +193,7 @@ async fn an_endless_script_is_stopped_by_the_wall_clock_when_operations_are_unli
     app.post_webhook(&payload(&[("Endless", "ccc2")])).await;
     let runs = app
         .wait_for_runs("", Duration::from_secs(10), |r| {
-            r.len() == 1 && r[0]["escalation"].is_object()
+            r.len() == 1 && r[0]["escalation"]["status"] == "delivered"
         })
         .await;
     assert_eq!(runs[0]["outcome"], "failed");
@@ -230,14 +230,15 @@ async fn an_undeliverable_escalation_is_visible_on_the_run() {
         TestApp::spawn(|s| s.alertmanager.url = Some(format!("http://127.0.0.1:{closed}"))).await;
     app.post_webhook(&payload(&[("ReactorSelfTestFail", "eee1")]))
         .await;
+    // Delivery keeps retrying (the outbox never gives up on an unreachable Alertmanager), and
+    // the run shows that the page is still pending, how often it was tried, and why.
     let runs = app
         .wait_for_runs("", Duration::from_secs(10), |r| {
-            r.len() == 1 && r[0]["escalation"].is_object()
+            r.len() == 1 && r[0]["escalation"]["attempts"].as_u64() >= Some(2)
         })
         .await;
     let esc = &runs[0]["escalation"];
-    assert_eq!(esc["status"], "failed");
-    assert_eq!(esc["attempts"], 3);
+    assert_eq!(esc["status"], "pending");
     assert!(
         esc["lastError"]
             .as_str()

@@ -1,0 +1,252 @@
+//! The durable escalation outbox. A page is stored before anything is sent, keyed by the run that
+//! raised it, so one run can never enqueue two pages. One sender task delivers due entries,
+//! retrying with backoff (capped at a minute) for as long as Alertmanager is unreachable, across
+//! restarts, and records each delivery on its run.
+//!
+//! Delivery is at-least-once toward Alertmanager: a crash between Alertmanager's 2xx and the
+//! durable "delivered" mark re-posts the same alert. Alertmanager treats an alert with the same
+//! labels as the same alert, so the humans are not notified twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{backoff, Escalator, PostableAlert};
+use crate::clock::Clock;
+use crate::history::{DeliveryStatus, EscalationRecord, RunId, Store, StoreError};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryState {
+    Pending,
+    Delivered,
+    /// Alertmanager refused it for good (4xx other than 429); retrying cannot help.
+    Rejected,
+}
+
+/// One page in the outbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    pub run: RunId,
+    pub page: PostableAlert,
+    pub state: EntryState,
+    pub attempts: u32,
+    pub created: Timestamp,
+    pub next_attempt: Timestamp,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+impl Entry {
+    fn alertname(&self) -> String {
+        self.page
+            .labels
+            .get("alertname")
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn record(&self, status: DeliveryStatus, at: Timestamp) -> EscalationRecord {
+        EscalationRecord {
+            alertname: self.alertname(),
+            status,
+            attempts: self.attempts,
+            at,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// The outbox's sled tree plus a wake-up for the sender.
+#[derive(Clone)]
+pub struct Outbox {
+    tree: sled::Tree,
+    store: Store,
+    wake: Arc<Notify>,
+}
+
+impl Outbox {
+    pub fn open(store: &Store) -> Result<Outbox, StoreError> {
+        Ok(Outbox {
+            tree: store.tree("outbox")?,
+            store: store.clone(),
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Stores a page for `run` unless that run already has one; returns whether it was added.
+    /// The page is durable when this returns.
+    pub async fn enqueue(
+        &self,
+        run: RunId,
+        page: PostableAlert,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let entry = Entry {
+            run,
+            page,
+            state: EntryState::Pending,
+            attempts: 0,
+            created: now,
+            next_attempt: now,
+            last_error: None,
+        };
+        let bytes = serde_json::to_vec(&entry).expect("outbox entry serializes");
+        let added = self
+            .tree
+            .compare_and_swap(key(run), None as Option<&[u8]>, Some(bytes))?
+            .is_ok();
+        if added {
+            self.store.durable().await?;
+            self.wake.notify_one();
+        }
+        Ok(added)
+    }
+
+    pub fn get(&self, run: RunId) -> Result<Option<Entry>, StoreError> {
+        Ok(self
+            .tree
+            .get(key(run))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Entries still waiting for Alertmanager.
+    pub fn pending(&self) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.iter() {
+            let (_, v) = kv?;
+            if let Ok(e) = serde_json::from_slice::<Entry>(&v) {
+                if e.state == EntryState::Pending {
+                    out.push(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes settled entries of runs older than `seq` (retention).
+    pub fn prune_before(&self, seq: u64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.tree.range(..RunId { seq, index: 0 }.key().to_vec()) {
+            let (k, v) = kv?;
+            let settled =
+                serde_json::from_slice::<Entry>(&v).is_ok_and(|e| e.state != EntryState::Pending);
+            if settled {
+                self.tree.remove(k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn put(&self, e: &Entry) -> Result<(), StoreError> {
+        self.tree.insert(
+            key(e.run),
+            serde_json::to_vec(e).expect("outbox entry serializes"),
+        )?;
+        Ok(())
+    }
+
+    /// Records the delivery state on the run the page belongs to.
+    fn record_on_run(
+        &self,
+        e: &Entry,
+        status: DeliveryStatus,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        if let Some(mut run) = self.store.get_run(e.run)? {
+            run.escalation = Some(e.record(status, at));
+            self.store.put_run(&run)?;
+        }
+        Ok(())
+    }
+}
+
+fn key(run: RunId) -> [u8; 10] {
+    run.key()
+}
+
+/// Delivers due pages until `shutdown`. Owns every POST of a page to Alertmanager.
+pub async fn send_loop(
+    outbox: Outbox,
+    escalator: Escalator,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) {
+    let base = escalator.settings().retry_backoff;
+    loop {
+        let next_due = match deliver_due(&outbox, &escalator, clock.as_ref(), base).await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "escalation outbox failed; retrying");
+                Some(clock.now())
+            }
+        };
+        let wait = next_due
+            .map(|t| {
+                let ms = t.as_millisecond() - clock.now().as_millisecond();
+                Duration::from_millis(ms.clamp(10, 60_000) as u64)
+            })
+            .unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = outbox.wake.notified() => {},
+            _ = tokio::time::sleep(wait) => {},
+        }
+    }
+    tracing::debug!("escalation outbox sender stopped");
+}
+
+/// One pass: delivers every due entry; returns when the next pending one is due.
+async fn deliver_due(
+    outbox: &Outbox,
+    escalator: &Escalator,
+    clock: &dyn Clock,
+    base: Duration,
+) -> Result<Option<Timestamp>, StoreError> {
+    let mut next: Option<Timestamp> = None;
+    for mut e in outbox.pending()? {
+        if e.next_attempt > clock.now() {
+            next = Some(next.map_or(e.next_attempt, |n| n.min(e.next_attempt)));
+            continue;
+        }
+        e.attempts += 1;
+        let alertname = e.alertname();
+        match escalator.post_once(&e.page).await {
+            Ok(()) => {
+                e.state = EntryState::Delivered;
+                outbox.put(&e)?;
+                outbox.store.durable().await?;
+                outbox.record_on_run(&e, DeliveryStatus::Delivered, clock.now())?;
+                tracing::info!(run_id = %e.run, %alertname, attempts = e.attempts, "escalation delivered to Alertmanager");
+            }
+            Err((retryable, error)) => {
+                e.last_error = Some(error.clone());
+                if retryable {
+                    let delay = backoff(base, e.attempts, MAX_BACKOFF);
+                    e.next_attempt = clock
+                        .now()
+                        .checked_add(jiff::SignedDuration::try_from(delay).unwrap_or_default())
+                        .unwrap_or(Timestamp::MAX);
+                    next = Some(next.map_or(e.next_attempt, |n| n.min(e.next_attempt)));
+                    outbox.put(&e)?;
+                    outbox.record_on_run(&e, DeliveryStatus::Pending, clock.now())?;
+                    tracing::warn!(run_id = %e.run, %alertname, attempts = e.attempts, %error, "escalation not delivered yet; will retry");
+                } else {
+                    e.state = EntryState::Rejected;
+                    outbox.put(&e)?;
+                    outbox.record_on_run(&e, DeliveryStatus::Failed, clock.now())?;
+                    tracing::error!(run_id = %e.run, %alertname, %error, "Alertmanager rejected the escalation: nobody was paged");
+                }
+            }
+        }
+    }
+    Ok(next)
+}

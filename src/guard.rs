@@ -1,0 +1,455 @@
+//! Loop guards, persisted in sled so they survive restarts: idempotency of deliveries (one run per
+//! fingerprint, startsAt and playbook), per-target cooldown and attempts-per-window, and a
+//! per-playbook circuit breaker. Decisions are pure functions of stored state and the time; every
+//! update is a compare-and-swap, so concurrent runs for one target cannot both slip through.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Alert;
+use crate::history::{RunId, Store, StoreError};
+
+/// A playbook's guard settings (see the README's playbook reference).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardPolicy {
+    /// Labels that identify the target; `None` means all of the alert's labels.
+    pub target_labels: Option<Vec<String>>,
+    /// No new run for the same target within this long after the last one started.
+    pub cooldown: Duration,
+    /// At most this many runs per target per `window`; 0 disables the limit.
+    pub max_attempts: u32,
+    pub window: Duration,
+    pub breaker: Option<BreakerPolicy>,
+}
+
+impl Default for GuardPolicy {
+    fn default() -> Self {
+        GuardPolicy {
+            target_labels: None,
+            cooldown: Duration::ZERO,
+            max_attempts: 3,
+            window: Duration::from_secs(3600),
+            breaker: Some(BreakerPolicy::default()),
+        }
+    }
+}
+
+/// Open the breaker when `failures` of the last `of_last` runs failed; try again after `cooldown`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerPolicy {
+    pub failures: u32,
+    pub of_last: u32,
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            failures: 5,
+            of_last: 10,
+            cooldown: Duration::from_secs(600),
+        }
+    }
+}
+
+fn plus(t: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// What the guards remember about one target.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TargetState {
+    /// Start times of runs inside the current window.
+    pub attempts: Vec<Timestamp>,
+    pub last_start: Option<Timestamp>,
+    /// A `RemediationLoop` page was raised for the current episode.
+    pub loop_escalated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetDecision {
+    Run,
+    Cooldown {
+        until: Timestamp,
+    },
+    /// Too many attempts in the window; `escalate` is true only the first time per episode.
+    LoopGuard {
+        escalate: bool,
+        attempts: usize,
+        until: Timestamp,
+    },
+}
+
+/// Decides whether a target may be remediated now, recording the attempt when it may.
+pub fn decide_target(s: &mut TargetState, now: Timestamp, p: &GuardPolicy) -> TargetDecision {
+    s.attempts.retain(|t| plus(*t, p.window) > now);
+    if p.max_attempts > 0 && s.attempts.len() < p.max_attempts as usize {
+        s.loop_escalated = false;
+    }
+    if let Some(last) = s.last_start {
+        let until = plus(last, p.cooldown);
+        if now < until {
+            return TargetDecision::Cooldown { until };
+        }
+    }
+    if p.max_attempts > 0 && s.attempts.len() >= p.max_attempts as usize {
+        let escalate = !s.loop_escalated;
+        s.loop_escalated = true;
+        return TargetDecision::LoopGuard {
+            escalate,
+            attempts: s.attempts.len(),
+            until: plus(s.attempts[0], p.window),
+        };
+    }
+    s.attempts.push(now);
+    s.last_start = Some(now);
+    TargetDecision::Run
+}
+
+/// A playbook's circuit breaker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BreakerState {
+    /// Outcomes of the last runs, oldest first; `true` is a failure.
+    pub recent: Vec<bool>,
+    pub opened_at: Option<Timestamp>,
+    /// A half-open trial run started at this time and has not reported yet.
+    pub probe_started: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BreakerDecision {
+    Closed,
+    /// Half-open: this run is the trial.
+    Probe,
+    Open {
+        since: Timestamp,
+    },
+}
+
+pub fn breaker_admit(s: &mut BreakerState, now: Timestamp, p: &BreakerPolicy) -> BreakerDecision {
+    let Some(opened) = s.opened_at else {
+        return BreakerDecision::Closed;
+    };
+    // A trial that never reported (e.g. the process died) frees the slot after a cooldown.
+    let trial_pending = s.probe_started.is_some_and(|t| now < plus(t, p.cooldown));
+    if now < plus(opened, p.cooldown) || trial_pending {
+        return BreakerDecision::Open { since: opened };
+    }
+    s.probe_started = Some(now);
+    BreakerDecision::Probe
+}
+
+pub fn breaker_record(s: &mut BreakerState, failed: bool, now: Timestamp, p: &BreakerPolicy) {
+    if s.opened_at.is_some() {
+        s.probe_started = None;
+        if failed {
+            s.opened_at = Some(now);
+        } else {
+            s.opened_at = None;
+            s.recent.clear();
+        }
+        return;
+    }
+    s.recent.push(failed);
+    let keep = p.of_last.max(1) as usize;
+    if s.recent.len() > keep {
+        s.recent.drain(..s.recent.len() - keep);
+    }
+    if p.failures > 0 && s.recent.iter().filter(|f| **f).count() >= p.failures as usize {
+        s.opened_at = Some(now);
+        s.recent.clear();
+    }
+}
+
+/// Identity of a target: the playbook plus the selected labels.
+pub fn target_key(playbook: &str, alert: &Alert, labels: Option<&[String]>) -> String {
+    let mut key = String::from(playbook);
+    for (k, v) in &alert.labels {
+        if labels.is_none_or(|l| l.iter().any(|x| x == k)) {
+            key.push('\0');
+            key.push_str(k);
+            key.push('=');
+            key.push_str(v);
+        }
+    }
+    key
+}
+
+/// The outcome of claiming an alert delivery for a playbook.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Claim {
+    /// First delivery (or the same run, re-processed after a crash).
+    First,
+    /// A repeat; the run that owns this delivery.
+    RepeatOf(RunId),
+}
+
+/// The guards' sled trees.
+#[derive(Clone)]
+pub struct Guards {
+    dedup: sled::Tree,
+    targets: sled::Tree,
+    breakers: sled::Tree,
+}
+
+impl Guards {
+    pub fn open(store: &Store) -> Result<Guards, StoreError> {
+        Ok(Guards {
+            dedup: store.tree("dedup")?,
+            targets: store.tree("targets")?,
+            breakers: store.tree("breakers")?,
+        })
+    }
+
+    /// Claims (fingerprint, startsAt, playbook) for `run`; a later delivery gets `RepeatOf`.
+    pub fn claim(&self, alert: &Alert, playbook: &str, run: RunId) -> Result<Claim, StoreError> {
+        let key = format!(
+            "{}\0{}\0{playbook}",
+            alert.fingerprint,
+            alert.starts_at.as_nanosecond()
+        );
+        let value = run.to_string();
+        match self.dedup.compare_and_swap(
+            key.as_bytes(),
+            None as Option<&[u8]>,
+            Some(value.as_bytes()),
+        )? {
+            Ok(()) => Ok(Claim::First),
+            Err(e) => {
+                let owner = e
+                    .current
+                    .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()))
+                    .unwrap_or(run);
+                Ok(if owner == run {
+                    Claim::First
+                } else {
+                    Claim::RepeatOf(owner)
+                })
+            }
+        }
+    }
+
+    pub fn admit_target(
+        &self,
+        key: &str,
+        now: Timestamp,
+        p: &GuardPolicy,
+    ) -> Result<TargetDecision, StoreError> {
+        update(&self.targets, key.as_bytes(), |s: &mut TargetState| {
+            decide_target(s, now, p)
+        })
+    }
+
+    pub fn admit_breaker(
+        &self,
+        playbook: &str,
+        now: Timestamp,
+        p: &BreakerPolicy,
+    ) -> Result<BreakerDecision, StoreError> {
+        update(
+            &self.breakers,
+            playbook.as_bytes(),
+            |s: &mut BreakerState| breaker_admit(s, now, p),
+        )
+    }
+
+    pub fn record_breaker(
+        &self,
+        playbook: &str,
+        failed: bool,
+        now: Timestamp,
+        p: &BreakerPolicy,
+    ) -> Result<(), StoreError> {
+        update(
+            &self.breakers,
+            playbook.as_bytes(),
+            |s: &mut BreakerState| breaker_record(s, failed, now, p),
+        )
+    }
+
+    /// Forgets delivery claims older than `cutoff` (by the alert's startsAt).
+    pub fn prune_claims(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.dedup.iter() {
+            let (k, _) = kv?;
+            let starts: Option<i128> = std::str::from_utf8(&k)
+                .ok()
+                .and_then(|s| s.split('\0').nth(1))
+                .and_then(|s| s.parse().ok());
+            if starts.is_some_and(|s| s < cutoff.as_nanosecond()) {
+                self.dedup.remove(k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Read-modify-write of one record with compare-and-swap, retried on conflict.
+fn update<S, R>(
+    tree: &sled::Tree,
+    key: &[u8],
+    mut f: impl FnMut(&mut S) -> R,
+) -> Result<R, StoreError>
+where
+    S: Serialize + DeserializeOwned + Default,
+{
+    loop {
+        let old = tree.get(key)?;
+        let mut state: S = match &old {
+            Some(v) => serde_json::from_slice(v).unwrap_or_default(),
+            None => S::default(),
+        };
+        let r = f(&mut state);
+        let new = serde_json::to_vec(&state).expect("guard state serializes");
+        if tree.compare_and_swap(key, old, Some(new))?.is_ok() {
+            return Ok(r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn policy(max_attempts: u32, window: u64, cooldown: u64) -> GuardPolicy {
+        GuardPolicy {
+            max_attempts,
+            window: Duration::from_secs(window),
+            cooldown: Duration::from_secs(cooldown),
+            ..GuardPolicy::default()
+        }
+    }
+
+    #[test]
+    fn attempts_are_limited_per_window_and_the_loop_pages_once() {
+        let p = policy(3, 3600, 0);
+        let mut s = TargetState::default();
+        for i in 0..3 {
+            assert_eq!(decide_target(&mut s, t(i), &p), TargetDecision::Run);
+        }
+        assert!(matches!(
+            decide_target(&mut s, t(10), &p),
+            TargetDecision::LoopGuard {
+                escalate: true,
+                attempts: 3,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide_target(&mut s, t(20), &p),
+            TargetDecision::LoopGuard {
+                escalate: false,
+                ..
+            }
+        ));
+        // The first attempt leaves the window one hour after it started.
+        assert_eq!(decide_target(&mut s, t(3600), &p), TargetDecision::Run);
+        // A new episode pages again, once.
+        assert!(matches!(
+            decide_target(&mut s, t(3600), &p),
+            TargetDecision::LoopGuard { escalate: true, .. }
+        ));
+        assert!(matches!(
+            decide_target(&mut s, t(3600), &p),
+            TargetDecision::LoopGuard {
+                escalate: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn cooldown_holds_back_a_new_run() {
+        let p = policy(0, 3600, 300);
+        let mut s = TargetState::default();
+        assert_eq!(decide_target(&mut s, t(0), &p), TargetDecision::Run);
+        assert_eq!(
+            decide_target(&mut s, t(299), &p),
+            TargetDecision::Cooldown { until: t(300) }
+        );
+        assert_eq!(decide_target(&mut s, t(300), &p), TargetDecision::Run);
+    }
+
+    #[test]
+    fn breaker_opens_on_failures_half_opens_after_cooldown_and_closes_on_success() {
+        let p = BreakerPolicy {
+            failures: 2,
+            of_last: 3,
+            cooldown: Duration::from_secs(60),
+        };
+        let mut s = BreakerState::default();
+        assert_eq!(breaker_admit(&mut s, t(0), &p), BreakerDecision::Closed);
+        breaker_record(&mut s, true, t(0), &p);
+        breaker_record(&mut s, false, t(1), &p);
+        assert_eq!(breaker_admit(&mut s, t(2), &p), BreakerDecision::Closed);
+        breaker_record(&mut s, true, t(2), &p);
+        assert_eq!(
+            breaker_admit(&mut s, t(3), &p),
+            BreakerDecision::Open { since: t(2) }
+        );
+        assert_eq!(breaker_admit(&mut s, t(62), &p), BreakerDecision::Probe);
+        assert!(
+            matches!(
+                breaker_admit(&mut s, t(63), &p),
+                BreakerDecision::Open { .. }
+            ),
+            "one trial at a time"
+        );
+        breaker_record(&mut s, true, t(64), &p);
+        assert!(
+            matches!(
+                breaker_admit(&mut s, t(100), &p),
+                BreakerDecision::Open { .. }
+            ),
+            "a failed trial re-opens"
+        );
+        assert_eq!(breaker_admit(&mut s, t(124), &p), BreakerDecision::Probe);
+        breaker_record(&mut s, false, t(125), &p);
+        assert_eq!(breaker_admit(&mut s, t(126), &p), BreakerDecision::Closed);
+    }
+
+    #[test]
+    fn target_keys_use_the_selected_labels() {
+        let body = include_str!("../tests/fixtures/alertmanager-0.25-firing.json");
+        let a = crate::domain::decode_webhook(body.as_bytes())
+            .unwrap()
+            .alerts
+            .remove(0);
+        assert_eq!(
+            target_key("p", &a, Some(&["instance".to_owned()])),
+            "p\0instance=curl-test"
+        );
+        assert_eq!(target_key("p", &a, None).matches('\0').count(), 3);
+    }
+
+    #[tokio::test]
+    async fn claims_are_first_come_and_survive_reprocessing_of_the_same_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let g = Guards::open(&store).unwrap();
+        let body = include_str!("../tests/fixtures/alertmanager-0.25-firing.json");
+        let a = crate::domain::decode_webhook(body.as_bytes())
+            .unwrap()
+            .alerts
+            .remove(0);
+        let r1 = RunId { seq: 1, index: 0 };
+        let r2 = RunId { seq: 2, index: 0 };
+        assert_eq!(g.claim(&a, "p", r1).unwrap(), Claim::First);
+        assert_eq!(g.claim(&a, "p", r1).unwrap(), Claim::First);
+        assert_eq!(g.claim(&a, "p", r2).unwrap(), Claim::RepeatOf(r1));
+        assert_eq!(g.claim(&a, "other", r2).unwrap(), Claim::First);
+        assert_eq!(g.prune_claims(Timestamp::MAX).unwrap(), 2);
+        assert_eq!(g.claim(&a, "p", r2).unwrap(), Claim::First);
+    }
+}

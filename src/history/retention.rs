@@ -1,0 +1,52 @@
+//! History retention: a background task that prunes runs past the configured age or count, the
+//! delivery claims of alerts that old, and settled outbox entries of pruned runs.
+
+use std::sync::Arc;
+
+use jiff::SignedDuration;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HistorySettings;
+use crate::engine::Engine;
+
+/// Prunes every `prune_interval` until `shutdown`.
+pub async fn prune_loop(
+    engine: Arc<Engine>,
+    settings: HistorySettings,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(settings.prune_interval) => {},
+        }
+        let engine = Arc::clone(&engine);
+        let s = settings.clone();
+        let result = tokio::task::spawn_blocking(move || prune_once(&engine, &s)).await;
+        match result {
+            Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned old history"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "history pruning failed"),
+            Err(e) => tracing::error!(error = %e, "history pruning task failed"),
+        }
+    }
+}
+
+/// One pruning pass; returns how many runs were removed.
+pub fn prune_once(
+    engine: &Engine,
+    settings: &HistorySettings,
+) -> Result<usize, crate::history::StoreError> {
+    let max_age = SignedDuration::try_from(settings.max_age).unwrap_or(SignedDuration::MAX);
+    let cutoff = engine
+        .clock
+        .now()
+        .checked_sub(max_age)
+        .unwrap_or(jiff::Timestamp::MIN);
+    let (removed, first_kept) = engine.store.prune_runs(cutoff, settings.max_runs)?;
+    if removed > 0 {
+        engine.outbox.prune_before(first_kept)?;
+    }
+    engine.guards.prune_claims(cutoff)?;
+    Ok(removed)
+}
