@@ -109,7 +109,7 @@ pub fn build_engine(limits: &SandboxLimits, cleanup_roots: Vec<PathBuf>) -> Engi
     engine.register_fn("log", |d: Dynamic| log_line(d.to_string()));
     engine.register_fn("is_dry_run", dry_run);
     // Native code is not interrupted by the deadline, so sleep never outlives it.
-    engine.register_fn("sleep", |ms: i64| {
+    engine.register_fn("sleep", |ms: i64| -> RhaiResult<()> {
         let want = Duration::from_millis(ms.max(0) as u64);
         let left = deadline().map_or(want, |d| d.saturating_duration_since(Instant::now()));
         // Sleep in slices so that a cancelled run does not wait out the whole nap.
@@ -121,6 +121,10 @@ pub fn build_engine(limits: &SandboxLimits, cleanup_roots: Vec<PathBuf>) -> Engi
             }
             std::thread::sleep((until - now).min(Duration::from_millis(50)));
         }
+        if cancelled() {
+            return Err(EvalAltResult::ErrorTerminated(Dynamic::from(CANCEL_TOKEN), Position::NONE).into());
+        }
+        Ok(())
     });
     register_disk_cleanup(&mut engine, cleanup_roots);
     engine

@@ -83,6 +83,14 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(configure: impl FnOnce(&mut Settings)) -> TestApp {
+        Self::spawn_with_clock(configure, Arc::new(reactor::clock::SystemClock)).await
+    }
+
+    /// With an injected clock, for guard windows and cooldowns.
+    pub async fn spawn_with_clock(
+        configure: impl FnOnce(&mut Settings),
+        clock: Arc<dyn reactor::clock::Clock>,
+    ) -> TestApp {
         reactor::app::install_crypto_provider();
         let data = tempfile::tempdir().unwrap();
         let mut settings = Settings {
@@ -96,7 +104,9 @@ impl TestApp {
         settings.alertmanager.delivery_attempts = 3;
         configure(&mut settings);
         let token = settings.auth.bearer_token.clone();
-        let app = Application::build(settings).await.expect("app builds");
+        let app = Application::build_with(settings, client(), clock)
+            .await
+            .expect("app builds");
         let addr = app.local_addr();
         let shutdown = app.shutdown_token();
         let handle = tokio::spawn(async move { app.run().await.expect("app runs") });

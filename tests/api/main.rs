@@ -4,6 +4,7 @@
 mod alertmanager;
 mod cli;
 mod crash;
+mod guards;
 mod helpers;
 mod router;
 mod webhook;
