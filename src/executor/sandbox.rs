@@ -122,7 +122,11 @@ pub fn build_engine(limits: &SandboxLimits, cleanup_roots: Vec<PathBuf>) -> Engi
             std::thread::sleep((until - now).min(Duration::from_millis(50)));
         }
         if cancelled() {
-            return Err(EvalAltResult::ErrorTerminated(Dynamic::from(CANCEL_TOKEN), Position::NONE).into());
+            return Err(EvalAltResult::ErrorTerminated(
+                Dynamic::from(CANCEL_TOKEN),
+                Position::NONE,
+            )
+            .into());
         }
         Ok(())
     });

@@ -129,3 +129,41 @@ async fn sigterm_drains_in_flight_runs_and_exits_zero() {
         runs[0]
     );
 }
+
+#[tokio::test]
+async fn a_run_of_an_idempotent_playbook_is_re_run_after_sigkill() {
+    let slow = SLOW
+        .replace(
+            "match: {alertname: Slow}",
+            "match: {alertname: Slow}\nidempotent: true",
+        )
+        .replace("{ms: 300}", "{ms: 1500}");
+    let dir = PlaybookDir::new(&[("playbooks/slow.yaml", &slow), ("reactor.yaml", "")]);
+    let root = dir.root.path();
+    let port = free_port();
+    let args = serve_args(port, root);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut reactor = spawn_binary(&args, root);
+    wait_healthy(port).await;
+    assert_eq!(post(port, &payload(&[("Slow", "i001")])).await, 202);
+    let client = crate::helpers::client();
+    let url = format!("http://127.0.0.1:{port}/api/v1/runs");
+    wait_for(Duration::from_secs(10), || async {
+        let runs = get_runs(&client, &url, None).await;
+        (runs.len() == 1 && runs[0]["outcome"] == "running").then_some(())
+    })
+    .await
+    .expect("the run started");
+    // Past sled's background flush (200 ms), so the `running` record is on disk when killed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reactor.kill();
+
+    let _restarted = spawn_binary(&args, root);
+    wait_healthy(port).await;
+    let runs = settled_runs(port, 1).await;
+    assert_eq!(runs[0]["outcome"], "succeeded", "{:#?}", runs[0]);
+    assert_eq!(
+        runs[0]["reason"],
+        "re-run after a restart interrupted it (playbook is idempotent)"
+    );
+}
