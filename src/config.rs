@@ -106,8 +106,7 @@ pub struct AlertmanagerSettings {
     pub page_ttl: Duration,
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
-    /// Delivery attempts per escalation, with exponential backoff between them.
-    pub delivery_attempts: u32,
+    /// First pause after a failed delivery; doubles per attempt, capped at a minute.
     #[serde(deserialize_with = "duration")]
     pub retry_backoff: Duration,
 }
@@ -119,7 +118,6 @@ impl Default for AlertmanagerSettings {
             severity: "critical".into(),
             page_ttl: Duration::from_secs(24 * 3600),
             timeout: Duration::from_secs(10),
-            delivery_attempts: 6,
             retry_backoff: Duration::from_millis(500),
         }
     }

@@ -764,6 +764,37 @@ mod tests {
         assert!(e.starts_with("h.yaml:4: guards.window"), "{e}");
     }
 
+    fn load_text(text: &str) {
+        let engine = build_engine(&SandboxLimits::default(), vec![]);
+        let scripts = HashMap::new();
+        let ctx = FileCtx {
+            file: Path::new("fuzz.yaml"),
+            text,
+            scripts_dir: Path::new("scripts"),
+            scripts: &scripts,
+            engine: &engine,
+        };
+        let _ = ctx.load(&mut Vec::new());
+    }
+
+    proptest::proptest! {
+        /// Fuzzing by property: no file content makes the loader panic.
+        #[test]
+        fn loader_never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+            load_text(&text);
+        }
+
+        #[test]
+        fn loader_never_panics_on_mutated_playbooks(pos in 0usize..600, c in proptest::char::any()) {
+            let shipped = include_str!("../../playbooks/selftest.yaml");
+            let mut chars: Vec<char> = shipped.chars().collect();
+            let i = pos % chars.len();
+            chars[i] = c;
+            load_text(&chars.iter().collect::<String>());
+            load_text(&shipped[..shipped.char_indices().nth(i).map_or(0, |(b, _)| b)]);
+        }
+    }
+
     #[test]
     fn duplicate_names_are_refused() {
         let errs = load(&[

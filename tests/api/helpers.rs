@@ -101,7 +101,6 @@ impl TestApp {
             ..Settings::default()
         };
         settings.alertmanager.retry_backoff = Duration::from_millis(50);
-        settings.alertmanager.delivery_attempts = 3;
         configure(&mut settings);
         let token = settings.auth.bearer_token.clone();
         let app = Application::build_with(settings, client(), clock)
