@@ -393,8 +393,9 @@ impl Engine {
             });
             self.store.put_run(&run)?;
         }
-        if status == DeliveryStatus::Pending {
-            self.outbox.enqueue(run.id, page, now).await?;
+        if status == DeliveryStatus::Pending && !self.outbox.enqueue(run.id, page, now).await? {
+            // Re-processed after a crash: this run's page was already queued, maybe delivered.
+            self.outbox.sync_run(run.id, now)?;
         }
         Ok(())
     }
@@ -407,12 +408,39 @@ impl Engine {
     ) -> Result<(Vec<Intake>, Vec<(Run, Arc<Playbook>)>), StoreError> {
         let now = self.clock.now();
         let mut rerun = Vec::new();
-        for mut run in self.store.running_runs()? {
+        for mut run in self.store.unfinished_runs()? {
             let playbook = run
                 .playbook
                 .as_deref()
                 .and_then(|n| self.playbooks.get(n))
                 .cloned();
+            if run.outcome != Outcome::Running {
+                // The page was recorded as pending but the process died before it reached the
+                // outbox: queue it now (the outbox refuses a second page for the same run).
+                if self.outbox.get(run.id)?.is_none() {
+                    let looping = run
+                        .escalation
+                        .as_ref()
+                        .is_some_and(|e| e.alertname == REMEDIATION_LOOP);
+                    let alertname = if looping {
+                        REMEDIATION_LOOP
+                    } else {
+                        REMEDIATION_FAILED
+                    };
+                    tracing::warn!(run_id = %run.id, "queueing a page that a crash kept from the outbox");
+                    let page = self.escalator.page_for(
+                        alertname,
+                        &run,
+                        playbook.as_deref(),
+                        &self.run_url(run.id),
+                        now,
+                    );
+                    self.outbox.enqueue(run.id, page, now).await?;
+                } else {
+                    self.outbox.sync_run(run.id, now)?;
+                }
+                continue;
+            }
             match playbook {
                 Some(p) if p.idempotent => {
                     tracing::info!(run_id = %run.id, "re-running a run interrupted by a restart (playbook is idempotent)");

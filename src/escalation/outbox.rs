@@ -154,6 +154,19 @@ impl Outbox {
         Ok(())
     }
 
+    /// Copies a settled entry's state onto its run; a crash can lose that write while the
+    /// entry's own state was already durable. Pending entries are the sender's business.
+    pub fn sync_run(&self, run: RunId, now: Timestamp) -> Result<(), StoreError> {
+        if let Some(e) = self.get(run)? {
+            match e.state {
+                EntryState::Pending => {}
+                EntryState::Delivered => self.record_on_run(&e, DeliveryStatus::Delivered, now)?,
+                EntryState::Rejected => self.record_on_run(&e, DeliveryStatus::Failed, now)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Records the delivery state on the run the page belongs to.
     fn record_on_run(
         &self,

@@ -425,13 +425,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Runs that were in progress, e.g. when the process was killed.
-    pub fn running_runs(&self) -> Result<Vec<Run>, StoreError> {
+    /// Runs a crash may have left unfinished: in progress, or with a page not yet delivered.
+    pub fn unfinished_runs(&self) -> Result<Vec<Run>, StoreError> {
         let mut out = Vec::new();
         for kv in self.inner.runs.iter() {
             let (k, v) = kv?;
             let run: Run = decode(&k, &v)?;
-            if run.outcome == Outcome::Running {
+            let page_pending = run
+                .escalation
+                .as_ref()
+                .is_some_and(|e| e.status == DeliveryStatus::Pending);
+            if run.outcome == Outcome::Running || page_pending {
                 out.push(run);
             }
         }

@@ -167,3 +167,174 @@ async fn a_run_of_an_idempotent_playbook_is_re_run_after_sigkill() {
         "re-run after a restart interrupted it (playbook is idempotent)"
     );
 }
+
+const MIXED: &str = "name: ok\nmatch: {alertname: Good}\nsteps:\n  - inline: '1'\n---\nname: bad\nmatch: {alertname: Bad}\nsteps:\n  - inline: 'throw \"no\"'\n";
+
+/// A tiny deterministic generator for kill timings (no extra dependency for one test).
+fn next(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+#[tokio::test]
+async fn random_sigkills_under_a_stream_lose_nothing_and_page_once() {
+    use crate::helpers::{alertmanager_config, Alertmanager, Capture};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    let humans = Capture::start().await;
+    let am_port = free_port();
+    let port = free_port();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let am = Alertmanager::start(
+        am_port,
+        &alertmanager_config(listen, "unused", &humans.url()),
+    )
+    .await;
+    let config =
+        format!("alertmanager:\n  url: http://127.0.0.1:{am_port}\n  retry_backoff: 100ms\n");
+    let dir = PlaybookDir::new(&[("playbooks/mixed.yaml", MIXED), ("reactor.yaml", &config)]);
+    let root = dir.root.path();
+    let args = serve_args(port, root);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut reactor = spawn_binary(&args, root);
+    wait_healthy(port).await;
+
+    // The stream: unique alerts, half of them failing, each remembered when answered with a 2xx.
+    let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = {
+        let accepted = accepted.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = crate::helpers::client();
+            let url = format!("http://127.0.0.1:{port}/webhook/alertmanager");
+            let mut i = 0u32;
+            while !stop.is_cancelled() {
+                let fp = format!("s{i:05}");
+                let name = if i % 2 == 0 { "Good" } else { "Bad" };
+                if let Ok(r) = client
+                    .post(&url)
+                    .json(&payload(&[(name, &fp)]))
+                    .send()
+                    .await
+                {
+                    if r.status() == 202 {
+                        accepted.lock().unwrap().push(fp);
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200 + next(&mut seed) % 800)).await;
+        reactor.kill();
+        reactor = spawn_binary(&args, root);
+        wait_healthy(port).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    sender.await.unwrap();
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(
+        accepted.len() > 50,
+        "the stream ran: {} accepted",
+        accepted.len()
+    );
+
+    let client = crate::helpers::client();
+    let url = format!("http://127.0.0.1:{port}/api/v1/runs?limit=10000");
+    let runs = wait_for(Duration::from_secs(60), || async {
+        let runs = get_runs(&client, &url, None).await;
+        let settled = runs.len() >= accepted.len()
+            && runs
+                .iter()
+                .all(|r| r["outcome"] != "running" && r["escalation"]["status"] != "pending");
+        settled.then_some(runs)
+    })
+    .await;
+    let Some(runs) = runs else {
+        let runs = get_runs(&client, &url, None).await;
+        let have: std::collections::HashSet<&str> = runs
+            .iter()
+            .map(|r| r["alert"]["fingerprint"].as_str().unwrap())
+            .collect();
+        let missing: Vec<&String> = accepted
+            .iter()
+            .filter(|f| !have.contains(f.as_str()))
+            .collect();
+        let stuck: Vec<String> = runs
+            .iter()
+            .filter(|r| r["outcome"] == "running" || r["escalation"]["status"] == "pending")
+            .map(|r| format!("{} {} {}", r["id"], r["outcome"], r["escalation"]))
+            .collect();
+        let log = std::fs::read_to_string(root.join("reactor.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!(
+            "not settled: {} runs, {} accepted, missing {missing:?}, stuck {stuck:?}\n{}",
+            runs.len(),
+            accepted.len(),
+            tail.join("\n")
+        );
+    };
+
+    let mut by_fp: HashMap<&str, Vec<&Value>> = HashMap::new();
+    for r in &runs {
+        by_fp
+            .entry(r["alert"]["fingerprint"].as_str().unwrap())
+            .or_default()
+            .push(r);
+    }
+    for fp in &accepted {
+        let records = by_fp
+            .get(fp.as_str())
+            .unwrap_or_else(|| panic!("accepted alert {fp} has no run"));
+        assert_eq!(
+            records.len(),
+            1,
+            "{fp} has one run or decision: {records:#?}"
+        );
+    }
+    let paged: Vec<&Value> = runs
+        .iter()
+        .filter(|r| r["escalation"].is_object())
+        .collect();
+    assert!(
+        paged
+            .iter()
+            .all(|r| r["escalation"]["status"] == "delivered"),
+        "every page delivered"
+    );
+    let ids: Vec<String> = paged
+        .iter()
+        .map(|r| r["alert"]["labels"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    // Every page reaches the humans, and none twice.
+    let notified = wait_for(Duration::from_secs(30), || async {
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for body in humans.received() {
+            for a in body["alerts"].as_array().unwrap() {
+                if a["status"] == "firing" {
+                    *count
+                        .entry(a["labels"]["id"].as_str().unwrap_or("").to_owned())
+                        .or_default() += 1;
+                }
+            }
+        }
+        ids.iter().all(|id| count.contains_key(id)).then_some(count)
+    })
+    .await
+    .expect("every page reached the humans");
+    for id in &ids {
+        assert_eq!(notified[id], 1, "page for {id} delivered once");
+    }
+    drop(am);
+}
