@@ -119,6 +119,7 @@ impl Application {
             limits: Arc::new(settings.limits.clone()),
             credentials: crate::routes::credentials(&settings.auth),
             playbooks_loaded: engine.playbooks.len(),
+            metrics: Arc::clone(&engine.metrics),
         };
         Ok(Application {
             listener,

@@ -27,6 +27,7 @@ use crate::guard::{target_key, BreakerDecision, Claim, Guards, TargetDecision};
 use crate::history::{
     DeliveryStatus, EscalationRecord, Intake, Outcome, Run, RunId, StepRecord, Store, StoreError,
 };
+use crate::metrics::{Metrics, StatusLabels};
 use crate::playbook::{render_params, OnResolved, Playbook, Playbooks, TemplateContext};
 
 /// A run in progress, for cancellation and for the shutdown drain.
@@ -45,6 +46,7 @@ pub struct Engine {
     pub outbox: Outbox,
     pub guards: Guards,
     pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
     /// Base URL for links to runs in pages.
     pub external_url: String,
     per_playbook: HashMap<String, Arc<Semaphore>>,
@@ -84,6 +86,7 @@ impl Engine {
             executor,
             escalator,
             clock,
+            metrics: Arc::new(Metrics::default()),
             external_url,
             per_playbook,
             in_flight: Mutex::new(HashMap::new()),
@@ -130,6 +133,17 @@ impl Engine {
         }
         self.store.put_runs(&records)?;
         self.store.remove_intake(intake.seq)?;
+        for r in records.iter().filter(|r| r.outcome != Outcome::Running) {
+            self.metrics
+                .run_recorded(r.playbook.as_deref(), r.outcome.as_str());
+            if r.outcome == Outcome::Deduplicated {
+                let status = r.alert.status.as_str().to_owned();
+                self.metrics
+                    .deduplicated
+                    .get_or_create(&StatusLabels { status })
+                    .inc();
+            }
+        }
         for page in pages {
             self.escalate(page.alertname, page.run, Some(&page.playbook))
                 .await?;
@@ -178,6 +192,7 @@ impl Engine {
             TargetDecision::Run => {}
             TargetDecision::Cooldown { until } => {
                 settle(run, Outcome::Skipped, &format!("cooldown: this target was remediated recently; next run allowed at {until}"), now);
+                self.metrics.guard_tripped(&playbook.name, "cooldown");
                 return Ok(false);
             }
             TargetDecision::LoopGuard {
@@ -190,6 +205,7 @@ impl Engine {
                     humantime::format_duration(policy.window)
                 );
                 settle(run, Outcome::Skipped, &reason, now);
+                self.metrics.guard_tripped(&playbook.name, "loop");
                 if escalate {
                     tracing::warn!(run_id = %run.id, playbook = %playbook.name, "remediation loop detected; escalating once");
                     pages.push(Page {
@@ -207,6 +223,8 @@ impl Engine {
             {
                 let reason = format!("circuit breaker open since {since}: too many recent failures of this playbook; not remediating");
                 settle(run, Outcome::Skipped, &reason, now);
+                self.metrics
+                    .guard_tripped(&playbook.name, "circuit_breaker");
                 pages.push(Page {
                     alertname: REMEDIATION_FAILED,
                     run: run.clone(),
@@ -363,6 +381,8 @@ impl Engine {
             tracing::info!("run succeeded");
         }
         self.store.put_run(&run)?;
+        self.metrics
+            .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
         Ok(run)
     }
 
@@ -458,6 +478,8 @@ impl Engine {
                         now,
                     );
                     self.store.put_run(&run)?;
+                    self.metrics
+                        .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
                     tracing::warn!(run_id = %run.id, "run was interrupted by a restart; escalating");
                     self.escalate(REMEDIATION_FAILED, run, playbook.as_deref())
                         .await?;

@@ -15,6 +15,7 @@ pub mod escalation;
 pub mod executor;
 pub mod guard;
 pub mod history;
+pub mod metrics;
 pub mod playbook;
 pub mod routes;
 pub mod telemetry;

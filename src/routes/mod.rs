@@ -28,6 +28,7 @@ pub struct AppState {
     /// Accepted `Authorization` header values (bearer and/or basic); empty means no auth.
     pub credentials: Arc<[String]>,
     pub playbooks_loaded: usize,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The full router. Everything but `/healthz` sits behind the bearer token when one is configured.
@@ -36,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/webhook/alertmanager", post(webhook::receive))
         .route("/api/v1/runs", get(runs::list))
         .route("/api/v1/runs/{id}", get(runs::show))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     Router::new()
         .route("/healthz", get(healthz))
@@ -61,6 +63,16 @@ pub fn credentials(auth: &AuthSettings) -> Arc<[String]> {
         out.push(format!("Basic {encoded}"));
     }
     out.into()
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
 }
 
 async fn require_auth(State(state): State<AppState>, req: Request, next: Next) -> Response {

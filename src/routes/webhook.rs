@@ -74,6 +74,14 @@ pub async fn receive(
         .await
         .map_err(ApiError::internal)?;
     let ids: Vec<u64> = intakes.iter().map(|i| i.seq).collect();
+    for i in &intakes {
+        let status = i.alert.status.as_str().to_owned();
+        state
+            .metrics
+            .alerts_received
+            .get_or_create(&crate::metrics::StatusLabels { status })
+            .inc();
+    }
     for (permit, intake) in permits.zip(intakes) {
         permit.send(intake);
     }

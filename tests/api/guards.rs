@@ -41,6 +41,25 @@ async fn fifty_repeats_of_one_firing_alert_make_one_run() {
         .iter()
         .filter(|r| r["outcome"] == "deduplicated")
         .all(|r| r["reason"] == format!("repeat delivery of run {original}")));
+    let metrics = crate::helpers::client()
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "reactor_alerts_received_total{status=\"firing\"} 50",
+        "reactor_deduplicated_deliveries_total{status=\"firing\"} 49",
+        "reactor_runs_total{playbook=\"reactor-selftest-ok\",outcome=\"succeeded\"} 1",
+        "reactor_runs_total{playbook=\"reactor-selftest-ok\",outcome=\"deduplicated\"} 49",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
     app.stop().await;
 }
 

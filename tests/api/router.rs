@@ -33,6 +33,7 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
             }),
         }),
         playbooks_loaded: 0,
+        metrics: Arc::default(),
     };
     Fixture {
         app: router(state),
