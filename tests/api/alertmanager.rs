@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{alertmanager_config, free_port, wait_for, Alertmanager, Capture, TestApp};
+use crate::helpers::{alertmanager_config, free_port, Alertmanager, Capture, TestApp};
 
 const TOKEN: &str = "e2e-token";
 
@@ -49,17 +49,10 @@ async fn a_failed_remediation_pages_the_humans_through_alertmanager() {
     let s = stack().await;
     s.am.post_alerts(&alert("ReactorSelfTestFail")).await;
 
-    let pages = wait_for(Duration::from_secs(45), || async {
-        let got: Vec<Value> = s
-            .humans
-            .received()
-            .into_iter()
-            .filter(|b| b["commonLabels"]["alertname"] == "RemediationFailed")
-            .collect();
-        (!got.is_empty()).then_some(got)
-    })
-    .await
-    .expect("RemediationFailed reached the humans' receiver");
+    let pages = s
+        .humans
+        .wait_for_notification("RemediationFailed", Duration::from_secs(45))
+        .await;
     let page = &pages[0]["alerts"][0];
     assert_eq!(page["status"], "firing");
     assert_eq!(page["labels"]["original_alertname"], "ReactorSelfTestFail");

@@ -238,22 +238,11 @@ async fn an_escalation_survives_an_alertmanager_outage_and_is_delivered_once() {
     .await
     .expect("delivered once Alertmanager is back");
     assert_eq!(delivered[0]["outcome"], "failed");
-    let notified = wait_for(Duration::from_secs(20), || async {
-        let got: Vec<Value> = humans
-            .received()
-            .into_iter()
-            .filter(|b| b["commonLabels"]["alertname"] == "RemediationFailed")
-            .collect();
-        (!got.is_empty()).then_some(got)
-    })
-    .await
-    .expect("the humans were paged");
+    let notified = humans
+        .wait_for_notification("RemediationFailed", Duration::from_secs(20))
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let all: Vec<Value> = humans
-        .received()
-        .into_iter()
-        .filter(|b| b["commonLabels"]["alertname"] == "RemediationFailed")
-        .collect();
+    let all = humans.notifications("RemediationFailed");
     assert_eq!(all.len(), notified.len(), "no second delivery");
     assert_eq!(am.alerts("alertname=\"RemediationFailed\"").await.len(), 1);
     app.stop().await;

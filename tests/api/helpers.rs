@@ -238,6 +238,23 @@ impl Capture {
     pub fn received(&self) -> Vec<Value> {
         self.bodies.lock().unwrap().clone()
     }
+
+    /// Alertmanager notifications received whose group is all `alertname`.
+    pub fn notifications(&self, alertname: &str) -> Vec<Value> {
+        self.received()
+            .into_iter()
+            .filter(|b| b["commonLabels"]["alertname"] == alertname)
+            .collect()
+    }
+
+    /// Waits until at least one notification for `alertname` has arrived.
+    pub async fn wait_for_notification(&self, alertname: &str, timeout: Duration) -> Vec<Value> {
+        wait_for(timeout, || async {
+            Some(self.notifications(alertname)).filter(|n| !n.is_empty())
+        })
+        .await
+        .unwrap_or_else(|| panic!("no {alertname} notification within {timeout:?}"))
+    }
 }
 
 impl Drop for Capture {

@@ -156,13 +156,14 @@ async fn a_failing_run_retries_then_escalates_once() {
 
 const ENDLESS: &str = "name: endless\nmatch: {alertname: Endless}\nsteps:\n  - name: spin\n    timeout: 2s\n    inline: |\n      loop { }\n";
 
-#[tokio::test]
-async fn an_endless_script_is_stopped_by_the_operation_limit_and_escalates() {
+/// Runs the endless playbook with the given operation limit; returns its settled run.
+async fn endless_run(max_operations: u64) -> Value {
     let dir = PlaybookDir::new(&[("playbooks/endless.yaml", ENDLESS)]);
     let pages = Capture::start().await;
     let app = TestApp::spawn(|s| {
         s.playbooks_dir = dir.playbooks();
         s.scripts_dir = dir.scripts();
+        s.sandbox.max_operations = max_operations;
         s.alertmanager.url = Some(pages.url());
     })
     .await;
@@ -173,33 +174,22 @@ async fn an_endless_script_is_stopped_by_the_operation_limit_and_escalates() {
         })
         .await;
     assert_eq!(runs[0]["outcome"], "failed");
-    let err = runs[0]["steps"][0]["error"].as_str().unwrap();
-    assert!(err.contains("operation limit exceeded"), "{err}");
-    assert_eq!(pages.received().len(), 1);
+    assert_eq!(pages.received().len(), 1, "the failure paged once");
     app.stop().await;
+    runs[0].clone()
+}
+
+#[tokio::test]
+async fn an_endless_script_is_stopped_by_the_operation_limit_and_escalates() {
+    let run = endless_run(reactor::config::SandboxLimits::default().max_operations).await;
+    let err = run["steps"][0]["error"].as_str().unwrap();
+    assert!(err.contains("operation limit exceeded"), "{err}");
 }
 
 #[tokio::test]
 async fn an_endless_script_is_stopped_by_the_wall_clock_when_operations_are_unlimited() {
-    let dir = PlaybookDir::new(&[("playbooks/endless.yaml", ENDLESS)]);
-    let pages = Capture::start().await;
-    let app = TestApp::spawn(|s| {
-        s.playbooks_dir = dir.playbooks();
-        s.scripts_dir = dir.scripts();
-        s.sandbox.max_operations = 0;
-        s.alertmanager.url = Some(pages.url());
-    })
-    .await;
-    app.post_webhook(&payload(&[("Endless", "ccc2")])).await;
-    let runs = app
-        .wait_for_runs("", Duration::from_secs(10), |r| {
-            r.len() == 1 && r[0]["escalation"]["status"] == "delivered"
-        })
-        .await;
-    assert_eq!(runs[0]["outcome"], "failed");
-    assert_eq!(runs[0]["steps"][0]["error"], "timed out after 2s");
-    assert_eq!(pages.received().len(), 1);
-    app.stop().await;
+    let run = endless_run(0).await;
+    assert_eq!(run["steps"][0]["error"], "timed out after 2s");
 }
 
 #[tokio::test]
