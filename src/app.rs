@@ -213,7 +213,7 @@ impl Application {
             tracing::error!(error = %e, "dispatcher task failed");
         }
         background.wait().await;
-        if let Err(e) = store.flush().await {
+        if let Err(e) = store.durable().await {
             tracing::error!(error = %e, "final database flush failed");
         }
         tracing::info!("reactor stopped");

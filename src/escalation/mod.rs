@@ -200,6 +200,11 @@ mod tests {
     use crate::domain::decode_webhook;
     use crate::history::{Outcome, RunId, StepRecord};
 
+    fn escalator() -> Escalator {
+        crate::app::install_crypto_provider();
+        Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default())
+    }
+
     fn failed_run() -> Run {
         let body = include_str!("../../tests/fixtures/alertmanager-0.25-firing.json");
         let alert = decode_webhook(body.as_bytes()).unwrap().alerts.remove(0);
@@ -228,8 +233,7 @@ mod tests {
 
     #[test]
     fn page_carries_the_original_labels_and_run_context() {
-        crate::app::install_crypto_provider();
-        let esc = Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default());
+        let esc = escalator();
         let page = esc.page_for(
             REMEDIATION_FAILED,
             &failed_run(),
@@ -260,8 +264,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_an_alertmanager_url_delivery_is_refused_for_good() {
-        crate::app::install_crypto_provider();
-        let esc = Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default());
+        let esc = escalator();
         let page = esc.page_for(
             REMEDIATION_FAILED,
             &failed_run(),

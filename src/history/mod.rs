@@ -450,11 +450,6 @@ impl Store {
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
     }
-
-    /// Flushes everything; used at shutdown.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.durable().await
-    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
@@ -515,7 +510,7 @@ mod tests {
             store
                 .put_run(&run(RunId { seq: 1, index: 0 }, "p", Outcome::Succeeded))
                 .unwrap();
-            store.flush().await.unwrap();
+            store.durable().await.unwrap();
         }
         // The flusher task lets go of the database a moment after the last handle is dropped.
         let store = loop {

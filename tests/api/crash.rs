@@ -15,20 +15,43 @@ use crate::helpers::{
 
 const SLOW: &str = "name: slow\nmatch: {alertname: Slow}\nsteps:\n  - name: nap\n    timeout: 10s\n    inline: |\n      sleep(params.ms);\n      \"rested\"\n    params: {ms: 300}\n";
 
-fn serve_args(port: u16, dir: &Path) -> Vec<String> {
-    vec![
-        "serve".into(),
-        "--config".into(),
-        dir.join("reactor.yaml").display().to_string(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--data".into(),
-        dir.join("db").display().to_string(),
-        "--playbooks".into(),
-        dir.join("playbooks").display().to_string(),
-        "--scripts".into(),
-        dir.join("scripts").display().to_string(),
-    ]
+/// The reactor binary serving from `dir` on `port`; `start` (re)starts it with the same arguments
+/// and returns once it answers `/healthz`.
+struct Served {
+    port: u16,
+    dir: std::path::PathBuf,
+    args: Vec<String>,
+}
+
+impl Served {
+    fn new(port: u16, dir: &Path) -> Served {
+        let path = |p: &str| dir.join(p).display().to_string();
+        let args = vec![
+            "serve".into(),
+            "--config".into(),
+            path("reactor.yaml"),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data".into(),
+            path("db"),
+            "--playbooks".into(),
+            path("playbooks"),
+            "--scripts".into(),
+            path("scripts"),
+        ];
+        Served {
+            port,
+            dir: dir.to_owned(),
+            args,
+        }
+    }
+
+    async fn start(&self) -> crate::helpers::Proc {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let proc = spawn_binary(&args, &self.dir);
+        wait_healthy(self.port).await;
+        proc
+    }
 }
 
 async fn post(port: u16, body: &Value) -> reqwest::StatusCode {
@@ -65,17 +88,14 @@ async fn sigkill_right_after_the_2xx_loses_no_accepted_alert() {
     ]);
     let root = dir.root.path();
     let port = free_port();
-    let args = serve_args(port, root);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut reactor = spawn_binary(&args, root);
-    wait_healthy(port).await;
+    let served = Served::new(port, root);
+    let mut reactor = served.start().await;
     let fingerprints: Vec<String> = (0..20).map(|i| format!("f{i:03}")).collect();
     let alerts: Vec<(&str, &str)> = fingerprints.iter().map(|f| ("Slow", f.as_str())).collect();
     assert_eq!(post(port, &payload(&alerts)).await, 202);
     reactor.kill();
 
-    let _restarted = spawn_binary(&args, root);
-    wait_healthy(port).await;
+    let _restarted = served.start().await;
     let runs = settled_runs(port, 20).await;
     assert_eq!(
         runs.len(),
@@ -111,17 +131,14 @@ async fn sigterm_drains_in_flight_runs_and_exits_zero() {
     let dir = PlaybookDir::new(&[("playbooks/slow.yaml", &slow), ("reactor.yaml", "")]);
     let root = dir.root.path();
     let port = free_port();
-    let args = serve_args(port, root);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut reactor = spawn_binary(&args, root);
-    wait_healthy(port).await;
+    let served = Served::new(port, root);
+    let mut reactor = served.start().await;
     assert_eq!(post(port, &payload(&[("Slow", "g001")])).await, 202);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let status = reactor.terminate();
     assert!(status.success(), "exit status {status:?}");
 
-    let _restarted = spawn_binary(&args, root);
-    wait_healthy(port).await;
+    let _restarted = served.start().await;
     let runs = settled_runs(port, 1).await;
     assert_eq!(
         runs[0]["outcome"], "succeeded",
@@ -141,10 +158,8 @@ async fn a_run_of_an_idempotent_playbook_is_re_run_after_sigkill() {
     let dir = PlaybookDir::new(&[("playbooks/slow.yaml", &slow), ("reactor.yaml", "")]);
     let root = dir.root.path();
     let port = free_port();
-    let args = serve_args(port, root);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut reactor = spawn_binary(&args, root);
-    wait_healthy(port).await;
+    let served = Served::new(port, root);
+    let mut reactor = served.start().await;
     assert_eq!(post(port, &payload(&[("Slow", "i001")])).await, 202);
     let client = crate::helpers::client();
     let url = format!("http://127.0.0.1:{port}/api/v1/runs");
@@ -158,8 +173,7 @@ async fn a_run_of_an_idempotent_playbook_is_re_run_after_sigkill() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     reactor.kill();
 
-    let _restarted = spawn_binary(&args, root);
-    wait_healthy(port).await;
+    let _restarted = served.start().await;
     let runs = settled_runs(port, 1).await;
     assert_eq!(runs[0]["outcome"], "succeeded", "{:#?}", runs[0]);
     assert_eq!(
@@ -197,10 +211,8 @@ async fn random_sigkills_under_a_stream_lose_nothing_and_page_once() {
         format!("alertmanager:\n  url: http://127.0.0.1:{am_port}\n  retry_backoff: 100ms\n");
     let dir = PlaybookDir::new(&[("playbooks/mixed.yaml", MIXED), ("reactor.yaml", &config)]);
     let root = dir.root.path();
-    let args = serve_args(port, root);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut reactor = spawn_binary(&args, root);
-    wait_healthy(port).await;
+    let served = Served::new(port, root);
+    let mut reactor = served.start().await;
 
     // The stream: unique alerts, half of them failing, each remembered when answered with a 2xx.
     let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -237,8 +249,7 @@ async fn random_sigkills_under_a_stream_lose_nothing_and_page_once() {
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(200 + next(&mut seed) % 800)).await;
         reactor.kill();
-        reactor = spawn_binary(&args, root);
-        wait_healthy(port).await;
+        reactor = served.start().await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
