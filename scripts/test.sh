@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs reactor's whole test suite: unit, router, integration and end-to-end tests.
-# The end-to-end tests drive the real Alertmanager from Debian's package; it is installed here
-# when missing, so this works on a fresh machine. Extra arguments go to `cargo test`.
+# The end-to-end tests drive the real Alertmanager and Prometheus from Debian's packages (and
+# their amtool and promtool check the shipped configs); they are installed here when missing, so
+# this works on a fresh machine. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-[ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
+[ -x /usr/bin/prometheus-alertmanager ] && [ -x /usr/bin/amtool ] || missing+=(prometheus-alertmanager)
+[ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ] || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

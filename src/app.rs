@@ -19,6 +19,7 @@ use crate::history::retention;
 use crate::history::{Store, StoreError};
 use crate::playbook::{self, LoadErrors};
 use crate::routes::{router, AppState};
+use crate::{poller, watchdog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -120,6 +121,7 @@ impl Application {
             credentials: crate::routes::credentials(&settings.auth),
             playbooks_loaded: engine.playbooks.len(),
             metrics: Arc::clone(&engine.metrics),
+            health: Arc::clone(&engine.health),
         };
         Ok(Application {
             listener,
@@ -170,13 +172,34 @@ impl Application {
             let engine = Arc::clone(&engine);
             tracker.spawn(async move { engine.resume(run, playbook).await });
         }
+        // Alive from here, so the watchdog's first check does not see a dispatcher not yet spawned.
+        let alive = engine.health.dispatcher_running();
         let background = TaskTracker::new();
         background.spawn(outbox::send_loop(
             engine.outbox.clone(),
             engine.escalator.clone(),
             Arc::clone(&engine.clock),
+            Arc::clone(&engine.metrics),
             shutdown.clone(),
         ));
+        background.spawn(watchdog::watch(
+            Arc::clone(&engine),
+            engine.escalator.api().clone(),
+            settings.watchdog.clone(),
+            engine.external_url.clone(),
+            shutdown.clone(),
+        ));
+        let am = &settings.alertmanager;
+        if am.url.is_some() && !am.poll_interval.is_zero() {
+            background.spawn(poller::poll_loop(
+                Arc::clone(&engine),
+                engine.escalator.api().clone(),
+                state.queue.clone(),
+                am.poll_interval,
+                am.poll_filter.clone(),
+                shutdown.clone(),
+            ));
+        }
         background.spawn(retention::prune_loop(
             Arc::clone(&engine),
             settings.history.clone(),
@@ -184,6 +207,7 @@ impl Application {
         ));
         background.close();
         if !pending.is_empty() {
+            engine.health.backlog.added(pending.len());
             let queue = state.queue.clone();
             let stop = shutdown.clone();
             tracker.spawn(async move {
@@ -196,14 +220,21 @@ impl Application {
             });
         }
         let store = state.store.clone();
-        let dispatcher = tokio::spawn(dispatch(
-            engine,
-            queue_rx,
-            settings.limits.max_concurrent_runs,
-            tracker,
-            shutdown.clone(),
-            settings.limits.shutdown_grace,
-        ));
+        let dispatcher = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                let _alive = alive;
+                dispatch(
+                    engine,
+                    queue_rx,
+                    settings.limits.max_concurrent_runs,
+                    tracker,
+                    shutdown,
+                    settings.limits.shutdown_grace,
+                )
+                .await
+            }
+        });
         tracing::info!(addr = %listener.local_addr().map_err(StartupError::Serve)?, "reactor listening");
         let served = axum::serve(listener, router(state))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())

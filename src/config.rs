@@ -24,6 +24,7 @@ pub struct Settings {
     pub sandbox: SandboxLimits,
     pub disk_cleanup: DiskCleanupSettings,
     pub history: HistorySettings,
+    pub watchdog: WatchdogSettings,
     /// Global dry run: scripts see `dry_run == true` and `disk_cleanup` deletes nothing.
     pub dry_run: bool,
     /// Allow listening on a non-loopback address without authentication.
@@ -44,6 +45,7 @@ impl Default for Settings {
             sandbox: SandboxLimits::default(),
             disk_cleanup: DiskCleanupSettings::default(),
             history: HistorySettings::default(),
+            watchdog: WatchdogSettings::default(),
             dry_run: false,
             insecure: false,
         }
@@ -70,6 +72,36 @@ impl AuthSettings {
 pub struct BasicAuth {
     pub username: String,
     pub password: String,
+}
+
+/// Self-checks, the heartbeat and `ReactorUnhealthy`. See the README's "When reactor itself
+/// breaks".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchdogSettings {
+    /// How often the self-checks run and `ReactorHeartbeat` is posted (it lives 3 intervals).
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Accepted alerts waiting this long with no run starting: the `dispatcher` check fails.
+    #[serde(deserialize_with = "duration")]
+    pub stall_after: Duration,
+    /// A run this long past its own deadline (steps' timeouts, retries, delays): `stuck_runs`.
+    #[serde(deserialize_with = "duration")]
+    pub stuck_grace: Duration,
+    /// A page undelivered for this long: the `escalation_backlog` check fails.
+    #[serde(deserialize_with = "duration")]
+    pub backlog_after: Duration,
+}
+
+impl Default for WatchdogSettings {
+    fn default() -> Self {
+        WatchdogSettings {
+            heartbeat_interval: Duration::from_secs(10),
+            stall_after: Duration::from_secs(60),
+            stuck_grace: Duration::from_secs(60),
+            backlog_after: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Retention of the run history, enforced by a background task.
@@ -109,6 +141,12 @@ pub struct AlertmanagerSettings {
     /// First pause after a failed delivery; doubles per attempt, capped at a minute.
     #[serde(deserialize_with = "duration")]
     pub retry_backoff: Duration,
+    /// How often reactor reads the alerts Alertmanager holds back (inhibited by its heartbeat)
+    /// from `GET /api/v2/alerts`; `0s` turns this off.
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// Matchers selecting the alerts routed for auto-remediation (the inhibit rule's targets).
+    pub poll_filter: Vec<String>,
 }
 
 impl Default for AlertmanagerSettings {
@@ -119,6 +157,8 @@ impl Default for AlertmanagerSettings {
             page_ttl: Duration::from_secs(24 * 3600),
             timeout: Duration::from_secs(10),
             retry_backoff: Duration::from_millis(500),
+            poll_interval: Duration::from_secs(5),
+            poll_filter: vec![r#"remediation="auto""#.into()],
         }
     }
 }

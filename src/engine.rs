@@ -29,12 +29,16 @@ use crate::history::{
 };
 use crate::metrics::{Metrics, StatusLabels};
 use crate::playbook::{render_params, OnResolved, Playbook, Playbooks, TemplateContext};
+use crate::watchdog::Health;
 
 /// A run in progress, for cancellation and for the shutdown drain.
 struct InFlight {
     fingerprint: Fingerprint,
     playbook: String,
     cancel: CancellationToken,
+    started: Instant,
+    /// The longest the run's steps may take: timeouts, retries and retry delays.
+    budget: Duration,
 }
 
 /// Everything a run needs, shared by all runs.
@@ -47,6 +51,7 @@ pub struct Engine {
     pub guards: Guards,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
     /// Base URL for links to runs in pages.
     pub external_url: String,
     per_playbook: HashMap<String, Arc<Semaphore>>,
@@ -60,7 +65,7 @@ pub type Queue = mpsc::Sender<Intake>;
 struct Page {
     alertname: &'static str,
     run: Run,
-    playbook: Arc<Playbook>,
+    playbook: Option<Arc<Playbook>>,
 }
 
 impl Engine {
@@ -78,7 +83,10 @@ impl Engine {
             .filter(|p| p.max_concurrent > 0)
             .map(|p| (p.name.clone(), Arc::new(Semaphore::new(p.max_concurrent))))
             .collect();
+        let metrics = Arc::new(Metrics::default());
         Ok(Engine {
+            health: Arc::new(Health::new(&metrics)),
+            metrics,
             outbox: Outbox::open(&store)?,
             guards: Guards::open(&store)?,
             store,
@@ -86,7 +94,6 @@ impl Engine {
             executor,
             escalator,
             clock,
-            metrics: Arc::new(Metrics::default()),
             external_url,
             per_playbook,
             in_flight: Mutex::new(HashMap::new()),
@@ -101,6 +108,7 @@ impl Engine {
     pub async fn process(self: &Arc<Self>, intake: Intake) {
         let seq = intake.seq;
         if let Err(e) = self.process_inner(intake).await {
+            self.metrics.store_errors.inc();
             tracing::error!(seq, error = %e, "could not record a run; the alert stays in the intake for the next start");
         }
     }
@@ -113,12 +121,23 @@ impl Engine {
         let mut pages = Vec::new();
         if matched.is_empty() {
             let mut run = new_run(&intake, 0, None);
-            settle(
-                &mut run,
-                Outcome::Skipped,
-                "no playbook matches this alert",
-                now,
-            );
+            if intake.held && intake.alert.status == AlertStatus::Firing {
+                // Alertmanager holds this alert back from humans because reactor is alive, yet
+                // nothing here can fix it: page, or nobody hears of it.
+                settle(&mut run, Outcome::Failed, "no playbook matches this alert, which Alertmanager holds back from humans while reactor is alive", now);
+                pages.push(Page {
+                    alertname: REMEDIATION_FAILED,
+                    run: run.clone(),
+                    playbook: None,
+                });
+            } else {
+                settle(
+                    &mut run,
+                    Outcome::Skipped,
+                    "no playbook matches this alert",
+                    now,
+                );
+            }
             records.push(run);
         }
         for (i, playbook) in matched.iter().enumerate().take(u16::MAX as usize) {
@@ -145,7 +164,7 @@ impl Engine {
             }
         }
         for page in pages {
-            self.escalate(page.alertname, page.run, Some(&page.playbook))
+            self.escalate(page.alertname, page.run, page.playbook.as_deref())
                 .await?;
         }
         for (run, playbook) in runnable {
@@ -211,7 +230,7 @@ impl Engine {
                     pages.push(Page {
                         alertname: REMEDIATION_LOOP,
                         run: run.clone(),
-                        playbook: Arc::clone(playbook),
+                        playbook: Some(Arc::clone(playbook)),
                     });
                 }
                 return Ok(false);
@@ -228,12 +247,24 @@ impl Engine {
                 pages.push(Page {
                     alertname: REMEDIATION_FAILED,
                     run: run.clone(),
-                    playbook: Arc::clone(playbook),
+                    playbook: Some(Arc::clone(playbook)),
                 });
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// Runs in flight longer than their time budget plus `grace`, with how far past they are.
+    pub fn stuck_runs(&self, grace: Duration) -> Vec<(RunId, Duration)> {
+        let in_flight = self.in_flight.lock().unwrap();
+        in_flight
+            .iter()
+            .filter_map(|(id, f)| {
+                let over = f.started.elapsed().checked_sub(f.budget + grace)?;
+                Some((*id, over))
+            })
+            .collect()
     }
 
     fn cancel_in_flight(&self, fingerprint: &Fingerprint, playbook: &str) -> Vec<RunId> {
@@ -264,11 +295,15 @@ impl Engine {
                     fingerprint: run.alert.fingerprint.clone(),
                     playbook: playbook.name.clone(),
                     cancel: cancel.clone(),
+                    started: Instant::now(),
+                    budget: playbook.time_budget(),
                 },
             );
+            self.metrics.in_flight.inc();
             let id = run.id;
             let result = self.run_steps(run, &playbook, cancel).await;
             self.in_flight.lock().unwrap().remove(&id);
+            self.metrics.in_flight.dec();
             let run = result?;
             if let Some(bp) = &playbook.guards.breaker {
                 if matches!(run.outcome, Outcome::Succeeded | Outcome::Failed) {
@@ -332,6 +367,8 @@ impl Engine {
                     Err(e) => (None, Some(e)),
                 };
                 let succeeded = error.is_none();
+                self.metrics
+                    .step_finished(&playbook.name, clock.elapsed().as_secs_f64());
                 if let Some(e) = &error {
                     tracing::warn!(step = %step.name, attempt, error = %e, "step attempt failed");
                 }
@@ -596,6 +633,7 @@ pub async fn dispatch(
             _ = shutdown.cancelled() => break,
             p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore is never closed"),
         };
+        engine.health.backlog.started();
         let engine = Arc::clone(&engine);
         tracker.spawn(async move {
             engine.process(intake).await;

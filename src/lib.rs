@@ -2,9 +2,12 @@
 //!
 //! An alert travels `routes` (HTTP edge) → `domain` (parse the wire payload once) → `playbook`
 //! (match) → `engine` + `executor` (run steps in the Rhai sandbox) → `history` (sled) →
-//! `escalation` (page humans through Alertmanager when the fix fails). `app` assembles these from
-//! `config`; `cli` is the command line.
+//! `escalation` (page humans through Alertmanager when the fix fails). `poller` is the second
+//! intake (alerts Alertmanager holds back while reactor is alive), `watchdog` makes reactor's own
+//! failures page, `alertmanager` is the API client both use. `app` assembles these from `config`;
+//! `cli` is the command line.
 
+pub mod alertmanager;
 pub mod app;
 pub mod cli;
 pub mod clock;
@@ -17,5 +20,7 @@ pub mod guard;
 pub mod history;
 pub mod metrics;
 pub mod playbook;
+pub mod poller;
 pub mod routes;
 pub mod telemetry;
+pub mod watchdog;

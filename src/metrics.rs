@@ -4,7 +4,10 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
@@ -23,6 +26,26 @@ pub struct GuardLabels {
     pub guard: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlaybookLabels {
+    pub playbook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    pub check: String,
+}
+
+fn step_histogram() -> Histogram {
+    // 5 ms … about 22 minutes.
+    Histogram::new(exponential_buckets(0.005, 4.0, 10))
+}
+
 /// Every series reactor exports.
 pub struct Metrics {
     registry: Registry,
@@ -31,6 +54,21 @@ pub struct Metrics {
     pub runs: Family<RunLabels, Counter>,
     pub deduplicated: Family<StatusLabels, Counter>,
     pub guard_trips: Family<GuardLabels, Counter>,
+    pub step_duration: Family<PlaybookLabels, Histogram, fn() -> Histogram>,
+    /// Accepted alerts not yet started (waiting for a worker).
+    pub queue_depth: Gauge,
+    pub in_flight: Gauge,
+    /// Pages by final delivery result: `delivered` or `rejected`.
+    pub escalations: Family<ResultLabels, Counter>,
+    pub escalation_attempts_failed: Counter,
+    pub escalations_pending: Gauge,
+    pub escalation_oldest_pending_age: Gauge<f64, AtomicU64>,
+    pub heartbeats: Family<ResultLabels, Counter>,
+    pub heartbeat_age: Gauge<f64, AtomicU64>,
+    pub self_check_failing: Family<CheckLabels, Gauge>,
+    /// Alerts Alertmanager held back from humans that reactor read from its API.
+    pub held_alerts: Counter,
+    pub store_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -60,12 +98,106 @@ impl Default for Metrics {
             "Runs held back by a guard (cooldown, loop, circuit_breaker)",
             guard_trips.clone(),
         );
+        let step_duration =
+            Family::<PlaybookLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                step_histogram,
+            );
+        registry.register_with_unit(
+            "step_duration",
+            "Duration of step attempts, by playbook",
+            prometheus_client::registry::Unit::Seconds,
+            step_duration.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Accepted alerts waiting for a worker",
+            queue_depth.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register("in_flight_runs", "Runs executing now", in_flight.clone());
+        let escalations = Family::default();
+        registry.register(
+            "escalations",
+            "Pages by delivery result (delivered, rejected)",
+            escalations.clone(),
+        );
+        let escalation_attempts_failed = Counter::default();
+        registry.register(
+            "escalation_attempts_failed",
+            "Page deliveries that failed and will be retried",
+            escalation_attempts_failed.clone(),
+        );
+        let escalations_pending = Gauge::default();
+        registry.register(
+            "escalations_pending",
+            "Pages in the outbox not yet accepted by Alertmanager",
+            escalations_pending.clone(),
+        );
+        let escalation_oldest_pending_age = Gauge::default();
+        registry.register_with_unit(
+            "escalation_oldest_pending_age",
+            "Age of the oldest undelivered page (0 when none)",
+            prometheus_client::registry::Unit::Seconds,
+            escalation_oldest_pending_age.clone(),
+        );
+        let heartbeats = Family::default();
+        registry.register(
+            "heartbeats",
+            "ReactorHeartbeat posts to Alertmanager, by result (ok, failed, withheld)",
+            heartbeats.clone(),
+        );
+        let heartbeat_age = Gauge::default();
+        registry.register_with_unit(
+            "heartbeat_age",
+            "Time since Alertmanager last accepted the heartbeat (since start when never)",
+            prometheus_client::registry::Unit::Seconds,
+            heartbeat_age.clone(),
+        );
+        let self_check_failing = Family::default();
+        registry.register(
+            "self_check_failing",
+            "1 while a self-check fails (dispatcher, stuck_runs, storage, escalation_backlog)",
+            self_check_failing.clone(),
+        );
+        let held_alerts = Counter::default();
+        registry.register(
+            "held_alerts",
+            "Alerts held back by the heartbeat's inhibition that reactor read from Alertmanager",
+            held_alerts.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "store_errors",
+            "Failed database writes",
+            store_errors.clone(),
+        );
+        registry.register(
+            "build",
+            "reactor's version",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version".to_owned(),
+                env!("CARGO_PKG_VERSION").to_owned(),
+            )]),
+        );
         Metrics {
             registry,
             alerts_received,
             runs,
             deduplicated,
             guard_trips,
+            step_duration,
+            queue_depth,
+            in_flight,
+            escalations,
+            escalation_attempts_failed,
+            escalations_pending,
+            escalation_oldest_pending_age,
+            heartbeats,
+            heartbeat_age,
+            self_check_failing,
+            held_alerts,
+            store_errors,
         }
     }
 }
@@ -76,6 +208,30 @@ impl Metrics {
             .get_or_create(&RunLabels {
                 playbook: playbook.unwrap_or("-").to_owned(),
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn step_finished(&self, playbook: &str, seconds: f64) {
+        self.step_duration
+            .get_or_create(&PlaybookLabels {
+                playbook: playbook.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn escalation_result(&self, result: &str) {
+        self.escalations
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn heartbeat(&self, result: &str) {
+        self.heartbeats
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
             })
             .inc();
     }

@@ -15,38 +15,48 @@ pub mod outbox;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 
+use crate::alertmanager::AlertmanagerApi;
 use crate::config::AlertmanagerSettings;
 use crate::domain::Labels;
 use crate::history::Run;
+use crate::playbook::matcher::parse_matchers;
 use crate::playbook::{Playbook, TemplateContext};
 
 pub const REMEDIATION_FAILED: &str = "RemediationFailed";
 pub const REMEDIATION_LOOP: &str = "RemediationLoop";
 
-/// An alert in Alertmanager's API v2 `postableAlert` shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PostableAlert {
-    pub labels: Labels,
-    pub annotations: Labels,
-    pub starts_at: Timestamp,
-    pub ends_at: Timestamp,
-    #[serde(rename = "generatorURL")]
-    pub generator_url: String,
-}
+pub use crate::alertmanager::PostableAlert;
 
 /// Posts pages to Alertmanager. The HTTP client is injected.
 #[derive(Clone)]
 pub struct Escalator {
-    client: reqwest::Client,
+    api: AlertmanagerApi,
     settings: AlertmanagerSettings,
+    /// Label names in `poll_filter`, renamed `original_<name>` on pages.
+    routing_labels: Vec<String>,
 }
 
 impl Escalator {
     pub fn new(client: reqwest::Client, settings: AlertmanagerSettings) -> Self {
-        Escalator { client, settings }
+        let routing_labels = settings
+            .poll_filter
+            .iter()
+            .filter_map(|m| parse_matchers(m).ok())
+            .flatten()
+            .map(|m| m.name().to_owned())
+            .filter(|n| n != "alertname" && n != "severity")
+            .collect();
+        Escalator {
+            api: AlertmanagerApi::new(client, settings.clone()),
+            settings,
+            routing_labels,
+        }
+    }
+
+    /// The Alertmanager API the pages go to.
+    pub fn api(&self) -> &AlertmanagerApi {
+        &self.api
     }
 
     pub fn severity(&self) -> &str {
@@ -86,6 +96,13 @@ impl Escalator {
         }
         if let Some(v) = labels.remove("severity") {
             labels.insert("original_severity".into(), v);
+        }
+        // The labels that route an alert to auto-remediation (`alertmanager.poll_filter`) must not
+        // route the page there too: the heartbeat's inhibition would hold it back from humans.
+        for name in &self.routing_labels {
+            if let Some(v) = labels.remove(name) {
+                labels.insert(format!("original_{name}"), v);
+            }
         }
         let severity = spec
             .and_then(|s| s.severity.clone())
@@ -153,29 +170,10 @@ impl Escalator {
 
     /// One delivery attempt. `Err((retryable, reason))` on failure.
     pub async fn post_once(&self, page: &PostableAlert) -> Result<(), (bool, String)> {
-        let Some(base) = self.settings.url.as_deref() else {
-            return Err((false, "alertmanager.url is not configured".into()));
-        };
-        let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
-        self.post(&url, page).await
-    }
-
-    async fn post(&self, url: &str, page: &PostableAlert) -> Result<(), (bool, String)> {
-        let resp = self
-            .client
-            .post(url)
-            .timeout(self.settings.timeout)
-            .json(&[page])
-            .send()
+        self.api
+            .post_alerts(std::slice::from_ref(page))
             .await
-            .map_err(|e| (true, format!("POST {url}: {e}")))?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let body = resp.text().await.unwrap_or_default();
-        let retryable = status.is_server_error() || status.as_u16() == 429;
-        Err((retryable, format!("POST {url}: {status}: {}", body.trim())))
+            .map_err(|e| (e.retryable, e.reason))
     }
 }
 
@@ -234,9 +232,11 @@ mod tests {
     #[test]
     fn page_carries_the_original_labels_and_run_context() {
         let esc = escalator();
+        let mut run = failed_run();
+        run.alert.labels.insert("remediation".into(), "auto".into());
         let page = esc.page_for(
             REMEDIATION_FAILED,
-            &failed_run(),
+            &run,
             None,
             "http://r/api/v1/runs/7-0",
             Timestamp::UNIX_EPOCH,
@@ -247,6 +247,8 @@ mod tests {
         assert_eq!(page.labels["original_severity"], "critical");
         assert_eq!(page.labels["instance"], "curl-test");
         assert_eq!(page.labels["playbook"], "selftest-fail");
+        assert!(!page.labels.contains_key("remediation"));
+        assert_eq!(page.labels["original_remediation"], "auto");
         assert!(
             !page.labels.contains_key("run_id"),
             "one page per target, not per run"

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{backoff, Escalator, PostableAlert};
 use crate::clock::Clock;
 use crate::history::{DeliveryStatus, EscalationRecord, RunId, Store, StoreError};
+use crate::metrics::Metrics;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -191,11 +192,13 @@ pub async fn send_loop(
     outbox: Outbox,
     escalator: Escalator,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let base = escalator.settings().retry_backoff;
     loop {
-        let next_due = match deliver_due(&outbox, &escalator, clock.as_ref(), base).await {
+        let next_due = match deliver_due(&outbox, &escalator, clock.as_ref(), &metrics, base).await
+        {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "escalation outbox failed; retrying");
@@ -222,6 +225,7 @@ async fn deliver_due(
     outbox: &Outbox,
     escalator: &Escalator,
     clock: &dyn Clock,
+    metrics: &Metrics,
     base: Duration,
 ) -> Result<Option<Timestamp>, StoreError> {
     let mut next: Option<Timestamp> = None;
@@ -238,6 +242,7 @@ async fn deliver_due(
                 outbox.put(&e)?;
                 outbox.store.durable().await?;
                 outbox.record_on_run(&e, DeliveryStatus::Delivered, clock.now())?;
+                metrics.escalation_result("delivered");
                 tracing::info!(run_id = %e.run, %alertname, attempts = e.attempts, "escalation delivered to Alertmanager");
             }
             Err((retryable, error)) => {
@@ -251,11 +256,13 @@ async fn deliver_due(
                     next = Some(next.map_or(e.next_attempt, |n| n.min(e.next_attempt)));
                     outbox.put(&e)?;
                     outbox.record_on_run(&e, DeliveryStatus::Pending, clock.now())?;
+                    metrics.escalation_attempts_failed.inc();
                     tracing::warn!(run_id = %e.run, %alertname, attempts = e.attempts, %error, "escalation not delivered yet; will retry");
                 } else {
                     e.state = EntryState::Rejected;
                     outbox.put(&e)?;
                     outbox.record_on_run(&e, DeliveryStatus::Failed, clock.now())?;
+                    metrics.escalation_result("rejected");
                     tracing::error!(run_id = %e.run, %alertname, %error, "Alertmanager rejected the escalation: nobody was paged");
                 }
             }

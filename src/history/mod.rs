@@ -93,6 +93,10 @@ pub struct Intake {
     pub seq: u64,
     pub received_at: Timestamp,
     pub alert: Alert,
+    /// Read from Alertmanager's API because its inhibition holds the alert back from humans
+    /// (and from reactor's webhook) while reactor's heartbeat is alive.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 /// How a run ended, or that it has not yet.
@@ -288,6 +292,16 @@ impl Store {
         alerts: Vec<Alert>,
         received_at: Timestamp,
     ) -> Result<Vec<Intake>, StoreError> {
+        self.accept_with(alerts, received_at, false).await
+    }
+
+    /// [`Store::accept`], marking whether Alertmanager holds these alerts back from humans.
+    pub async fn accept_with(
+        &self,
+        alerts: Vec<Alert>,
+        received_at: Timestamp,
+        held: bool,
+    ) -> Result<Vec<Intake>, StoreError> {
         let n = alerts.len() as u64;
         let first = self.inner.next_seq.fetch_add(n, Ordering::Relaxed);
         let mut batch = sled::Batch::default();
@@ -298,6 +312,7 @@ impl Store {
                 seq: first + i as u64,
                 received_at,
                 alert,
+                held,
             })
             .collect();
         for it in &intakes {
@@ -309,6 +324,13 @@ impl Store {
         self.inner.intake.apply_batch(batch)?;
         self.durable().await?;
         Ok(intakes)
+    }
+
+    /// A small write made durable: the watchdog's check that the database still takes writes.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let now = Timestamp::now().as_millisecond().to_be_bytes();
+        self.inner.db.insert("watchdog-probe", &now)?;
+        self.durable().await
     }
 
     /// Waits until every earlier write is on disk (group-committed).

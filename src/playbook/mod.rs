@@ -71,6 +71,19 @@ impl Playbook {
     pub fn triggers_on(&self, status: AlertStatus) -> bool {
         self.statuses.contains(&status)
     }
+
+    /// The longest the steps may take: every attempt's timeout plus the delays between them.
+    pub fn time_budget(&self) -> Duration {
+        self.steps
+            .iter()
+            .map(|s| {
+                let attempts = s.retries.saturating_add(1);
+                s.timeout
+                    .saturating_mul(attempts)
+                    .saturating_add(s.retry_delay.saturating_mul(s.retries))
+            })
+            .fold(Duration::ZERO, Duration::saturating_add)
+    }
 }
 
 /// One step of a playbook.

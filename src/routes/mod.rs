@@ -29,6 +29,7 @@ pub struct AppState {
     pub credentials: Arc<[String]>,
     pub playbooks_loaded: usize,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub health: Arc<crate::watchdog::Health>,
 }
 
 /// The full router. Everything but `/healthz` sits behind the bearer token when one is configured.
@@ -41,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state)
@@ -48,6 +50,47 @@ pub fn router(state: AppState) -> Router {
 
 async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok", "playbooks": state.playbooks_loaded}))
+}
+
+/// Ready when the database takes writes, playbooks are loaded and every self-check passes
+/// (503 otherwise), with each check's detail.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let report = state.health.report();
+    let database =
+        match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.probe()).await {
+            Ok(Ok(())) => serde_json::json!({"ok": true}),
+            Ok(Err(e)) => serde_json::json!({"ok": false, "detail": e.to_string()}),
+            Err(_) => serde_json::json!({"ok": false, "detail": "write not durable within 2s"}),
+        };
+    let mut checks = serde_json::Map::new();
+    checks.insert("database".into(), database);
+    checks.insert(
+        "playbooks".into(),
+        serde_json::json!({"ok": true, "loaded": state.playbooks_loaded}),
+    );
+    let started = !report.is_empty();
+    if !started {
+        checks.insert(
+            "watchdog".into(),
+            serde_json::json!({"ok": false, "detail": "self-checks have not run yet"}),
+        );
+    }
+    for (check, result) in report {
+        checks.insert(
+            check.as_str().into(),
+            serde_json::to_value(result).unwrap_or_default(),
+        );
+    }
+    let ready = checks.values().all(|c| c["ok"] == true);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({"ready": ready, "checks": checks})),
+    )
 }
 
 /// The `Authorization` header values that `auth` accepts.
@@ -66,6 +109,10 @@ pub fn credentials(auth: &AuthSettings) -> Arc<[String]> {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .metrics
+        .heartbeat_age
+        .set(state.health.heartbeat_age().as_secs_f64());
     (
         [(
             header::CONTENT_TYPE,

@@ -82,6 +82,7 @@ pub async fn receive(
             .get_or_create(&crate::metrics::StatusLabels { status })
             .inc();
     }
+    state.health.backlog.added(n);
     for (permit, intake) in permits.zip(intakes) {
         permit.send(intake);
     }

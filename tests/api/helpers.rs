@@ -42,6 +42,11 @@ impl PlaybookDir {
         PlaybookDir { root }
     }
 
+    /// The directory holding `playbooks/` and `scripts/`, for the binary's cwd and data.
+    pub fn path(&self) -> &Path {
+        self.root.path()
+    }
+
     pub fn playbooks(&self) -> PathBuf {
         self.root.path().join("playbooks")
     }
@@ -207,7 +212,16 @@ impl Capture {
         let record = move |Json(v): Json<Value>| {
             let b = b.clone();
             async move {
-                b.lock().unwrap().push(v);
+                // As the Alertmanager API stand-in, reactor's heartbeat arrives every interval;
+                // it is not a page, so it is not recorded.
+                let heartbeat = v.as_array().is_some_and(|alerts| {
+                    alerts
+                        .iter()
+                        .all(|a| a["labels"]["alertname"] == "ReactorHeartbeat")
+                });
+                if !heartbeat {
+                    b.lock().unwrap().push(v);
+                }
                 "ok"
             }
         };
@@ -399,7 +413,10 @@ pub fn alertmanager_config(reactor: SocketAddr, token: &str, humans: &str) -> St
   routes:
     - receiver: humans
       matchers: ['alertname="RemediationFailed"']
+    - receiver: blackhole
+      matchers: ['alertname="ReactorHeartbeat"']
 receivers:
+  - name: blackhole
   - name: reactor
     webhook_configs:
       - url: http://{reactor}/webhook/alertmanager
@@ -413,6 +430,94 @@ receivers:
         send_resolved: true
 "#
     )
+}
+
+/// The shipped `deploy/alertmanager/alertmanager.yml`, pointed at this test's reactor and humans'
+/// receiver, with the token inline instead of in a file. Nothing else is changed.
+pub fn shipped_alertmanager_config(reactor: SocketAddr, token: &str, humans: &str) -> String {
+    let shipped =
+        std::fs::read_to_string(repo().join("deploy/alertmanager/alertmanager.yml")).unwrap();
+    let replaced = shipped
+        .replace(
+            "http://reactor:9097/webhook/alertmanager",
+            &format!("http://{reactor}/webhook/alertmanager"),
+        )
+        .replace(
+            "credentials_file: reactor-token",
+            &format!("credentials: {token}"),
+        )
+        .replace("http://humans:8080/alerts", &format!("{humans}/"));
+    assert_ne!(shipped, replaced);
+    replaced
+}
+
+pub const PROMETHEUS: &str = "/usr/bin/prometheus";
+
+/// The real Prometheus from Debian's package, on 127.0.0.1, stopped when dropped.
+pub struct Prometheus {
+    pub port: u16,
+    _proc: Proc,
+    pub dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub async fn start(config: &str) -> Prometheus {
+        assert!(
+            Path::new(PROMETHEUS).exists(),
+            "{PROMETHEUS} is missing: install Debian's prometheus (scripts/test.sh does)"
+        );
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus starts");
+        let prom = Prometheus {
+            port,
+            _proc: Proc { child },
+            dir,
+        };
+        let client = client();
+        let ready = wait_for(Duration::from_secs(30), || async {
+            let r = client
+                .get(format!("http://127.0.0.1:{port}/-/ready"))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        if ready.is_none() {
+            let log =
+                std::fs::read_to_string(prom.dir.path().join("prometheus.log")).unwrap_or_default();
+            panic!("prometheus did not become ready:\n{log}");
+        }
+        prom
+    }
+
+    /// Active alerts of the rules (`GET /api/v1/alerts`).
+    pub async fn alerts(&self) -> Vec<Value> {
+        let v: Value = client()
+            .get(format!("http://127.0.0.1:{}/api/v1/alerts", self.port))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"]["alerts"].as_array().cloned().unwrap_or_default()
+    }
 }
 
 /// The real `reactor` binary with the given arguments, run in `cwd`, logging to `cwd/reactor.log`.

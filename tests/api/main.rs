@@ -7,4 +7,5 @@ mod crash;
 mod guards;
 mod helpers;
 mod router;
+mod watchdog;
 mod webhook;

@@ -21,7 +21,9 @@ struct Fixture {
 fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (queue, rx) = tokio::sync::mpsc::channel(capacity);
+    let metrics = Arc::new(reactor::metrics::Metrics::default());
     let state = AppState {
+        health: Arc::new(reactor::watchdog::Health::new(&metrics)),
         store: Store::open(dir.path()).unwrap(),
         queue,
         limits: Arc::new(limits),
@@ -33,7 +35,7 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
             }),
         }),
         playbooks_loaded: 0,
-        metrics: Arc::default(),
+        metrics,
     };
     Fixture {
         app: router(state),

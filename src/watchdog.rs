@@ -1,0 +1,481 @@
+//! Making a broken reactor loud. The watchdog runs the self-checks every heartbeat interval:
+//! a wedged dispatcher (accepted alerts waiting with no run starting), runs stuck past their
+//! deadline, database writes failing, and pages stuck in the outbox. It keeps the latest report
+//! for `/readyz`, posts one `ReactorUnhealthy` alert per failing check into Alertmanager and
+//! resolves it when the check passes again.
+//!
+//! It also posts `ReactorHeartbeat` with `endsAt = now + 3 × interval`. The shipped Alertmanager
+//! config inhibits the humans' copy of auto-remediation alerts while that heartbeat is alive, so
+//! when reactor dies (or a check that stops remediation fails, when the heartbeat is withheld),
+//! the heartbeat expires and the humans get the original alerts directly: it fails open.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jiff::{SignedDuration, Timestamp};
+use prometheus_client::metrics::gauge::Gauge;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::alertmanager::{AlertmanagerApi, PostableAlert};
+use crate::config::WatchdogSettings;
+use crate::domain::Labels;
+use crate::engine::Engine;
+use crate::metrics::{CheckLabels, Metrics};
+
+pub const REACTOR_HEARTBEAT: &str = "ReactorHeartbeat";
+pub const REACTOR_UNHEALTHY: &str = "ReactorUnhealthy";
+
+/// The self-checks, in report order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    Dispatcher,
+    StuckRuns,
+    Storage,
+    EscalationBacklog,
+}
+
+impl Check {
+    pub const ALL: [Check; 4] = [
+        Check::Dispatcher,
+        Check::StuckRuns,
+        Check::Storage,
+        Check::EscalationBacklog,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Check::Dispatcher => "dispatcher",
+            Check::StuckRuns => "stuck_runs",
+            Check::Storage => "storage",
+            Check::EscalationBacklog => "escalation_backlog",
+        }
+    }
+
+    /// Whether a failure means alerts are not being remediated, so the heartbeat is withheld and
+    /// the humans get the original alerts. An escalation backlog does not stop remediation.
+    pub fn stops_remediation(self) -> bool {
+        !matches!(self, Check::EscalationBacklog)
+    }
+}
+
+/// Accepted alerts not yet started, and when the queue last made progress.
+pub struct Backlog {
+    depth: Gauge,
+    origin: Instant,
+    /// Milliseconds since `origin` of the last run start, or of the queue becoming non-empty.
+    progress_ms: AtomicU64,
+}
+
+impl Backlog {
+    pub fn new(depth: Gauge) -> Self {
+        Backlog {
+            depth,
+            origin: Instant::now(),
+            progress_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.progress_ms
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// `n` alerts were accepted and queued.
+    pub fn added(&self, n: usize) {
+        if self.depth.inc_by(n as i64) <= 0 {
+            self.touch();
+        }
+    }
+
+    /// A queued alert got a worker.
+    pub fn started(&self) {
+        self.depth.dec();
+        self.touch();
+    }
+
+    pub fn depth(&self) -> i64 {
+        self.depth.get()
+    }
+
+    /// How long alerts have waited with no run starting; `None` when nothing waits.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        if self.depth() <= 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.progress_ms.load(Ordering::Relaxed));
+        Some(self.origin.elapsed().saturating_sub(since))
+    }
+}
+
+/// One check's latest result, as `/readyz` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// What the watchdog knows, shared with `/readyz` and `/metrics`.
+pub struct Health {
+    pub backlog: Backlog,
+    dispatcher_alive: AtomicBool,
+    report: Mutex<BTreeMap<Check, CheckResult>>,
+    origin: Instant,
+    /// Milliseconds since `origin` when Alertmanager last accepted the heartbeat; -1: never.
+    heartbeat_ok_ms: AtomicI64,
+}
+
+impl Health {
+    pub fn new(metrics: &Metrics) -> Self {
+        Health {
+            backlog: Backlog::new(metrics.queue_depth.clone()),
+            dispatcher_alive: AtomicBool::new(false),
+            report: Mutex::new(BTreeMap::new()),
+            origin: Instant::now(),
+            heartbeat_ok_ms: AtomicI64::new(-1),
+        }
+    }
+
+    /// Marks the dispatcher running until the returned guard drops (also on panic).
+    pub fn dispatcher_running(self: &Arc<Self>) -> DispatcherGuard {
+        self.dispatcher_alive.store(true, Ordering::Relaxed);
+        DispatcherGuard(Arc::clone(self))
+    }
+
+    /// The latest report; `None` before the first round of checks.
+    pub fn report(&self) -> BTreeMap<Check, CheckResult> {
+        self.report.lock().unwrap().clone()
+    }
+
+    fn heartbeat_accepted(&self) {
+        self.heartbeat_ok_ms
+            .store(self.origin.elapsed().as_millis() as i64, Ordering::Relaxed);
+    }
+
+    /// Time since Alertmanager last accepted the heartbeat (since start when it never did).
+    pub fn heartbeat_age(&self) -> Duration {
+        let ok = self.heartbeat_ok_ms.load(Ordering::Relaxed).max(0) as u64;
+        self.origin
+            .elapsed()
+            .saturating_sub(Duration::from_millis(ok))
+    }
+}
+
+pub struct DispatcherGuard(Arc<Health>);
+
+impl Drop for DispatcherGuard {
+    fn drop(&mut self) {
+        self.0.dispatcher_alive.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Runs every check once.
+pub async fn run_checks(
+    engine: &Engine,
+    settings: &WatchdogSettings,
+    store_errors_seen: &mut u64,
+) -> BTreeMap<Check, CheckResult> {
+    let health = &engine.health;
+    let mut report = BTreeMap::new();
+    let mut put = |check, failure: Option<String>| {
+        report.insert(
+            check,
+            CheckResult {
+                ok: failure.is_none(),
+                detail: failure,
+            },
+        );
+    };
+
+    put(
+        Check::Dispatcher,
+        if !health.dispatcher_alive.load(Ordering::Relaxed) {
+            Some(
+                "the dispatcher task is not running: accepted alerts are not being processed"
+                    .into(),
+            )
+        } else {
+            health.backlog.stalled_for().filter(|d| *d >= settings.stall_after).map(|d| {
+                format!(
+                    "{} accepted alert(s) waited {} with no run starting: every worker is busy or wedged",
+                    health.backlog.depth(),
+                    humantime::format_duration(Duration::from_secs(d.as_secs()))
+                )
+            })
+        },
+    );
+
+    let stuck = engine.stuck_runs(settings.stuck_grace);
+    put(
+        Check::StuckRuns,
+        (!stuck.is_empty()).then(|| {
+            let list: Vec<String> = stuck
+                .iter()
+                .map(|(id, over)| format!("{id} ({}s past its deadline)", over.as_secs()))
+                .collect();
+            format!("runs stuck past their deadline: {}", list.join(", "))
+        }),
+    );
+
+    let errors = engine.metrics.store_errors.get();
+    let probe = tokio::time::timeout(Duration::from_secs(5), engine.store.probe()).await;
+    let storage = match probe {
+        Err(_) => Some("a database write did not become durable within 5s".to_owned()),
+        Ok(Err(e)) => Some(format!("database write failed: {e}")),
+        Ok(Ok(())) if errors > *store_errors_seen => Some(format!(
+            "{} database write(s) failed since the last check",
+            errors - *store_errors_seen
+        )),
+        Ok(Ok(())) => None,
+    };
+    *store_errors_seen = errors;
+    put(Check::Storage, storage);
+
+    let now = engine.clock.now();
+    let backlog = match engine.outbox.pending() {
+        Err(e) => Some(format!("cannot read the escalation outbox: {e}")),
+        Ok(pending) => {
+            let oldest = pending.iter().min_by_key(|e| e.created);
+            let age = oldest
+                .map(|e| now.duration_since(e.created).unsigned_abs())
+                .unwrap_or_default();
+            engine.metrics.escalations_pending.set(pending.len() as i64);
+            engine
+                .metrics
+                .escalation_oldest_pending_age
+                .set(age.as_secs_f64());
+            oldest.filter(|_| age >= settings.backlog_after).map(|e| {
+                format!(
+                    "{} page(s) not accepted by Alertmanager, the oldest for {}s: {}",
+                    pending.len(),
+                    age.as_secs(),
+                    e.last_error.as_deref().unwrap_or("not attempted yet")
+                )
+            })
+        }
+    };
+    put(Check::EscalationBacklog, backlog);
+
+    for (check, result) in &report {
+        engine
+            .metrics
+            .self_check_failing
+            .get_or_create(&CheckLabels {
+                check: check.as_str().into(),
+            })
+            .set(i64::from(!result.ok));
+    }
+    report
+}
+
+/// Builds the heartbeat, alive for three intervals.
+pub fn heartbeat(instance: &str, interval: Duration, now: Timestamp) -> PostableAlert {
+    let mut labels = Labels::new();
+    labels.insert("alertname".into(), REACTOR_HEARTBEAT.into());
+    labels.insert("severity".into(), "none".into());
+    labels.insert("reactor".into(), instance.into());
+    let mut annotations = Labels::new();
+    annotations.insert(
+        "summary".into(),
+        "reactor is alive; while this alert fires, Alertmanager holds back the humans' copy of auto-remediation alerts".into(),
+    );
+    PostableAlert {
+        labels,
+        annotations,
+        starts_at: now,
+        ends_at: later(now, interval * 3),
+        generator_url: format!("{instance}/readyz"),
+    }
+}
+
+/// Builds `ReactorUnhealthy` for `check`, firing (`detail` set) or resolved (`None`).
+pub fn unhealthy(
+    instance: &str,
+    severity: &str,
+    check: Check,
+    detail: Option<&str>,
+    since: Timestamp,
+    now: Timestamp,
+    interval: Duration,
+) -> PostableAlert {
+    let mut labels = Labels::new();
+    labels.insert("alertname".into(), REACTOR_UNHEALTHY.into());
+    labels.insert("severity".into(), severity.into());
+    labels.insert("check".into(), check.as_str().into());
+    labels.insert("reactor".into(), instance.into());
+    let mut annotations = Labels::new();
+    annotations.insert(
+        "summary".into(),
+        format!("reactor self-check {} is failing", check.as_str()),
+    );
+    annotations.insert(
+        "description".into(),
+        detail.unwrap_or("the check passes again").into(),
+    );
+    PostableAlert {
+        labels,
+        annotations,
+        starts_at: since,
+        // Re-posted every interval while failing, so it also ends if reactor dies (the heartbeat
+        // and Prometheus' ReactorDown take over then).
+        ends_at: if detail.is_some() {
+            later(now, interval * 3)
+        } else {
+            now
+        },
+        generator_url: format!("{instance}/readyz"),
+    }
+}
+
+fn later(now: Timestamp, d: Duration) -> Timestamp {
+    now.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO))
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// Checks, heartbeats and `ReactorUnhealthy` pages every interval until `shutdown`.
+pub async fn watch(
+    engine: Arc<Engine>,
+    api: AlertmanagerApi,
+    settings: WatchdogSettings,
+    instance: String,
+    shutdown: CancellationToken,
+) {
+    let interval = settings.heartbeat_interval.max(Duration::from_millis(100));
+    let mut store_errors_seen = engine.metrics.store_errors.get();
+    // Checks failing now (since when), and checks that passed again but whose resolve was not yet
+    // accepted by Alertmanager.
+    let mut failing: BTreeMap<Check, Timestamp> = BTreeMap::new();
+    let mut resolving: BTreeMap<Check, Timestamp> = BTreeMap::new();
+    let configured = api.settings().url.is_some();
+    loop {
+        let report = run_checks(&engine, &settings, &mut store_errors_seen).await;
+        let now = engine.clock.now();
+        let mut posts = Vec::new();
+        for (check, result) in &report {
+            match &result.detail {
+                Some(detail) => {
+                    if !failing.contains_key(check) {
+                        tracing::error!(check = check.as_str(), %detail, "self-check failed");
+                    }
+                    resolving.remove(check);
+                    let since = *failing.entry(*check).or_insert(now);
+                    posts.push(unhealthy(
+                        &instance,
+                        api.settings().severity.as_str(),
+                        *check,
+                        Some(detail),
+                        since,
+                        now,
+                        interval,
+                    ));
+                }
+                None => {
+                    if let Some(since) = failing.remove(check) {
+                        tracing::info!(check = check.as_str(), "self-check passes again");
+                        resolving.insert(*check, since);
+                    }
+                }
+            }
+        }
+        for (check, since) in &resolving {
+            posts.push(unhealthy(
+                &instance,
+                api.settings().severity.as_str(),
+                *check,
+                None,
+                *since,
+                now,
+                interval,
+            ));
+        }
+        *engine.health.report.lock().unwrap() = report;
+
+        let withhold = failing.keys().any(|c| c.stops_remediation());
+        if configured {
+            if withhold {
+                engine.metrics.heartbeat("withheld");
+                tracing::warn!("heartbeat withheld while a self-check fails: Alertmanager will release the humans' copies of auto-remediation alerts");
+            } else {
+                posts.push(heartbeat(&instance, interval, now));
+            }
+            if !posts.is_empty() {
+                match api.post_alerts(&posts).await {
+                    Ok(()) => {
+                        resolving.clear();
+                        if !withhold {
+                            engine.health.heartbeat_accepted();
+                            engine.metrics.heartbeat("ok");
+                        }
+                    }
+                    Err(e) => {
+                        if !withhold {
+                            engine.metrics.heartbeat("failed");
+                        }
+                        tracing::warn!(error = %e, "could not post the heartbeat / self-check alerts to Alertmanager");
+                    }
+                }
+            }
+        } else {
+            resolving.clear();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {},
+        }
+    }
+    tracing::debug!("watchdog stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backlog_stalls_only_while_alerts_wait() {
+        let b = Backlog::new(Gauge::default());
+        assert_eq!(b.stalled_for(), None);
+        b.added(2);
+        assert!(b.stalled_for().unwrap() < Duration::from_secs(1));
+        b.started();
+        b.started();
+        assert_eq!(b.stalled_for(), None);
+        assert_eq!(b.depth(), 0);
+    }
+
+    #[test]
+    fn heartbeat_lives_three_intervals_and_unhealthy_resolves_with_ends_at_now() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        let hb = heartbeat("http://r", Duration::from_secs(10), now);
+        assert_eq!(hb.labels["alertname"], REACTOR_HEARTBEAT);
+        assert_eq!(hb.ends_at.as_second(), 1_030);
+        let since = Timestamp::from_second(900).unwrap();
+        let firing = unhealthy(
+            "http://r",
+            "critical",
+            Check::Dispatcher,
+            Some("x"),
+            since,
+            now,
+            Duration::from_secs(10),
+        );
+        assert_eq!(firing.labels["check"], "dispatcher");
+        assert_eq!(firing.labels["severity"], "critical");
+        assert_eq!(firing.starts_at, since);
+        assert!(firing.ends_at > now);
+        let resolved = unhealthy(
+            "http://r",
+            "critical",
+            Check::Dispatcher,
+            None,
+            since,
+            now,
+            Duration::from_secs(10),
+        );
+        assert_eq!(resolved.ends_at, now);
+        assert_eq!(resolved.labels, firing.labels, "same alert, so it resolves");
+    }
+}
