@@ -43,6 +43,52 @@ pub struct AlertState {
     pub inhibited_by: Vec<String>,
 }
 
+/// A silence for `POST /api/v2/silences`: exact matchers on every label of one alert.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PostableSilence {
+    pub matchers: Vec<SilenceMatcher>,
+    pub starts_at: Timestamp,
+    pub ends_at: Timestamp,
+    pub created_by: String,
+    pub comment: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SilenceMatcher {
+    pub name: String,
+    pub value: String,
+    pub is_regex: bool,
+    pub is_equal: bool,
+}
+
+impl PostableSilence {
+    /// Silences exactly the alert with `labels`.
+    pub fn for_labels(
+        labels: &Labels,
+        starts_at: Timestamp,
+        ends_at: Timestamp,
+        comment: String,
+    ) -> Self {
+        PostableSilence {
+            matchers: labels
+                .iter()
+                .map(|(k, v)| SilenceMatcher {
+                    name: k.clone(),
+                    value: v.clone(),
+                    is_regex: false,
+                    is_equal: true,
+                })
+                .collect(),
+            starts_at,
+            ends_at,
+            created_by: "reactor".into(),
+            comment,
+        }
+    }
+}
+
 /// A failed call: whether retrying can help, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{reason}")]
@@ -92,6 +138,54 @@ impl AlertmanagerApi {
                 reason: format!("POST {url}: {e}"),
             })?;
         check(resp, "POST", &url).await.map(drop)
+    }
+
+    /// `POST /api/v2/silences`; returns the silence id.
+    pub async fn create_silence(&self, silence: &PostableSilence) -> Result<String, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Created {
+            #[serde(rename = "silenceID")]
+            silence_id: String,
+        }
+        let url = self.url("/api/v2/silences")?;
+        let resp = self
+            .client
+            .post(&url)
+            .timeout(self.settings.timeout)
+            .json(silence)
+            .send()
+            .await
+            .map_err(|e| ApiError {
+                retryable: true,
+                reason: format!("POST {url}: {e}"),
+            })?;
+        let created: Created =
+            check(resp, "POST", &url)
+                .await?
+                .json()
+                .await
+                .map_err(|e| ApiError {
+                    retryable: true,
+                    reason: format!("POST {url}: unexpected body: {e}"),
+                })?;
+        Ok(created.silence_id)
+    }
+
+    /// `DELETE /api/v2/silence/{id}`: expires the silence now.
+    pub async fn expire_silence(&self, id: &str) -> Result<(), ApiError> {
+        let url = self.url(&format!("/api/v2/silence/{id}"))?;
+        let resp = self
+            .client
+            .delete(&url)
+            .timeout(self.settings.timeout)
+            .send()
+            .await
+            .map_err(|e| ApiError {
+                retryable: true,
+                reason: format!("DELETE {url}: {e}"),
+            })?;
+        check(resp, "DELETE", &url).await.map(drop)
     }
 
     /// `GET /api/v2/alerts` with `filter` matchers: active, silenced and inhibited alerts alike.

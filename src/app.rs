@@ -190,6 +190,16 @@ impl Application {
             shutdown.clone(),
         ));
         let am = &settings.alertmanager;
+        let verify_poll = if am.poll_interval.is_zero() {
+            std::time::Duration::from_secs(5)
+        } else {
+            am.poll_interval
+        };
+        background.spawn(crate::engine::verify_loop(
+            Arc::clone(&engine),
+            verify_poll,
+            shutdown.clone(),
+        ));
         if am.url.is_some() && !am.poll_interval.is_zero() {
             background.spawn(poller::poll_loop(
                 Arc::clone(&engine),

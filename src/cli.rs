@@ -436,7 +436,15 @@ fn runs_table(runs: &[Run]) -> String {
 fn show_run(r: &Run) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "run        {}", r.id);
-    let _ = writeln!(out, "outcome    {}", r.outcome);
+    let verified = if r.verified_at.is_some() {
+        " (verified)"
+    } else {
+        ""
+    };
+    let _ = writeln!(out, "outcome    {}{verified}", r.outcome);
+    if let Some(d) = r.verify_deadline {
+        let _ = writeln!(out, "verify by  {d}");
+    }
     if let Some(reason) = &r.reason {
         let _ = writeln!(out, "reason     {reason}");
     }
@@ -496,6 +504,15 @@ fn show_run(r: &Run) -> String {
                 .map(|x| format!(" (last error: {x})"))
                 .unwrap_or_default()
         );
+        if let Some(t) = e.resolved_at {
+            let _ = writeln!(out, "resolved   page resolved at {t}");
+        }
+    }
+    if !r.timeline.is_empty() {
+        let _ = writeln!(out, "timeline");
+        for e in &r.timeline {
+            let _ = writeln!(out, "  {}  {}", e.at, e.event);
+        }
     }
     out
 }

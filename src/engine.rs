@@ -8,12 +8,12 @@
 //! playbook declares `idempotent: true`; otherwise it is recorded as `interrupted` and escalated
 //! once, so a human looks at it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -56,6 +56,10 @@ pub struct Engine {
     pub external_url: String,
     per_playbook: HashMap<String, Arc<Semaphore>>,
     in_flight: Mutex<HashMap<RunId, InFlight>>,
+    /// Runs waiting for their alert to resolve, and those whose resolution was seen.
+    verifying: Mutex<HashSet<RunId>>,
+    resolved_seen: Mutex<HashSet<RunId>>,
+    pub verify_wake: Notify,
 }
 
 /// The sending side of the work queue, held by the webhook handler.
@@ -97,6 +101,9 @@ impl Engine {
             external_url,
             per_playbook,
             in_flight: Mutex::new(HashMap::new()),
+            verifying: Mutex::new(HashSet::new()),
+            resolved_seen: Mutex::new(HashSet::new()),
+            verify_wake: Notify::new(),
         })
     }
 
@@ -166,6 +173,9 @@ impl Engine {
         for page in pages {
             self.escalate(page.alertname, page.run, page.playbook.as_deref())
                 .await?;
+        }
+        if intake.alert.status == AlertStatus::Resolved {
+            self.alert_resolved(&intake.alert.fingerprint).await?;
         }
         for (run, playbook) in runnable {
             self.execute(run, playbook).await?;
@@ -300,30 +310,215 @@ impl Engine {
                 },
             );
             self.metrics.in_flight.inc();
+            let mut run = run;
+            if playbook.silence {
+                self.create_silence(&mut run, &playbook).await?;
+            }
             let id = run.id;
             let result = self.run_steps(run, &playbook, cancel).await;
             self.in_flight.lock().unwrap().remove(&id);
             self.metrics.in_flight.dec();
             let run = result?;
-            if let Some(bp) = &playbook.guards.breaker {
-                if matches!(run.outcome, Outcome::Succeeded | Outcome::Failed) {
-                    self.guards.record_breaker(
-                        &playbook.name,
-                        run.outcome == Outcome::Failed,
-                        self.clock.now(),
-                        bp,
-                    )?;
-                }
-            }
-            if run.outcome == Outcome::Failed {
-                tracing::warn!(reason = run.reason.as_deref(), "run failed; escalating");
-                self.escalate(REMEDIATION_FAILED, run, Some(&playbook))
-                    .await?;
-            }
-            Ok(())
+            self.settled(run, &playbook).await
         }
         .instrument(span)
         .await
+    }
+
+    /// After a run reached its outcome: reports to the breaker, escalates a failure, and resolves
+    /// earlier pages for the same alert when it succeeded.
+    async fn settled(&self, mut run: Run, playbook: &Playbook) -> Result<(), StoreError> {
+        if !matches!(run.outcome, Outcome::Succeeded | Outcome::Verifying) {
+            // Expire before paging, so the humans see the original alert too.
+            self.expire_silence(&mut run).await?;
+        }
+        if let Some(bp) = &playbook.guards.breaker {
+            if matches!(run.outcome, Outcome::Succeeded | Outcome::Failed) {
+                self.guards.record_breaker(
+                    &playbook.name,
+                    run.outcome == Outcome::Failed,
+                    self.clock.now(),
+                    bp,
+                )?;
+            }
+        }
+        match run.outcome {
+            Outcome::Failed => {
+                tracing::warn!(reason = run.reason.as_deref(), "run failed; escalating");
+                self.escalate(REMEDIATION_FAILED, run, Some(playbook))
+                    .await?;
+            }
+            Outcome::Succeeded => {
+                self.resolve_pages(&run.alert.fingerprint, "a later run fixed it")
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Silences the run's alert for the run plus its verify window (`silence: true`). A failure
+    /// to silence is noted and the run goes on: the humans may see the alert early, no worse.
+    async fn create_silence(&self, run: &mut Run, playbook: &Playbook) -> Result<(), StoreError> {
+        if !self.escalator.configured() {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let span =
+            playbook.time_budget() + playbook.verify.unwrap_or_default() + Duration::from_secs(60);
+        let ends = now
+            .checked_add(jiff::SignedDuration::try_from(span).unwrap_or_default())
+            .unwrap_or(Timestamp::MAX);
+        let comment = format!(
+            "reactor run {} ({}) is remediating this alert: {}",
+            run.id,
+            playbook.name,
+            self.run_url(run.id)
+        );
+        let silence =
+            crate::alertmanager::PostableSilence::for_labels(&run.alert.labels, now, ends, comment);
+        match self.escalator.api().create_silence(&silence).await {
+            Ok(id) => {
+                run.note(now, format!("silence {id} created until {ends}"));
+                run.silence = Some(crate::history::SilenceRecord {
+                    id,
+                    created_at: now,
+                    ends_at: ends,
+                    expired_at: None,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not silence the alert while fixing it");
+                run.note(now, format!("silence not created: {e}"));
+            }
+        }
+        self.store.put_run(run)
+    }
+
+    /// Expires the run's silence, if it holds one that has not been expired.
+    async fn expire_silence(&self, run: &mut Run) -> Result<(), StoreError> {
+        let Some(silence) = run.silence.as_mut().filter(|s| s.expired_at.is_none()) else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        match self.escalator.api().expire_silence(&silence.id).await {
+            Ok(()) => {
+                silence.expired_at = Some(now);
+                let id = silence.id.clone();
+                run.note(now, format!("silence {id} expired"));
+            }
+            Err(e) => {
+                tracing::warn!(run_id = %run.id, error = %e, "could not expire the run's silence; it ends by itself");
+                run.note(now, format!("silence not expired: {e}"));
+            }
+        }
+        self.store.put_run(run)
+    }
+
+    /// Resolves every open page for `fingerprint` and notes it on the pages' runs.
+    async fn resolve_pages(&self, fingerprint: &Fingerprint, why: &str) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        for id in self.outbox.resolve_for(fingerprint, now).await? {
+            tracing::info!(run_id = %id, why, "resolving the page");
+            if let Some(mut run) = self.store.get_run(id)? {
+                run.note(now, format!("escalation resolving: {why}"));
+                self.store.put_run(&run)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A resolved alert arrived (webhook or held-alert poll): verifications waiting for it
+    /// succeed, and pages raised for it resolve.
+    async fn alert_resolved(&self, fingerprint: &Fingerprint) -> Result<(), StoreError> {
+        let waiting: Vec<RunId> = self.verifying.lock().unwrap().iter().copied().collect();
+        for id in waiting {
+            if let Some(run) = self.store.get_run(id)? {
+                if &run.alert.fingerprint == fingerprint {
+                    self.resolved_seen.lock().unwrap().insert(id);
+                    self.verify_wake.notify_one();
+                }
+            }
+        }
+        self.resolve_pages(fingerprint, "the alert resolved").await
+    }
+
+    /// Ends verifications: resolved alerts succeed (verified), expired deadlines fail and page.
+    /// Returns when the next deadline is due.
+    pub async fn verify_pass(&self) -> Result<(), StoreError> {
+        let waiting: Vec<RunId> = self.verifying.lock().unwrap().iter().copied().collect();
+        let configured = self.escalator.configured();
+        for id in waiting {
+            let Some(mut run) = self.store.get_run(id)? else {
+                self.verifying.lock().unwrap().remove(&id);
+                continue;
+            };
+            if run.outcome != Outcome::Verifying {
+                self.verifying.lock().unwrap().remove(&id);
+                continue;
+            }
+            let seen = self.resolved_seen.lock().unwrap().remove(&id);
+            let now = self.clock.now();
+            let expired = run.verify_deadline.is_none_or(|d| now >= d);
+            // Confirm with Alertmanager: a firing alert is listed, a resolved one is not.
+            let mut source = seen.then_some("resolved notification");
+            if source.is_none() && configured {
+                match self.still_firing(&run).await {
+                    Ok(false) => source = Some("Alertmanager no longer lists it"),
+                    Ok(true) => {}
+                    Err(e) => {
+                        tracing::warn!(run_id = %id, error = %e, "could not ask Alertmanager whether the alert resolved")
+                    }
+                }
+            }
+            let playbook = run
+                .playbook
+                .as_deref()
+                .and_then(|n| self.playbooks.get(n))
+                .cloned();
+            if let Some(source) = source {
+                run.note(now, format!("resolved seen ({source})"));
+                run.outcome = Outcome::Succeeded;
+                run.verified_at = Some(now);
+                run.finished_at = Some(now);
+                run.reason = Some("verified: the alert resolved after remediation".into());
+                run.note(now, "succeeded (verified)");
+            } else if expired {
+                settle(
+                    &mut run,
+                    Outcome::Failed,
+                    "not resolved after remediation",
+                    now,
+                );
+            } else {
+                continue;
+            }
+            self.verifying.lock().unwrap().remove(&id);
+            self.store.put_run(&run)?;
+            self.metrics
+                .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
+            let span = tracing::info_span!("run", run_id = %run.id, playbook = run.playbook.as_deref().unwrap_or(""));
+            let _enter = span.enter();
+            tracing::info!(outcome = %run.outcome, "verification ended");
+            drop(_enter);
+            match playbook {
+                Some(p) => self.settled(run, &p).await?,
+                None if run.outcome == Outcome::Failed => {
+                    self.escalate(REMEDIATION_FAILED, run, None).await?
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether Alertmanager still lists the run's alert as active.
+    async fn still_firing(&self, run: &Run) -> Result<bool, crate::alertmanager::ApiError> {
+        let filter = vec![format!("alertname={:?}", run.alert.alertname())];
+        let alerts = self.escalator.api().alerts(&filter).await?;
+        Ok(alerts
+            .iter()
+            .any(|a| a.fingerprint == run.alert.fingerprint.as_str()))
     }
 
     /// The steps in order; the first step that exhausts its retries fails the run.
@@ -350,6 +545,10 @@ impl Engine {
                     break 'steps;
                 }
                 let started_at = self.clock.now();
+                run.note(
+                    started_at,
+                    format!("step {} attempt {attempt} started", step.name),
+                );
                 let clock = Instant::now();
                 let result = self
                     .executor
@@ -372,6 +571,14 @@ impl Engine {
                 if let Some(e) = &error {
                     tracing::warn!(step = %step.name, attempt, error = %e, "step attempt failed");
                 }
+                run.note(
+                    self.clock.now(),
+                    format!(
+                        "step {} attempt {attempt} {}",
+                        step.name,
+                        if succeeded { "succeeded" } else { "failed" }
+                    ),
+                );
                 run.steps.push(StepRecord {
                     name: step.name.clone(),
                     attempt,
@@ -412,12 +619,32 @@ impl Engine {
             tracing::info!("run cancelled: its alert resolved");
         } else if let Some(reason) = failure {
             settle(&mut run, Outcome::Failed, &reason, now);
+        } else if let Some(within) = playbook.verify {
+            let deadline = now
+                .checked_add(jiff::SignedDuration::try_from(within).unwrap_or_default())
+                .unwrap_or(Timestamp::MAX);
+            run.outcome = Outcome::Verifying;
+            run.verify_deadline = Some(deadline);
+            run.note(
+                now,
+                format!(
+                    "verify started: waiting up to {} for the alert to resolve",
+                    humantime::format_duration(within)
+                ),
+            );
+            tracing::info!(%deadline, "steps succeeded; verifying that the alert resolves");
         } else {
             run.outcome = Outcome::Succeeded;
             run.finished_at = Some(now);
+            run.note(now, "succeeded");
             tracing::info!("run succeeded");
         }
         self.store.put_run(&run)?;
+        if run.outcome == Outcome::Verifying {
+            self.verifying.lock().unwrap().insert(run.id);
+            self.verify_wake.notify_one();
+            return Ok(run);
+        }
         self.metrics
             .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
         Ok(run)
@@ -447,10 +674,15 @@ impl Engine {
                 attempts: 0,
                 at: now,
                 last_error: None,
+                resolved_at: None,
             });
+            run.note(now, format!("escalation {alertname} queued"));
             self.store.put_run(&run)?;
         }
-        if status == DeliveryStatus::Pending && !self.outbox.enqueue(run.id, page, now).await? {
+        let fingerprint = run.alert.fingerprint.clone();
+        if status == DeliveryStatus::Pending
+            && !self.outbox.enqueue(run.id, page, fingerprint, now).await?
+        {
             // Re-processed after a crash: this run's page was already queued, maybe delivered.
             self.outbox.sync_run(run.id, now)?;
         }
@@ -466,6 +698,11 @@ impl Engine {
         let now = self.clock.now();
         let mut rerun = Vec::new();
         for mut run in self.store.unfinished_runs()? {
+            if run.outcome == Outcome::Verifying {
+                tracing::info!(run_id = %run.id, "resuming the verification of a run");
+                self.verifying.lock().unwrap().insert(run.id);
+                continue;
+            }
             let playbook = run
                 .playbook
                 .as_deref()
@@ -492,7 +729,9 @@ impl Engine {
                         &self.run_url(run.id),
                         now,
                     );
-                    self.outbox.enqueue(run.id, page, now).await?;
+                    self.outbox
+                        .enqueue(run.id, page, run.alert.fingerprint.clone(), now)
+                        .await?;
                 } else {
                     self.outbox.sync_run(run.id, now)?;
                 }
@@ -515,6 +754,7 @@ impl Engine {
                         now,
                     );
                     self.store.put_run(&run)?;
+                    self.expire_silence(&mut run).await?;
                     self.metrics
                         .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
                     tracing::warn!(run_id = %run.id, "run was interrupted by a restart; escalating");
@@ -570,6 +810,7 @@ impl Engine {
                         self.clock.now(),
                     );
                     self.store.put_run(&run)?;
+                    self.expire_silence(&mut run).await?;
                     self.escalate(REMEDIATION_FAILED, run, playbook.as_deref())
                         .await?;
                 }
@@ -584,6 +825,20 @@ impl Engine {
 }
 
 fn new_run(intake: &Intake, index: usize, playbook: Option<&Arc<Playbook>>) -> Run {
+    let mut timeline = vec![crate::history::Event {
+        at: intake.received_at,
+        event: if intake.held {
+            "received (read from Alertmanager: held back from humans)".to_owned()
+        } else {
+            "received".to_owned()
+        },
+    }];
+    if let Some(p) = playbook {
+        timeline.push(crate::history::Event {
+            at: Timestamp::now(),
+            event: format!("matched playbook {}", p.name),
+        });
+    }
     Run {
         id: RunId {
             seq: intake.seq,
@@ -598,6 +853,10 @@ fn new_run(intake: &Intake, index: usize, playbook: Option<&Arc<Playbook>>) -> R
         finished_at: None,
         steps: Vec::new(),
         escalation: None,
+        verify_deadline: None,
+        verified_at: None,
+        silence: None,
+        timeline,
     }
 }
 
@@ -605,6 +864,22 @@ fn settle(run: &mut Run, outcome: Outcome, reason: &str, now: Timestamp) {
     run.outcome = outcome;
     run.reason = Some(reason.to_owned());
     run.finished_at = Some(now);
+    run.note(now, format!("{outcome}: {reason}"));
+}
+
+/// Ends verifications as their alerts resolve or their deadlines pass, until `shutdown`.
+pub async fn verify_loop(engine: Arc<Engine>, poll: Duration, shutdown: CancellationToken) {
+    loop {
+        if let Err(e) = engine.verify_pass().await {
+            engine.metrics.store_errors.inc();
+            tracing::error!(error = %e, "could not record a verification");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = engine.verify_wake.notified() => {},
+            _ = tokio::time::sleep(poll) => {},
+        }
+    }
 }
 
 /// Takes accepted alerts off the queue and runs them, at most `max_concurrent` at a time, until

@@ -226,6 +226,10 @@ mod tests {
                 logs: vec![],
             }],
             escalation: None,
+            verify_deadline: None,
+            verified_at: None,
+            silence: None,
+            timeline: Vec::new(),
         }
     }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{backoff, Escalator, PostableAlert};
 use crate::clock::Clock;
+use crate::domain::Fingerprint;
 use crate::history::{DeliveryStatus, EscalationRecord, RunId, Store, StoreError};
 use crate::metrics::Metrics;
 
@@ -29,6 +30,10 @@ pub enum EntryState {
     Delivered,
     /// Alertmanager refused it for good (4xx other than 429); retrying cannot help.
     Rejected,
+    /// The problem is fixed: the page is to be re-posted with `endsAt` = now.
+    Resolving,
+    /// Alertmanager accepted the resolved page.
+    Resolved,
 }
 
 /// One page in the outbox.
@@ -43,6 +48,11 @@ pub struct Entry {
     pub next_attempt: Timestamp,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The alert the failed run was for: its resolution resolves the page.
+    #[serde(default)]
+    pub fingerprint: Option<Fingerprint>,
+    #[serde(default)]
+    pub resolved_at: Option<Timestamp>,
 }
 
 impl Entry {
@@ -61,6 +71,7 @@ impl Entry {
             attempts: self.attempts,
             at,
             last_error: self.last_error.clone(),
+            resolved_at: self.resolved_at,
         }
     }
 }
@@ -88,6 +99,7 @@ impl Outbox {
         &self,
         run: RunId,
         page: PostableAlert,
+        fingerprint: Fingerprint,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let entry = Entry {
@@ -98,6 +110,8 @@ impl Outbox {
             created: now,
             next_attempt: now,
             last_error: None,
+            fingerprint: Some(fingerprint),
+            resolved_at: None,
         };
         let bytes = serde_json::to_vec(&entry).expect("outbox entry serializes");
         let added = self
@@ -124,7 +138,7 @@ impl Outbox {
         for kv in self.tree.iter() {
             let (_, v) = kv?;
             if let Ok(e) = serde_json::from_slice::<Entry>(&v) {
-                if e.state == EntryState::Pending {
+                if matches!(e.state, EntryState::Pending | EntryState::Resolving) {
                     out.push(e);
                 }
             }
@@ -163,9 +177,43 @@ impl Outbox {
                 EntryState::Pending => {}
                 EntryState::Delivered => self.record_on_run(&e, DeliveryStatus::Delivered, now)?,
                 EntryState::Rejected => self.record_on_run(&e, DeliveryStatus::Failed, now)?,
+                EntryState::Resolving | EntryState::Resolved => {
+                    self.record_on_run(&e, DeliveryStatus::Delivered, now)?
+                }
             }
         }
         Ok(())
+    }
+
+    /// The alert behind `fingerprint` resolved, or a later run fixed it: every open page for it
+    /// is re-posted with `endsAt` = now, so Alertmanager resolves it. Returns the runs affected.
+    pub async fn resolve_for(
+        &self,
+        fingerprint: &Fingerprint,
+        now: Timestamp,
+    ) -> Result<Vec<RunId>, StoreError> {
+        let mut resolved = Vec::new();
+        for kv in self.tree.iter() {
+            let (_, v) = kv?;
+            let Ok(mut e) = serde_json::from_slice::<Entry>(&v) else {
+                continue;
+            };
+            let open = matches!(e.state, EntryState::Pending | EntryState::Delivered);
+            if !open || e.fingerprint.as_ref() != Some(fingerprint) {
+                continue;
+            }
+            e.page.ends_at = now;
+            e.state = EntryState::Resolving;
+            e.attempts = 0;
+            e.next_attempt = now;
+            self.put(&e)?;
+            resolved.push(e.run);
+        }
+        if !resolved.is_empty() {
+            self.store.durable().await?;
+            self.wake.notify_one();
+        }
+        Ok(resolved)
     }
 
     /// Records the delivery state on the run the page belongs to.
@@ -176,7 +224,16 @@ impl Outbox {
         at: Timestamp,
     ) -> Result<(), StoreError> {
         if let Some(mut run) = self.store.get_run(e.run)? {
+            let before = run.escalation.clone();
             run.escalation = Some(e.record(status, at));
+            if run.escalation != before {
+                match (e.state, status) {
+                    (EntryState::Resolved, _) => run.note(at, "escalation resolved"),
+                    (_, DeliveryStatus::Delivered) => run.note(at, "escalation delivered"),
+                    (_, DeliveryStatus::Failed) => run.note(at, "escalation rejected"),
+                    _ => {}
+                }
+            }
             self.store.put_run(&run)?;
         }
         Ok(())
@@ -236,7 +293,16 @@ async fn deliver_due(
         }
         e.attempts += 1;
         let alertname = e.alertname();
+        let resolving = e.state == EntryState::Resolving;
         match escalator.post_once(&e.page).await {
+            Ok(()) if resolving => {
+                e.state = EntryState::Resolved;
+                e.resolved_at = Some(clock.now());
+                outbox.put(&e)?;
+                outbox.store.durable().await?;
+                outbox.record_on_run(&e, DeliveryStatus::Delivered, clock.now())?;
+                tracing::info!(run_id = %e.run, %alertname, "page resolved in Alertmanager");
+            }
             Ok(()) => {
                 e.state = EntryState::Delivered;
                 outbox.put(&e)?;
@@ -258,6 +324,10 @@ async fn deliver_due(
                     outbox.record_on_run(&e, DeliveryStatus::Pending, clock.now())?;
                     metrics.escalation_attempts_failed.inc();
                     tracing::warn!(run_id = %e.run, %alertname, attempts = e.attempts, %error, "escalation not delivered yet; will retry");
+                } else if resolving {
+                    e.state = EntryState::Resolved;
+                    outbox.put(&e)?;
+                    tracing::error!(run_id = %e.run, %alertname, %error, "Alertmanager refused to resolve the page");
                 } else {
                     e.state = EntryState::Rejected;
                     outbox.put(&e)?;

@@ -113,6 +113,8 @@ pub enum Outcome {
     Deduplicated,
     /// Stopped because the alert resolved and the playbook says `on_resolved: cancel`.
     Cancelled,
+    /// The steps succeeded; waiting (until `verifyDeadline`) for the alert to resolve.
+    Verifying,
 }
 
 impl Outcome {
@@ -125,6 +127,7 @@ impl Outcome {
             Outcome::Interrupted => "interrupted",
             Outcome::Deduplicated => "deduplicated",
             Outcome::Cancelled => "cancelled",
+            Outcome::Verifying => "verifying",
         }
     }
 }
@@ -133,7 +136,7 @@ impl FromStr for Outcome {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(serde_json::Value::String(s.to_owned()))
-            .map_err(|_| format!("outcome must be one of running, succeeded, failed, skipped, interrupted, deduplicated, cancelled; got {s:?}"))
+            .map_err(|_| format!("outcome must be one of running, verifying, succeeded, failed, skipped, interrupted, deduplicated, cancelled; got {s:?}"))
     }
 }
 
@@ -193,6 +196,27 @@ pub struct EscalationRecord {
     pub at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When reactor resolved the page (the alert resolved, or a later run fixed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<Timestamp>,
+}
+
+/// The Alertmanager silence a run holds over its alert while it fixes it (`silence: true`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SilenceRecord {
+    pub id: String,
+    pub created_at: Timestamp,
+    pub ends_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<Timestamp>,
+}
+
+/// Something that happened to a run, for its timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub at: Timestamp,
+    pub event: String,
 }
 
 /// One alert handled by one playbook (or recorded as skipped when none applied).
@@ -214,6 +238,26 @@ pub struct Run {
     pub steps: Vec<StepRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalation: Option<EscalationRecord>,
+    /// Until when the run waits for its alert to resolve (playbook `verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_deadline: Option<Timestamp>,
+    /// Set when the alert was seen resolved after the steps succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silence: Option<SilenceRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Event>,
+}
+
+impl Run {
+    /// Adds an event to the timeline.
+    pub fn note(&mut self, at: Timestamp, event: impl Into<String>) {
+        self.timeline.push(Event {
+            at,
+            event: event.into(),
+        });
+    }
 }
 
 /// Which runs to list.
@@ -457,7 +501,7 @@ impl Store {
                 .escalation
                 .as_ref()
                 .is_some_and(|e| e.status == DeliveryStatus::Pending);
-            if run.outcome == Outcome::Running || page_pending {
+            if matches!(run.outcome, Outcome::Running | Outcome::Verifying) || page_pending {
                 out.push(run);
             }
         }
@@ -503,6 +547,10 @@ mod tests {
             finished_at: None,
             steps: vec![],
             escalation: None,
+            verify_deadline: None,
+            verified_at: None,
+            silence: None,
+            timeline: Vec::new(),
         }
     }
 

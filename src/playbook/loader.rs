@@ -77,6 +77,16 @@ struct RawPlaybook {
     on_resolved: OnResolved,
     #[serde(default)]
     max_concurrent: usize,
+    #[serde(default)]
+    verify: Option<Spanned<RawVerify>>,
+    #[serde(default)]
+    silence: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    resolved_within: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -342,7 +352,23 @@ impl FileCtx<'_> {
             None => GuardPolicy::default(),
             Some(g) => self.guards(g.value, g.referenced.line())?,
         };
+        let verify = match raw.verify {
+            None => None,
+            Some(v) => Some(
+                humantime::parse_duration(&v.value.resolved_within).map_err(|e| {
+                    self.err(
+                        Some(v.referenced.line()),
+                        format!(
+                            "verify.resolved_within: expected a duration like 5m, got {:?}: {e}",
+                            v.value.resolved_within
+                        ),
+                    )
+                })?,
+            ),
+        };
         Ok(Playbook {
+            verify,
+            silence: raw.silence,
             guards,
             idempotent: raw.idempotent,
             on_resolved: raw.on_resolved,

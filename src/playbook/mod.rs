@@ -50,6 +50,11 @@ pub struct Playbook {
     pub on_resolved: OnResolved,
     /// Runs of this playbook at once; 0 means only the global limit applies.
     pub max_concurrent: usize,
+    /// `verify.resolved_within`: after the steps succeed, how long the alert has to resolve
+    /// before the run counts as failed.
+    pub verify: Option<Duration>,
+    /// Silence the alert in Alertmanager while the run (and its verification) is in progress.
+    pub silence: bool,
 }
 
 /// What a resolved notification does to a run of this playbook that is still in progress.

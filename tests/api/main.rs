@@ -3,6 +3,7 @@
 
 mod alertmanager;
 mod cli;
+mod closed_loop;
 mod crash;
 mod guards;
 mod helpers;
