@@ -3,6 +3,7 @@
 //! every call carries the configured timeout.
 
 use jiff::Timestamp;
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use crate::config::AlertmanagerSettings;
@@ -113,116 +114,88 @@ impl AlertmanagerApi {
         &self.settings
     }
 
-    fn url(&self, path: &str) -> Result<String, ApiError> {
-        match self.settings.url.as_deref() {
-            Some(base) => Ok(format!("{}{path}", base.trim_end_matches('/'))),
-            None => Err(ApiError {
+    /// One request to `path` with the configured timeout; a non-2xx answer is an error.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ApiError> {
+        let Some(base) = self.settings.url.as_deref() else {
+            return Err(ApiError {
                 retryable: false,
                 reason: "alertmanager.url is not configured".into(),
-            }),
+            });
+        };
+        let url = format!("{}{path}", base.trim_end_matches('/'));
+        let what = format!("{method} {url}");
+        let request = self
+            .client
+            .request(method, &url)
+            .timeout(self.settings.timeout);
+        let resp = build(request).send().await.map_err(|e| ApiError {
+            retryable: true,
+            reason: format!("{what}: {e}"),
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
         }
+        let body = resp.text().await.unwrap_or_default();
+        Err(ApiError {
+            retryable: status.is_server_error() || status.as_u16() == 429,
+            reason: format!("{what}: {status}: {}", body.trim()),
+        })
+    }
+
+    /// Like [`AlertmanagerApi::send`], decoding a JSON answer.
+    async fn send_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<T, ApiError> {
+        let what = format!("{method} {path}");
+        self.send(method, path, build)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ApiError {
+                retryable: true,
+                reason: format!("{what}: unexpected body: {e}"),
+            })
     }
 
     /// `POST /api/v2/alerts`.
     pub async fn post_alerts(&self, alerts: &[PostableAlert]) -> Result<(), ApiError> {
-        let url = self.url("/api/v2/alerts")?;
-        let resp = self
-            .client
-            .post(&url)
-            .timeout(self.settings.timeout)
-            .json(alerts)
-            .send()
+        self.send(Method::POST, "/api/v2/alerts", |r| r.json(alerts))
             .await
-            .map_err(|e| ApiError {
-                retryable: true,
-                reason: format!("POST {url}: {e}"),
-            })?;
-        check(resp, "POST", &url).await.map(drop)
+            .map(drop)
     }
 
     /// `POST /api/v2/silences`; returns the silence id.
     pub async fn create_silence(&self, silence: &PostableSilence) -> Result<String, ApiError> {
         #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
         struct Created {
             #[serde(rename = "silenceID")]
             silence_id: String,
         }
-        let url = self.url("/api/v2/silences")?;
-        let resp = self
-            .client
-            .post(&url)
-            .timeout(self.settings.timeout)
-            .json(silence)
-            .send()
-            .await
-            .map_err(|e| ApiError {
-                retryable: true,
-                reason: format!("POST {url}: {e}"),
-            })?;
-        let created: Created =
-            check(resp, "POST", &url)
-                .await?
-                .json()
-                .await
-                .map_err(|e| ApiError {
-                    retryable: true,
-                    reason: format!("POST {url}: unexpected body: {e}"),
-                })?;
+        let created: Created = self
+            .send_json(Method::POST, "/api/v2/silences", |r| r.json(silence))
+            .await?;
         Ok(created.silence_id)
     }
 
     /// `DELETE /api/v2/silence/{id}`: expires the silence now.
     pub async fn expire_silence(&self, id: &str) -> Result<(), ApiError> {
-        let url = self.url(&format!("/api/v2/silence/{id}"))?;
-        let resp = self
-            .client
-            .delete(&url)
-            .timeout(self.settings.timeout)
-            .send()
-            .await
-            .map_err(|e| ApiError {
-                retryable: true,
-                reason: format!("DELETE {url}: {e}"),
-            })?;
-        check(resp, "DELETE", &url).await.map(drop)
+        let path = format!("/api/v2/silence/{id}");
+        self.send(Method::DELETE, &path, |r| r).await.map(drop)
     }
 
     /// `GET /api/v2/alerts` with `filter` matchers: active, silenced and inhibited alerts alike.
     pub async fn alerts(&self, filter: &[String]) -> Result<Vec<GettableAlert>, ApiError> {
-        let url = self.url("/api/v2/alerts")?;
         let query: Vec<(&str, &str)> = filter.iter().map(|m| ("filter", m.as_str())).collect();
-        let resp = self
-            .client
-            .get(&url)
-            .query(&query)
-            .timeout(self.settings.timeout)
-            .send()
+        self.send_json(Method::GET, "/api/v2/alerts", |r| r.query(&query))
             .await
-            .map_err(|e| ApiError {
-                retryable: true,
-                reason: format!("GET {url}: {e}"),
-            })?;
-        let resp = check(resp, "GET", &url).await?;
-        resp.json().await.map_err(|e| ApiError {
-            retryable: true,
-            reason: format!("GET {url}: unexpected body: {e}"),
-        })
     }
-}
-
-async fn check(
-    resp: reqwest::Response,
-    verb: &str,
-    url: &str,
-) -> Result<reqwest::Response, ApiError> {
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(resp);
-    }
-    let body = resp.text().await.unwrap_or_default();
-    Err(ApiError {
-        retryable: status.is_server_error() || status.as_u16() == 429,
-        reason: format!("{verb} {url}: {status}: {}", body.trim()),
-    })
 }

@@ -57,7 +57,7 @@ pub struct Engine {
     per_playbook: HashMap<String, Arc<Semaphore>>,
     in_flight: Mutex<HashMap<RunId, InFlight>>,
     /// Runs waiting for their alert to resolve, and those whose resolution was seen.
-    verifying: Mutex<HashSet<RunId>>,
+    verifying: Mutex<HashMap<RunId, Fingerprint>>,
     resolved_seen: Mutex<HashSet<RunId>>,
     pub verify_wake: Notify,
 }
@@ -101,7 +101,7 @@ impl Engine {
             external_url,
             per_playbook,
             in_flight: Mutex::new(HashMap::new()),
-            verifying: Mutex::new(HashSet::new()),
+            verifying: Mutex::new(HashMap::new()),
             resolved_seen: Mutex::new(HashSet::new()),
             verify_wake: Notify::new(),
         })
@@ -431,14 +431,17 @@ impl Engine {
     /// A resolved alert arrived (webhook or held-alert poll): verifications waiting for it
     /// succeed, and pages raised for it resolve.
     async fn alert_resolved(&self, fingerprint: &Fingerprint) -> Result<(), StoreError> {
-        let waiting: Vec<RunId> = self.verifying.lock().unwrap().iter().copied().collect();
-        for id in waiting {
-            if let Some(run) = self.store.get_run(id)? {
-                if &run.alert.fingerprint == fingerprint {
-                    self.resolved_seen.lock().unwrap().insert(id);
-                    self.verify_wake.notify_one();
-                }
-            }
+        let waiting: Vec<RunId> = self
+            .verifying
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, fp)| *fp == fingerprint)
+            .map(|(id, _)| *id)
+            .collect();
+        if !waiting.is_empty() {
+            self.resolved_seen.lock().unwrap().extend(waiting);
+            self.verify_wake.notify_one();
         }
         self.resolve_pages(fingerprint, "the alert resolved").await
     }
@@ -446,7 +449,7 @@ impl Engine {
     /// Ends verifications: resolved alerts succeed (verified), expired deadlines fail and page.
     /// Returns when the next deadline is due.
     pub async fn verify_pass(&self) -> Result<(), StoreError> {
-        let waiting: Vec<RunId> = self.verifying.lock().unwrap().iter().copied().collect();
+        let waiting: Vec<RunId> = self.verifying.lock().unwrap().keys().copied().collect();
         let configured = self.escalator.configured();
         for id in waiting {
             let Some(mut run) = self.store.get_run(id)? else {
@@ -641,7 +644,10 @@ impl Engine {
         }
         self.store.put_run(&run)?;
         if run.outcome == Outcome::Verifying {
-            self.verifying.lock().unwrap().insert(run.id);
+            self.verifying
+                .lock()
+                .unwrap()
+                .insert(run.id, run.alert.fingerprint.clone());
             self.verify_wake.notify_one();
             return Ok(run);
         }
@@ -700,7 +706,10 @@ impl Engine {
         for mut run in self.store.unfinished_runs()? {
             if run.outcome == Outcome::Verifying {
                 tracing::info!(run_id = %run.id, "resuming the verification of a run");
-                self.verifying.lock().unwrap().insert(run.id);
+                self.verifying
+                    .lock()
+                    .unwrap()
+                    .insert(run.id, run.alert.fingerprint.clone());
                 continue;
             }
             let playbook = run

@@ -32,7 +32,6 @@ pub use crate::alertmanager::PostableAlert;
 #[derive(Clone)]
 pub struct Escalator {
     api: AlertmanagerApi,
-    settings: AlertmanagerSettings,
     /// Label names in `poll_filter`, renamed `original_<name>` on pages.
     routing_labels: Vec<String>,
 }
@@ -48,8 +47,7 @@ impl Escalator {
             .filter(|n| n != "alertname" && n != "severity")
             .collect();
         Escalator {
-            api: AlertmanagerApi::new(client, settings.clone()),
-            settings,
+            api: AlertmanagerApi::new(client, settings),
             routing_labels,
         }
     }
@@ -60,7 +58,7 @@ impl Escalator {
     }
 
     pub fn severity(&self) -> &str {
-        &self.settings.severity
+        &self.settings().severity
     }
 
     /// Builds the page for a failed run. `run_url` links to the run in reactor's API.
@@ -106,7 +104,7 @@ impl Escalator {
         }
         let severity = spec
             .and_then(|s| s.severity.clone())
-            .unwrap_or_else(|| self.settings.severity.clone());
+            .unwrap_or_else(|| self.settings().severity.clone());
         labels.insert("alertname".into(), alertname.into());
         labels.insert("severity".into(), severity);
         labels.insert("playbook".into(), playbook_name.into());
@@ -148,7 +146,7 @@ impl Escalator {
         if let Some(src) = run.alert.annotations.get("summary") {
             annotations.insert("original_summary".into(), src.clone());
         }
-        let ttl = jiff::SignedDuration::try_from(self.settings.page_ttl)
+        let ttl = jiff::SignedDuration::try_from(self.settings().page_ttl)
             .unwrap_or(jiff::SignedDuration::from_hours(24));
         PostableAlert {
             labels,
@@ -161,11 +159,11 @@ impl Escalator {
 
     /// True when an Alertmanager URL is configured, so pages can be delivered at all.
     pub fn configured(&self) -> bool {
-        self.settings.url.is_some()
+        self.settings().url.is_some()
     }
 
     pub fn settings(&self) -> &AlertmanagerSettings {
-        &self.settings
+        self.api.settings()
     }
 
     /// One delivery attempt. `Err((retryable, reason))` on failure.

@@ -80,6 +80,9 @@ impl Entry {
 #[derive(Clone)]
 pub struct Outbox {
     tree: sled::Tree,
+    /// Index of entries by the fingerprint of their alert (`fingerprint 0x00 run-key`), so
+    /// resolving an alert's pages reads only that alert's entries.
+    by_alert: sled::Tree,
     store: Store,
     wake: Arc<Notify>,
 }
@@ -88,6 +91,7 @@ impl Outbox {
     pub fn open(store: &Store) -> Result<Outbox, StoreError> {
         Ok(Outbox {
             tree: store.tree("outbox")?,
+            by_alert: store.tree("outbox_by_alert")?,
             store: store.clone(),
             wake: Arc::new(Notify::new()),
         })
@@ -119,6 +123,9 @@ impl Outbox {
             .compare_and_swap(key(run), None as Option<&[u8]>, Some(bytes))?
             .is_ok();
         if added {
+            if let Some(fp) = &entry.fingerprint {
+                self.by_alert.insert(index_key(fp, run), &[])?;
+            }
             self.store.durable().await?;
             self.wake.notify_one();
         }
@@ -151,10 +158,14 @@ impl Outbox {
         let mut n = 0;
         for kv in self.tree.range(..RunId { seq, index: 0 }.key().to_vec()) {
             let (k, v) = kv?;
-            let settled =
-                serde_json::from_slice::<Entry>(&v).is_ok_and(|e| e.state != EntryState::Pending);
-            if settled {
+            let settled = serde_json::from_slice::<Entry>(&v)
+                .ok()
+                .filter(|e| e.state != EntryState::Pending);
+            if let Some(e) = settled {
                 self.tree.remove(k)?;
+                if let Some(fp) = &e.fingerprint {
+                    self.by_alert.remove(index_key(fp, e.run))?;
+                }
                 n += 1;
             }
         }
@@ -193,13 +204,18 @@ impl Outbox {
         now: Timestamp,
     ) -> Result<Vec<RunId>, StoreError> {
         let mut resolved = Vec::new();
-        for kv in self.tree.iter() {
-            let (_, v) = kv?;
-            let Ok(mut e) = serde_json::from_slice::<Entry>(&v) else {
+        let prefix = alert_prefix(fingerprint);
+        for kv in self.by_alert.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            // Whatever this entry's state, it is not open once this pass is over.
+            self.by_alert.remove(&k)?;
+            let Some(run) = RunId::from_key(&k[prefix.len()..]) else {
                 continue;
             };
-            let open = matches!(e.state, EntryState::Pending | EntryState::Delivered);
-            if !open || e.fingerprint.as_ref() != Some(fingerprint) {
+            let Some(mut e) = self.get(run)? else {
+                continue;
+            };
+            if !matches!(e.state, EntryState::Pending | EntryState::Delivered) {
                 continue;
             }
             e.page.ends_at = now;
@@ -242,6 +258,19 @@ impl Outbox {
 
 fn key(run: RunId) -> [u8; 10] {
     run.key()
+}
+
+fn alert_prefix(fingerprint: &Fingerprint) -> Vec<u8> {
+    let mut k = Vec::with_capacity(fingerprint.as_str().len() + 11);
+    k.extend_from_slice(fingerprint.as_str().as_bytes());
+    k.push(0);
+    k
+}
+
+fn index_key(fingerprint: &Fingerprint, run: RunId) -> Vec<u8> {
+    let mut k = alert_prefix(fingerprint);
+    k.extend_from_slice(&run.key());
+    k
 }
 
 /// Delivers due pages until `shutdown`. Owns every POST of a page to Alertmanager.

@@ -46,7 +46,7 @@ impl RunId {
         k
     }
 
-    fn from_key(k: &[u8]) -> Option<RunId> {
+    pub fn from_key(k: &[u8]) -> Option<RunId> {
         Some(RunId {
             seq: u64::from_be_bytes(k.get(..8)?.try_into().ok()?),
             index: u16::from_be_bytes(k.get(8..10)?.try_into().ok()?),

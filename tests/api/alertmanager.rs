@@ -6,34 +6,16 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{alertmanager_config, free_port, Alertmanager, Capture, TestApp};
+use crate::helpers::{alertmanager_config, Stack};
 
 const TOKEN: &str = "e2e-token";
 
-struct Stack {
-    am: Alertmanager,
-    reactor: TestApp,
-    humans: Capture,
-}
-
 async fn stack() -> Stack {
-    let humans = Capture::start().await;
-    let am_port = free_port();
-    let reactor = TestApp::spawn(|s| {
-        s.alertmanager.url = Some(format!("http://127.0.0.1:{am_port}"));
-        s.auth.bearer_token = Some(TOKEN.into());
-    })
-    .await;
-    let am = Alertmanager::start(
-        am_port,
-        &alertmanager_config(reactor.addr, TOKEN, &humans.url()),
+    Stack::start(
+        |s| s.auth.bearer_token = Some(TOKEN.into()),
+        |reactor, humans| alertmanager_config(reactor, TOKEN, humans),
     )
-    .await;
-    Stack {
-        am,
-        reactor,
-        humans,
-    }
+    .await
 }
 
 fn alert(name: &str) -> Value {

@@ -2,13 +2,14 @@
 //! (`verify.resolved_within`), the wait survives a SIGKILL, and a page resolves itself when the
 //! alert behind it resolves.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::helpers::{
     alertmanager_config, client, free_port, get_runs, spawn_binary, wait_for, wait_healthy,
-    Alertmanager, Capture, PlaybookDir, TestApp,
+    Alertmanager, Capture, PlaybookDir, Stack, TestApp,
 };
 
 const TOKEN: &str = "loop-token";
@@ -49,36 +50,28 @@ fn alert(name: &str, firing: bool) -> Value {
     }])
 }
 
-struct Stack {
-    am: Alertmanager,
-    reactor: TestApp,
-    humans: Capture,
-    _dir: PlaybookDir,
+/// The stack with `dir` as reactor's playbooks and `am_config` as Alertmanager's config.
+async fn stack_with(
+    dir: &PlaybookDir,
+    am_config: impl FnOnce(SocketAddr, &str) -> String,
+) -> Stack {
+    Stack::start(
+        |s| {
+            s.playbooks_dir = dir.playbooks();
+            s.scripts_dir = dir.scripts();
+            s.alertmanager.poll_interval = Duration::from_secs(1);
+            s.auth.bearer_token = Some(TOKEN.into());
+        },
+        am_config,
+    )
+    .await
 }
 
-async fn stack(files: &[(&str, &str)]) -> Stack {
-    let dir = PlaybookDir::new(files);
-    let humans = Capture::start().await;
-    let am_port = free_port();
-    let reactor = TestApp::spawn(|s| {
-        s.playbooks_dir = dir.playbooks();
-        s.scripts_dir = dir.scripts();
-        s.alertmanager.url = Some(format!("http://127.0.0.1:{am_port}"));
-        s.alertmanager.poll_interval = Duration::from_secs(1);
-        s.auth.bearer_token = Some(TOKEN.into());
+async fn stack(dir: &PlaybookDir) -> Stack {
+    stack_with(dir, |reactor, humans| {
+        alertmanager_config(reactor, TOKEN, humans)
     })
-    .await;
-    let am = Alertmanager::start(
-        am_port,
-        &alertmanager_config(reactor.addr, TOKEN, &humans.url()),
-    )
-    .await;
-    Stack {
-        am,
-        reactor,
-        humans,
-        _dir: dir,
-    }
+    .await
 }
 
 async fn wait_outcome(app: &TestApp, alertname: &str, outcome: &str) -> Value {
@@ -104,7 +97,8 @@ fn timeline(run: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fix_whose_alert_keeps_firing_escalates_after_resolved_within() {
     let pb = verify_playbook("StillFiring", "4s");
-    let s = stack(&[("playbooks/v.yaml", &pb)]).await;
+    let dir = PlaybookDir::new(&[("playbooks/v.yaml", &pb)]);
+    let s = stack(&dir).await;
     s.am.post_alerts(&alert("StillFiring", true)).await;
 
     let run = wait_outcome(&s.reactor, "StillFiring", "verifying").await;
@@ -144,7 +138,8 @@ async fn a_fix_whose_alert_keeps_firing_escalates_after_resolved_within() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fix_whose_alert_resolves_in_time_is_verified_and_pages_nobody() {
     let pb = verify_playbook("GetsFixed", "30s");
-    let s = stack(&[("playbooks/v.yaml", &pb)]).await;
+    let dir = PlaybookDir::new(&[("playbooks/v.yaml", &pb)]);
+    let s = stack(&dir).await;
     s.am.post_alerts(&alert("GetsFixed", true)).await;
     wait_outcome(&s.reactor, "GetsFixed", "verifying").await;
 
@@ -169,7 +164,8 @@ async fn a_fix_whose_alert_resolves_in_time_is_verified_and_pages_nobody() {
 #[tokio::test(flavor = "multi_thread")]
 async fn resolving_the_original_alert_resolves_the_page_for_the_humans() {
     let failing = "name: always-fails\nmatch:\n  alertname: Unfixable\nsteps:\n  - name: try\n    inline: throw \"no luck\";\n";
-    let s = stack(&[("playbooks/f.yaml", failing)]).await;
+    let dir = PlaybookDir::new(&[("playbooks/f.yaml", failing)]);
+    let s = stack(&dir).await;
     s.am.post_alerts(&alert("Unfixable", true)).await;
     let pages = s
         .humans
@@ -273,18 +269,10 @@ steps:
 #[tokio::test(flavor = "multi_thread")]
 async fn with_silence_the_humans_hear_nothing_while_fixing_and_get_the_alert_after_a_failure() {
     let dir = PlaybookDir::new(&[("playbooks/n.yaml", NOISY_PLAYBOOK)]);
-    let humans = Capture::start().await;
-    let am_port = free_port();
-    let reactor = TestApp::spawn(|s| {
-        s.playbooks_dir = dir.playbooks();
-        s.scripts_dir = dir.scripts();
-        s.alertmanager.url = Some(format!("http://127.0.0.1:{am_port}"));
-        s.auth.bearer_token = Some(TOKEN.into());
-    })
-    .await;
     // Noisy goes to reactor at once and to the humans after 4 s.
-    let config = format!(
-        r#"route:
+    let s = stack_with(&dir, |reactor, humans| {
+        format!(
+            r#"route:
   receiver: reactor
   group_by: ['...']
   group_wait: 0s
@@ -313,13 +301,14 @@ receivers:
       - url: {}/
         send_resolved: true
 "#,
-        reactor.addr,
-        humans.url()
-    );
-    let am = Alertmanager::start(am_port, &config).await;
-    am.post_alerts(&alert("Noisy", true)).await;
+            reactor, humans
+        )
+    })
+    .await;
+    s.am.post_alerts(&alert("Noisy", true)).await;
 
-    let running = reactor
+    let running = s
+        .reactor
         .wait_for_runs("alertname=Noisy", Duration::from_secs(20), |runs| {
             runs.iter().any(|r| r["silence"]["id"].is_string())
         })
@@ -329,18 +318,18 @@ receivers:
     // Until the run is recorded failed (it expires the silence only after that), the humans
     // hear nothing, though their 4 s group_wait passes well within the 6 s run.
     loop {
-        let heard = !humans.notifications("Noisy").is_empty();
-        let runs = reactor.runs("alertname=Noisy").await;
+        let heard = !s.humans.notifications("Noisy").is_empty();
+        let runs = s.reactor.runs("alertname=Noisy").await;
         if runs[0]["outcome"] != "running" {
             break;
         }
         assert!(
             !heard,
             "the humans heard of Noisy while reactor was fixing it: {:?} run {} silences {}",
-            humans.notifications("Noisy"),
+            s.humans.notifications("Noisy"),
             runs[0],
             client()
-                .get(format!("{}/api/v2/silences", am.url()))
+                .get(format!("{}/api/v2/silences", s.am.url()))
                 .send()
                 .await
                 .unwrap()
@@ -350,7 +339,7 @@ receivers:
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let failed = wait_outcome(&reactor, "Noisy", "failed").await;
+    let failed = wait_outcome(&s.reactor, "Noisy", "failed").await;
     assert!(failed["silence"]["expiredAt"].is_string(), "{failed}");
     let events = timeline(&failed);
     assert!(events
@@ -358,12 +347,13 @@ receivers:
         .any(|e| e.starts_with(&format!("silence {silence_id} created"))));
     assert!(events.contains(&format!("silence {silence_id} expired")));
 
-    let original = humans
+    let original = s
+        .humans
         .wait_for_notification("Noisy", Duration::from_secs(20))
         .await;
     assert_eq!(original[0]["alerts"][0]["status"], "firing");
-    humans
+    s.humans
         .wait_for_notification("RemediationFailed", Duration::from_secs(20))
         .await;
-    reactor.stop().await;
+    s.reactor.stop().await;
 }

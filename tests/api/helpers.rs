@@ -320,53 +320,25 @@ pub struct Alertmanager {
     pub port: u16,
     /// Held so that dropping the Alertmanager kills the process.
     _proc: Proc,
-    pub dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Alertmanager {
     pub async fn start(port: u16, config: &str) -> Alertmanager {
-        assert!(
-            Path::new(ALERTMANAGER).exists(),
-            "{ALERTMANAGER} is missing: install Debian's prometheus-alertmanager (scripts/test.sh does)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("alertmanager.yml");
-        std::fs::write(&cfg, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("alertmanager.log")).unwrap();
-        let child = Command::new(ALERTMANAGER)
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!(
-                "--storage.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--cluster.listen-address=")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("alertmanager starts");
-        let am = Alertmanager {
+        let (proc, dir) = start_daemon(
+            ALERTMANAGER,
+            "prometheus-alertmanager",
+            config,
+            "--storage.path",
             port,
-            _proc: Proc { child },
-            dir,
-        };
-        let client = client();
-        let ready = wait_for(Duration::from_secs(20), || async {
-            let r = client
-                .get(format!("{}/-/ready", am.url()))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
+            &["--cluster.listen-address="],
+        )
         .await;
-        if ready.is_none() {
-            let log =
-                std::fs::read_to_string(am.dir.path().join("alertmanager.log")).unwrap_or_default();
-            panic!("alertmanager did not become ready:\n{log}");
+        Alertmanager {
+            port,
+            _proc: proc,
+            _dir: dir,
         }
-        am
     }
 
     pub fn url(&self) -> String {
@@ -432,6 +404,36 @@ receivers:
     )
 }
 
+/// reactor in process with the real Alertmanager it escalates to, and a humans' receiver.
+pub struct Stack {
+    pub am: Alertmanager,
+    pub reactor: TestApp,
+    pub humans: Capture,
+}
+
+impl Stack {
+    /// `configure` adjusts reactor's settings (the Alertmanager URL is set already);
+    /// `am_config` builds Alertmanager's config from reactor's address and the humans' URL.
+    pub async fn start(
+        configure: impl FnOnce(&mut Settings),
+        am_config: impl FnOnce(SocketAddr, &str) -> String,
+    ) -> Stack {
+        let humans = Capture::start().await;
+        let am_port = free_port();
+        let reactor = TestApp::spawn(|s| {
+            s.alertmanager.url = Some(format!("http://127.0.0.1:{am_port}"));
+            configure(s);
+        })
+        .await;
+        let am = Alertmanager::start(am_port, &am_config(reactor.addr, &humans.url())).await;
+        Stack {
+            am,
+            reactor,
+            humans,
+        }
+    }
+}
+
 /// The shipped `deploy/alertmanager/alertmanager.yml`, pointed at this test's reactor and humans'
 /// receiver, with the token inline instead of in a file. Nothing else is changed.
 pub fn shipped_alertmanager_config(reactor: SocketAddr, token: &str, humans: &str) -> String {
@@ -453,57 +455,80 @@ pub fn shipped_alertmanager_config(reactor: SocketAddr, token: &str, humans: &st
 
 pub const PROMETHEUS: &str = "/usr/bin/prometheus";
 
+/// Starts `binary` (Alertmanager or Prometheus, from Debian's `package`) on 127.0.0.1:`port`
+/// with `config` and a temporary storage directory, and waits until it answers `/-/ready`.
+/// Its log is `<dir>/daemon.log`, printed when it does not become ready.
+async fn start_daemon(
+    binary: &str,
+    package: &str,
+    config: &str,
+    storage_flag: &str,
+    port: u16,
+    extra: &[&str],
+) -> (Proc, tempfile::TempDir) {
+    assert!(
+        Path::new(binary).exists(),
+        "{binary} is missing: install Debian's {package} (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yml");
+    std::fs::write(&cfg, config).unwrap();
+    let log_path = dir.path().join("daemon.log");
+    let child = Command::new(binary)
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "{storage_flag}={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{binary} starts: {e}"));
+    let proc = Proc { child };
+    let client = client();
+    let ready = wait_for(Duration::from_secs(30), || async {
+        let r = client
+            .get(format!("http://127.0.0.1:{port}/-/ready"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    if ready.is_none() {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        panic!("{binary} did not become ready:\n{log}");
+    }
+    (proc, dir)
+}
+
 /// The real Prometheus from Debian's package, on 127.0.0.1, stopped when dropped.
 pub struct Prometheus {
     pub port: u16,
     _proc: Proc,
-    pub dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
     pub async fn start(config: &str) -> Prometheus {
-        assert!(
-            Path::new(PROMETHEUS).exists(),
-            "{PROMETHEUS} is missing: install Debian's prometheus (scripts/test.sh does)"
-        );
         let port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("prometheus.yml");
-        std::fs::write(&cfg, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("prometheus starts");
-        let prom = Prometheus {
+        let (proc, dir) = start_daemon(
+            PROMETHEUS,
+            "prometheus",
+            config,
+            "--storage.tsdb.path",
             port,
-            _proc: Proc { child },
-            dir,
-        };
-        let client = client();
-        let ready = wait_for(Duration::from_secs(30), || async {
-            let r = client
-                .get(format!("http://127.0.0.1:{port}/-/ready"))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
+            &[],
+        )
         .await;
-        if ready.is_none() {
-            let log =
-                std::fs::read_to_string(prom.dir.path().join("prometheus.log")).unwrap_or_default();
-            panic!("prometheus did not become ready:\n{log}");
+        Prometheus {
+            port,
+            _proc: proc,
+            _dir: dir,
         }
-        prom
     }
 
     /// Active alerts of the rules (`GET /api/v1/alerts`).
