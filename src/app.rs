@@ -14,6 +14,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::engine::{dispatch, Engine};
 use crate::escalation::{outbox, Escalator};
+use crate::executor::kubernetes::Kubernetes;
 use crate::executor::{sandbox, Executor};
 use crate::history::retention;
 use crate::history::{Store, StoreError};
@@ -36,6 +37,8 @@ pub enum StartupError {
     Http(#[from] reqwest::Error),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::executor::kubernetes::ConnectError),
     #[error("refusing to listen on {0} without authentication: set auth.bearer_token or auth.basic, or pass --insecure")]
     Insecure(SocketAddr),
 }
@@ -46,11 +49,13 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Builds the sandboxed Rhai engine from settings; shared by `serve`, `check` and `test`.
-pub fn rhai_engine(settings: &Settings) -> rhai::Engine {
+/// Builds the sandboxed Rhai engine from settings; shared by `serve`, `check` and `test`
+/// (which pass no cluster: `k8s::` calls then fail as not configured).
+pub fn rhai_engine(settings: &Settings, kube: Option<Kubernetes>) -> rhai::Engine {
     sandbox::build_engine(
         &settings.sandbox,
         settings.disk_cleanup.allowed_roots.clone(),
+        kube,
     )
 }
 
@@ -84,7 +89,15 @@ impl Application {
         if !settings.listen.ip().is_loopback() && !settings.auth.enabled() && !settings.insecure {
             return Err(StartupError::Insecure(settings.listen));
         }
-        let rhai = rhai_engine(&settings);
+        install_crypto_provider();
+        let kube = Kubernetes::connect(&settings.kubernetes).await?;
+        match &kube {
+            Some(_) => {
+                tracing::info!(in_cluster = settings.kubernetes.in_cluster, kubeconfig = ?settings.kubernetes.kubeconfig, "kubernetes client ready")
+            }
+            None => tracing::info!("kubernetes is not configured; kubernetes steps will fail"),
+        }
+        let rhai = rhai_engine(&settings, kube.clone());
         let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
         tracing::info!(count = playbooks.len(), dir = %settings.playbooks_dir.display(), "playbooks loaded");
         let store = Store::open(&settings.data_dir).map_err(|source| StartupError::Store {
@@ -107,7 +120,7 @@ impl Application {
         let engine = Engine::new(
             store.clone(),
             Arc::new(playbooks),
-            Executor::new(Arc::new(rhai), settings.dry_run),
+            Executor::new(Arc::new(rhai), settings.dry_run, kube),
             Escalator::new(http, settings.alertmanager.clone()),
             clock,
             settings.external_url(bound),

@@ -199,7 +199,7 @@ fn dirs(settings: &Settings, dir: Option<PathBuf>, scripts: Option<PathBuf>) -> 
 
 fn check(settings: Settings, a: CheckArgs) -> ExitCode {
     let (dir, scripts) = dirs(&settings, a.dir, a.scripts);
-    match playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings)) {
+    match playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings, None)) {
         Ok(p) => {
             println!(
                 "ok: {} playbook(s) in {}, scripts from {}",
@@ -221,7 +221,7 @@ fn check(settings: Settings, a: CheckArgs) -> ExitCode {
 
 fn test(settings: Settings, a: TestArgs) -> ExitCode {
     let (dir, scripts) = dirs(&settings, a.playbooks, a.scripts);
-    let playbooks = match playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings)) {
+    let playbooks = match playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings, None)) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
@@ -489,6 +489,24 @@ fn show_run(r: &Run) -> String {
         }
         for l in &s.logs {
             let _ = writeln!(out, "  log      {l}");
+        }
+        for c in &s.changes {
+            let ns = if c.namespace.is_empty() {
+                String::new()
+            } else {
+                format!(" -n {}", c.namespace)
+            };
+            let dry = if c.dry_run { " (dry run)" } else { "" };
+            let detail = if c.detail.is_null() {
+                String::new()
+            } else {
+                format!(" {}", c.detail)
+            };
+            let _ = writeln!(
+                out,
+                "  change   {} {}{ns}{dry}: {}{detail}",
+                c.verb, c.object, c.result
+            );
         }
     }
     if let Some(e) = &r.escalation {

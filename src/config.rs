@@ -23,6 +23,7 @@ pub struct Settings {
     pub limits: Limits,
     pub sandbox: SandboxLimits,
     pub disk_cleanup: DiskCleanupSettings,
+    pub kubernetes: KubernetesSettings,
     pub history: HistorySettings,
     pub watchdog: WatchdogSettings,
     /// Global dry run: scripts see `dry_run == true` and `disk_cleanup` deletes nothing.
@@ -44,6 +45,7 @@ impl Default for Settings {
             limits: Limits::default(),
             sandbox: SandboxLimits::default(),
             disk_cleanup: DiskCleanupSettings::default(),
+            kubernetes: KubernetesSettings::default(),
             history: HistorySettings::default(),
             watchdog: WatchdogSettings::default(),
             dry_run: false,
@@ -230,6 +232,91 @@ pub struct DiskCleanupSettings {
     pub allowed_roots: Vec<PathBuf>,
 }
 
+/// The cluster reactor acts on. Nothing here set (and no `KUBECONFIG`, not in a pod): reactor
+/// runs without Kubernetes and kubernetes steps fail with `kubernetes is not configured`.
+/// `~/.kube/config` is never read implicitly: a remediation engine must not act on whichever
+/// cluster a workstation happens to point at.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesSettings {
+    /// Kubeconfig file(s), merged in order. `KUBECONFIG` (colon-separated) fills it when unset.
+    #[serde(deserialize_with = "paths")]
+    pub kubeconfig: Vec<PathBuf>,
+    /// Kubeconfig context; its current-context when unset.
+    pub context: Option<String>,
+    /// Use the pod's service account. Set automatically when `KUBERNETES_SERVICE_HOST` is in the
+    /// environment and no kubeconfig is configured.
+    pub in_cluster: bool,
+    /// Bound on every API call (and the client's connect/read/write timeouts).
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    pub namespaces: NamespacePolicy,
+    pub disk_cleanup: CleanupJobSettings,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        KubernetesSettings {
+            kubeconfig: Vec::new(),
+            context: None,
+            in_cluster: false,
+            request_timeout: Duration::from_secs(10),
+            namespaces: NamespacePolicy::default(),
+            disk_cleanup: CleanupJobSettings::default(),
+        }
+    }
+}
+
+/// Namespaces kubernetes actions may change. Deny wins; an empty allow list allows the rest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespacePolicy {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+impl Default for NamespacePolicy {
+    fn default() -> Self {
+        NamespacePolicy {
+            allow: Vec::new(),
+            deny: vec!["kube-system".into()],
+        }
+    }
+}
+
+/// The `disk_cleanup` kubernetes action's Job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CleanupJobSettings {
+    /// Namespace the Jobs run in (subject to `kubernetes.namespaces`).
+    pub namespace: String,
+    pub image: String,
+    /// Host directories a Job may delete under. Empty: every cleanup Job is refused.
+    pub allowed_host_paths: Vec<PathBuf>,
+    /// Longest a Job may run (also bounded by the step's timeout).
+    #[serde(deserialize_with = "duration")]
+    pub job_deadline: Duration,
+    /// How often the Job's status is read while waiting.
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// `ttlSecondsAfterFinished`: removes the Job if reactor could not.
+    #[serde(deserialize_with = "duration")]
+    pub ttl_after_finished: Duration,
+}
+
+impl Default for CleanupJobSettings {
+    fn default() -> Self {
+        CleanupJobSettings {
+            namespace: "reactor".into(),
+            image: "busybox:1.36".into(),
+            allowed_host_paths: Vec::new(),
+            job_deadline: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(2),
+            ttl_after_finished: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Command-line overrides; `None` leaves the lower layers in place.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -309,6 +396,13 @@ impl Settings {
         if let Some(v) = get("REACTOR_EXTERNAL_URL") {
             self.external_url = Some(v);
         }
+        if self.kubernetes.kubeconfig.is_empty() {
+            if let Some(v) = get("KUBECONFIG").filter(|v| !v.is_empty()) {
+                self.kubernetes.kubeconfig = std::env::split_paths(&v).collect();
+            } else if get("KUBERNETES_SERVICE_HOST").is_some() {
+                self.kubernetes.in_cluster = true;
+            }
+        }
         if let Some(v) = get("REACTOR_DRY_RUN") {
             self.dry_run = matches!(v.as_str(), "1" | "true" | "yes");
         }
@@ -342,6 +436,21 @@ impl Settings {
             .trim_end_matches('/')
             .to_owned()
     }
+}
+
+/// One path or a list of paths.
+fn paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(p)) => vec![p],
+        Some(OneOrMany::Many(v)) => v,
+    })
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -387,6 +496,31 @@ mod tests {
         });
         assert_eq!(s.listen.port(), 2000);
         assert_eq!(s.alertmanager.url.as_deref(), Some("http://flag"));
+    }
+
+    #[test]
+    fn kubeconfig_comes_from_the_file_then_kubeconfig_then_the_pod() {
+        let mut s = Settings::default();
+        s.apply_env(|k| (k == "KUBECONFIG").then(|| "/a/config:/b/config".to_owned()))
+            .unwrap();
+        assert_eq!(
+            s.kubernetes.kubeconfig,
+            vec![PathBuf::from("/a/config"), PathBuf::from("/b/config")]
+        );
+        assert!(!s.kubernetes.in_cluster);
+        let mut s = Settings::default();
+        s.apply_env(|k| (k == "KUBERNETES_SERVICE_HOST").then(|| "10.0.0.1".to_owned()))
+            .unwrap();
+        assert!(s.kubernetes.in_cluster && s.kubernetes.kubeconfig.is_empty());
+        let mut s = Settings::default();
+        s.kubernetes.kubeconfig = vec!["/from/file".into()];
+        s.apply_env(|k| (k == "KUBECONFIG").then(|| "/env".to_owned()))
+            .unwrap();
+        assert_eq!(s.kubernetes.kubeconfig, vec![PathBuf::from("/from/file")]);
+        assert_eq!(
+            Settings::default().kubernetes.namespaces.deny,
+            ["kube-system"]
+        );
     }
 
     #[test]

@@ -591,6 +591,7 @@ impl Engine {
                     output,
                     error: error.clone(),
                     logs: result.logs,
+                    changes: result.changes,
                 });
                 self.store.put_run(&run)?;
                 if succeeded {

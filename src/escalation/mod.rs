@@ -222,6 +222,7 @@ mod tests {
                 output: None,
                 error: Some("script threw: no".into()),
                 logs: vec![],
+                changes: vec![],
             }],
             escalation: None,
             verify_deadline: None,

@@ -3,6 +3,7 @@
 //! step's wall-clock timeout, with an async backstop in case a native helper does not return.
 
 pub mod disk;
+pub mod kubernetes;
 pub mod sandbox;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ const BACKSTOP_GRACE: Duration = Duration::from_secs(2);
 pub struct Executor {
     engine: Arc<rhai::Engine>,
     global_dry_run: bool,
+    kube: Option<kubernetes::Kubernetes>,
 }
 
 /// What one attempt produced.
@@ -29,6 +31,8 @@ pub struct Executor {
 pub struct AttemptResult {
     pub result: Result<Value, String>,
     pub logs: Vec<String>,
+    /// Kubernetes mutations the attempt made (or, in a dry run, would have made).
+    pub changes: Vec<kubernetes::Change>,
 }
 
 /// The inputs of one attempt.
@@ -43,10 +47,16 @@ pub struct Attempt<'a> {
 }
 
 impl Executor {
-    pub fn new(engine: Arc<rhai::Engine>, global_dry_run: bool) -> Self {
+    /// `kube` must be the same cluster the engine's `k8s::` functions were built with.
+    pub fn new(
+        engine: Arc<rhai::Engine>,
+        global_dry_run: bool,
+        kube: Option<kubernetes::Kubernetes>,
+    ) -> Self {
         Executor {
             engine,
             global_dry_run,
+            kube,
         }
     }
 
@@ -57,6 +67,42 @@ impl Executor {
     pub async fn run(&self, attempt: Attempt<'_>) -> AttemptResult {
         match attempt.action {
             StepAction::Rhai { ast, .. } => self.run_rhai(Arc::clone(ast), attempt).await,
+            StepAction::Kubernetes { action } => self.run_kubernetes(action, attempt).await,
+        }
+    }
+
+    /// A `kubernetes:` step: its rendered params make the request; the step's timeout and the
+    /// run's cancellation bound it.
+    async fn run_kubernetes(&self, action: &str, a: Attempt<'_>) -> AttemptResult {
+        let request = match kubernetes::Request::parse(action, a.params) {
+            Ok(r) => r,
+            Err(e) => return failed(format!("kubernetes {action}: {e}")),
+        };
+        let dry_run = a.dry_run.unwrap_or(self.global_dry_run);
+        let deadline = Instant::now() + a.timeout;
+        let cancel = a.cancel.unwrap_or_default();
+        let mut changes = Vec::new();
+        let run = kubernetes::run(
+            self.kube.as_ref(),
+            &request,
+            dry_run,
+            deadline,
+            &mut changes,
+        );
+        // Each call stops at the deadline itself, so the mutation it was making is recorded;
+        // the outer timeout is only a backstop.
+        let result = tokio::select! {
+            r = tokio::time::timeout(a.timeout + BACKSTOP_GRACE, run) => match r {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(format!("kubernetes {action}: {e}")),
+                Err(_) => Err(format!("timed out after {}", humantime::format_duration(a.timeout))),
+            },
+            _ = cancel.cancelled() => Err("cancelled".to_owned()),
+        };
+        AttemptResult {
+            result,
+            logs: Vec::new(),
+            changes,
         }
     }
 
@@ -81,6 +127,7 @@ impl Executor {
                 logs: Vec::new(),
                 dry_run,
                 cancel,
+                changes: Vec::new(),
             };
             let (res, state) = sandbox::with_state(state, || {
                 let mut scope = Scope::new();
@@ -98,6 +145,7 @@ impl Executor {
             AttemptResult {
                 result,
                 logs: state.logs,
+                changes: state.changes,
             }
         });
         match tokio::time::timeout(timeout + BACKSTOP_GRACE, task).await {
@@ -115,6 +163,7 @@ fn failed(error: String) -> AttemptResult {
     AttemptResult {
         result: Err(error),
         logs: Vec::new(),
+        changes: Vec::new(),
     }
 }
 
@@ -138,8 +187,13 @@ mod tests {
 
     fn executor(roots: Vec<std::path::PathBuf>) -> Executor {
         Executor::new(
-            Arc::new(sandbox::build_engine(&SandboxLimits::default(), roots)),
+            Arc::new(sandbox::build_engine(
+                &SandboxLimits::default(),
+                roots,
+                None,
+            )),
             false,
+            None,
         )
     }
 
@@ -224,8 +278,10 @@ mod tests {
                     ..SandboxLimits::default()
                 },
                 vec![],
+                None,
             )),
             false,
+            None,
         );
         let r = run(
             &ex,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use rhai::{Dynamic, Engine, EvalAltResult, Position};
 
 use super::disk::{cleanup, CleanupRequest};
+use super::kubernetes::{self, Change, Kubernetes, Request};
 use crate::config::SandboxLimits;
 
 /// At most this many log lines, each at most this long, are kept per step attempt.
@@ -23,6 +24,8 @@ pub(crate) struct EvalState {
     pub dry_run: bool,
     /// Set when the run is cancelled (its alert resolved); checked like the deadline.
     pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// Kubernetes mutations made by `k8s::` calls, for the run's record.
+    pub changes: Vec<Change>,
 }
 
 thread_local! {
@@ -79,9 +82,17 @@ pub(crate) const DEADLINE_TOKEN: &str = "reactor: step deadline exceeded";
 /// The token `on_progress` terminates a script with when its run is cancelled.
 pub(crate) const CANCEL_TOKEN: &str = "reactor: run cancelled";
 
-/// Builds the sandboxed engine. `cleanup_roots` are the directories `disk_cleanup` may touch.
-pub fn build_engine(limits: &SandboxLimits, cleanup_roots: Vec<PathBuf>) -> Engine {
+/// Builds the sandboxed engine. `cleanup_roots` are the directories `disk_cleanup` may touch;
+/// `kube` is the cluster the `k8s::` functions act on (`None`: they fail, not configured).
+pub fn build_engine(
+    limits: &SandboxLimits,
+    cleanup_roots: Vec<PathBuf>,
+    kube: Option<Kubernetes>,
+) -> Engine {
     let mut engine = Engine::new();
+    // Static modules (`k8s::`) need module support; scripts still may not import anything.
+    engine.disable_symbol("import");
+    engine.disable_symbol("export");
     engine
         .set_max_operations(limits.max_operations)
         .set_max_call_levels(limits.max_call_levels)
@@ -131,7 +142,118 @@ pub fn build_engine(limits: &SandboxLimits, cleanup_roots: Vec<PathBuf>) -> Engi
         Ok(())
     });
     register_disk_cleanup(&mut engine, cleanup_roots);
+    engine.register_static_module("k8s", k8s_module(kube).into());
     engine
+}
+
+/// Runs one kubernetes request from a script: blocks this (blocking) thread on the runtime,
+/// bounded by the step's deadline, and keeps the changes for the run.
+fn k8s_call(kube: Option<&Kubernetes>, name: &str, req: Request) -> RhaiResult<Dynamic> {
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|_| format!("k8s::{name}: no async runtime on this thread"))?;
+    let until = deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
+    let left = until.saturating_duration_since(Instant::now());
+    let mut changes = Vec::new();
+    // Calls stop at the deadline themselves (and record it); this is the backstop.
+    let res = handle.block_on(tokio::time::timeout(
+        left + Duration::from_secs(1),
+        kubernetes::run(kube, &req, dry_run(), until, &mut changes),
+    ));
+    STATE.with(|s| {
+        if let Some(st) = s.borrow_mut().as_mut() {
+            st.changes.append(&mut changes);
+        }
+    });
+    match res {
+        Ok(Ok(v)) => rhai::serde::to_dynamic(v),
+        Ok(Err(e)) => Err(format!("k8s::{name}: {e}").into()),
+        Err(_) => Err(Box::new(EvalAltResult::ErrorTerminated(
+            Dynamic::from(DEADLINE_TOKEN),
+            Position::NONE,
+        ))),
+    }
+}
+
+/// Reads one object for a script.
+fn k8s_get(kube: Option<&Kubernetes>, kind: &str, ns: &str, name: &str) -> RhaiResult<Dynamic> {
+    let Some(kube) = kube else {
+        return Err(format!("k8s::get: {}", kubernetes::NOT_CONFIGURED).into());
+    };
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|_| "k8s::get: no async runtime on this thread".to_owned())?;
+    let mut none = Vec::new();
+    let ctx = kubernetes::actions::Ctx {
+        kube,
+        dry_run: true,
+        deadline: deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30)),
+        changes: &mut none,
+    };
+    let v = handle
+        .block_on(ctx.get(kind, ns, name))
+        .map_err(|e| format!("k8s::get: {e}"))?;
+    rhai::serde::to_dynamic(v)
+}
+
+/// The `k8s::` functions: the kubernetes step actions, plus `get` to inspect before acting.
+fn k8s_module(kube: Option<Kubernetes>) -> rhai::Module {
+    use rhai::Map;
+    let kube = std::sync::Arc::new(kube);
+    let mut m = rhai::Module::new();
+    let req = |action: &str, params: serde_json::Value| -> RhaiResult<Request> {
+        let serde_json::Value::Object(p) = params else {
+            unreachable!("built from an object literal")
+        };
+        Request::parse(action, p).map_err(|e| format!("k8s::{action}: {e}").into())
+    };
+    let k = kube.clone();
+    m.set_native_fn("restart_pod", move |ns: &str, pod: &str| {
+        k8s_call(
+            k.as_ref().as_ref(),
+            "restart_pod",
+            req(
+                "restart_pod",
+                serde_json::json!({"namespace": ns, "pod": pod}),
+            )?,
+        )
+    });
+    let k = kube.clone();
+    m.set_native_fn("restart_pod", move |ns: &str, pod: &str, allow_standalone: bool| {
+        let params = serde_json::json!({"namespace": ns, "pod": pod, "allow_standalone": allow_standalone});
+        k8s_call(k.as_ref().as_ref(), "restart_pod", req("restart_pod", params)?)
+    });
+    let k = kube.clone();
+    m.set_native_fn(
+        "rollout_restart",
+        move |ns: &str, kind: &str, name: &str| {
+            let params = serde_json::json!({"namespace": ns, "kind": kind, "name": name});
+            k8s_call(
+                k.as_ref().as_ref(),
+                "rollout_restart",
+                req("rollout_restart", params)?,
+            )
+        },
+    );
+    let k = kube.clone();
+    m.set_native_fn(
+        "scale_up",
+        move |ns: &str, kind: &str, name: &str, opts: Map| {
+            let mut params: serde_json::Value = rhai::serde::from_dynamic(&opts.into())?;
+            params["namespace"] = ns.into();
+            params["kind"] = kind.into();
+            params["name"] = name.into();
+            k8s_call(k.as_ref().as_ref(), "scale_up", req("scale_up", params)?)
+        },
+    );
+    let k = kube.clone();
+    m.set_native_fn("disk_cleanup", move |node: &str, path: &str, glob: &str, older_than: &str| {
+        let params = serde_json::json!({"node": node, "path": path, "glob": glob, "older_than": older_than});
+        k8s_call(k.as_ref().as_ref(), "disk_cleanup", req("disk_cleanup", params)?)
+    });
+    let k = kube;
+    m.set_native_fn("get", move |kind: &str, ns: &str, name: &str| {
+        k8s_get(k.as_ref().as_ref(), kind, ns, name)
+    });
+    m
 }
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;

@@ -161,6 +161,9 @@ pub struct StepRecord {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<String>,
+    /// Kubernetes mutations: object, verb, dry run and result of each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<crate::executor::kubernetes::Change>,
 }
 
 /// Whether the humans were told.

@@ -133,6 +133,9 @@ struct RawStep {
     script: Option<Spanned<String>>,
     #[serde(default)]
     inline: Option<Spanned<String>>,
+    /// A Kubernetes action name; its arguments are `params`.
+    #[serde(default)]
+    kubernetes: Option<Spanned<String>>,
     #[serde(default)]
     timeout: Option<String>,
     #[serde(default)]
@@ -463,11 +466,25 @@ impl FileCtx<'_> {
         let line = Some(raw.referenced.line());
         let s = raw.value;
         let name = s.name.unwrap_or_else(|| format!("step-{}", index + 1));
-        let action = match (s.script, s.inline) {
-            (Some(script), None) => self.script_file(&script)?,
-            (None, Some(inline)) => self.inline_script(&inline)?,
+        let action = match (s.script, s.inline, s.kubernetes) {
+            (Some(script), None, None) => self.script_file(&script)?,
+            (None, Some(inline), None) => self.inline_script(&inline)?,
+            (None, None, Some(action)) => {
+                let params = s.params.clone().into_iter().collect();
+                crate::executor::kubernetes::Request::parse(&action.value, params).map_err(
+                    |e| {
+                        self.err(
+                            Some(action.referenced.line()),
+                            format!("step {name:?}: kubernetes {}: {e}", action.value),
+                        )
+                    },
+                )?;
+                StepAction::Kubernetes {
+                    action: action.value,
+                }
+            }
             _ => {
-                return Err(self.err(line, format!("step {name:?}: expected exactly one of `script` (a file under scripts/) or `inline` (Rhai source)")));
+                return Err(self.err(line, format!("step {name:?}: expected exactly one of `script` (a file under scripts/), `inline` (Rhai source) or `kubernetes` (an action: restart_pod, rollout_restart, scale_up, disk_cleanup)")));
             }
         };
         let duration = |field: &str, v: Option<String>, default: Duration| {
@@ -612,7 +629,7 @@ mod tests {
         load_dir(
             &d.playbooks,
             &d.scripts,
-            &build_engine(&SandboxLimits::default(), vec![]),
+            &build_engine(&SandboxLimits::default(), vec![], None),
         )
     }
 
@@ -634,7 +651,7 @@ mod tests {
         let p = load_dir(
             &root.join("playbooks"),
             &root.join("scripts"),
-            &build_engine(&SandboxLimits::default(), vec![]),
+            &build_engine(&SandboxLimits::default(), vec![], None),
         )
         .unwrap();
         for name in [
@@ -710,6 +727,27 @@ mod tests {
             text.contains("s.yaml:4: script \"broken.rhai\" does not compile"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn kubernetes_steps_are_checked_at_load_with_their_line() {
+        let e = only_error(&[("playbooks/k.yaml", "name: k\nmatch: {alertname: X}\nsteps:\n  - name: s\n    kubernetes: scale_up\n    params: {namespace: '{{ labels.namespace }}', kind: deployment, name: web, by: 2}\n")]);
+        assert!(
+            e.starts_with(
+                "k.yaml:5: step \"s\": kubernetes scale_up: missing field `max_replicas`"
+            ),
+            "{e}"
+        );
+        let e = only_error(&[(
+            "playbooks/k.yaml",
+            "name: k\nmatch: {alertname: X}\nsteps:\n  - kubernetes: drain_node\n",
+        )]);
+        assert!(
+            e.contains("k.yaml:4:") && e.contains("unknown kubernetes action \"drain_node\""),
+            "{e}"
+        );
+        let e = only_error(&[("playbooks/k.yaml", "name: k\nmatch: {alertname: X}\nsteps:\n  - kubernetes: restart_pod\n    inline: '1'\n")]);
+        assert!(e.contains("expected exactly one of"), "{e}");
     }
 
     #[test]
@@ -791,7 +829,7 @@ mod tests {
     }
 
     fn load_text(text: &str) {
-        let engine = build_engine(&SandboxLimits::default(), vec![]);
+        let engine = build_engine(&SandboxLimits::default(), vec![], None);
         let scripts = HashMap::new();
         let ctx = FileCtx {
             file: Path::new("fuzz.yaml"),

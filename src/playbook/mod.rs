@@ -110,12 +110,16 @@ pub struct Step {
 pub enum StepAction {
     /// A Rhai script, compiled once at load. `source` names the file or the inline location.
     Rhai { ast: Arc<rhai::AST>, source: String },
+    /// A Kubernetes action (`restart_pod`, `rollout_restart`, `scale_up`, `disk_cleanup`) whose
+    /// arguments are the step's templated `params`.
+    Kubernetes { action: String },
 }
 
 impl StepAction {
     pub fn describe(&self) -> String {
         match self {
             StepAction::Rhai { source, .. } => format!("rhai {source}"),
+            StepAction::Kubernetes { action } => format!("kubernetes {action}"),
         }
     }
 }

@@ -261,6 +261,15 @@ impl Capture {
             .collect()
     }
 
+    /// Alerts posted to the Alertmanager API stand-in (`POST /api/v2/alerts`) named `alertname`.
+    pub fn posted_alerts(&self, alertname: &str) -> Vec<Value> {
+        self.received()
+            .into_iter()
+            .flat_map(|b| b.as_array().cloned().unwrap_or_default())
+            .filter(|a| a["labels"]["alertname"] == alertname)
+            .collect()
+    }
+
     /// Waits until at least one notification for `alertname` has arrived.
     pub async fn wait_for_notification(&self, alertname: &str, timeout: Duration) -> Vec<Value> {
         wait_for(timeout, || async {

@@ -1,0 +1,357 @@
+//! Kubernetes remediation actions through kube-rs: restart a pod, rollout-restart a workload,
+//! scale one up within a bound, clean a node's disk with a short-lived Job. This module owns the
+//! client (created once from in-cluster config or a kubeconfig, then injected), the namespace
+//! policy, server-side dry run, and the [`Change`] record every mutation leaves on the run.
+//! [`actions`] holds the API calls, [`cleanup_job`] the Job and `find` command it runs.
+
+pub mod actions;
+pub mod cleanup_job;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::KubernetesSettings;
+
+/// The text a kubernetes step fails with when no cluster is configured.
+pub const NOT_CONFIGURED: &str =
+    "kubernetes is not configured (set kubernetes.kubeconfig or KUBECONFIG, or run in a cluster)";
+
+/// A connected cluster and the rules reactor follows in it; cheap to clone.
+#[derive(Clone)]
+pub struct Kubernetes {
+    client: kube::Client,
+    settings: KubernetesSettings,
+}
+
+/// Why an action did not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("{NOT_CONFIGURED}")]
+    NotConfigured,
+    #[error("namespace {0:?} is not allowed (kubernetes.namespaces)")]
+    NamespaceDenied(String),
+    /// The action's own safety rules said no.
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("{verb} {object}: {message} (HTTP {code})")]
+    Api {
+        verb: &'static str,
+        object: String,
+        code: u16,
+        message: String,
+    },
+    #[error("{verb} {object}: {message}")]
+    Client {
+        verb: &'static str,
+        object: String,
+        message: String,
+    },
+    #[error("{verb} {object}: no answer within {}", humantime::format_duration(*.after))]
+    Timeout {
+        verb: &'static str,
+        object: String,
+        after: Duration,
+    },
+    #[error("bad parameters: {0}")]
+    Params(String),
+}
+
+/// Errors creating the client at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig { path: String, message: String },
+    #[error("in-cluster config: {0}")]
+    InCluster(String),
+    #[error("kubernetes client: {0}")]
+    Client(String),
+}
+
+/// One call that changed (or, in a dry run, would have changed) the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Change {
+    /// `delete`, `patch` or `create`.
+    pub verb: String,
+    /// `pods/web-7d9c-abcde`, `deployments.apps/web`, …
+    pub object: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub dry_run: bool,
+    /// `ok`, or the error.
+    pub result: String,
+    /// What changed: replicas before and after, the annotation set, …
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+}
+
+impl Kubernetes {
+    /// Creates the client from settings: a kubeconfig when one is set (`kubernetes.kubeconfig`,
+    /// or `KUBECONFIG` folded into it by the config layer), else the pod's service account when
+    /// `in_cluster`. `Ok(None)` when neither is configured: reactor then runs without Kubernetes.
+    pub async fn connect(
+        settings: &KubernetesSettings,
+    ) -> Result<Option<Kubernetes>, ConnectError> {
+        let mut config = if !settings.kubeconfig.is_empty() {
+            let mut merged: Option<kube::config::Kubeconfig> = None;
+            for path in &settings.kubeconfig {
+                let err = |e: &dyn std::fmt::Display| ConnectError::Kubeconfig {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                };
+                let next = kube::config::Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+                merged = Some(match merged {
+                    None => next,
+                    Some(m) => m.merge(next).map_err(|e| err(&e))?,
+                });
+            }
+            let kubeconfig = merged.expect("at least one path");
+            let options = kube::config::KubeConfigOptions {
+                context: settings.context.clone(),
+                ..Default::default()
+            };
+            kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|e| ConnectError::Kubeconfig {
+                    path: settings
+                        .kubeconfig
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                    message: e.to_string(),
+                })?
+        } else if settings.in_cluster {
+            kube::Config::incluster().map_err(|e| ConnectError::InCluster(e.to_string()))?
+        } else {
+            return Ok(None);
+        };
+        // Each call is bounded by `request_timeout` in `actions`; the client's own timeouts
+        // are a backstop a little later, so a slow API reads as a timeout, not a socket error.
+        let backstop = settings.request_timeout + Duration::from_secs(1);
+        config.connect_timeout = Some(settings.request_timeout);
+        config.read_timeout = Some(backstop);
+        config.write_timeout = Some(backstop);
+        let client =
+            kube::Client::try_from(config).map_err(|e| ConnectError::Client(e.to_string()))?;
+        Ok(Some(Kubernetes::new(client, settings.clone())))
+    }
+
+    /// Wraps an existing client (tests inject one served by the fake API).
+    pub fn new(client: kube::Client, settings: KubernetesSettings) -> Kubernetes {
+        Kubernetes { client, settings }
+    }
+
+    pub fn settings(&self) -> &KubernetesSettings {
+        &self.settings
+    }
+
+    /// Deny wins; an empty allow list allows every namespace not denied.
+    pub fn check_namespace(&self, namespace: &str) -> Result<(), KubeError> {
+        let ns = &self.settings.namespaces;
+        let denied = ns.deny.iter().any(|d| d == namespace);
+        let allowed = ns.allow.is_empty() || ns.allow.iter().any(|a| a == namespace);
+        if namespace.is_empty() || denied || !allowed {
+            return Err(KubeError::NamespaceDenied(namespace.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// A kubernetes step's request, from its rendered `params` plus the `kubernetes:` action name.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    RestartPod {
+        namespace: String,
+        pod: String,
+        #[serde(default)]
+        allow_standalone: bool,
+    },
+    RolloutRestart {
+        namespace: String,
+        kind: String,
+        name: String,
+    },
+    ScaleUp {
+        namespace: String,
+        kind: String,
+        name: String,
+        #[serde(default)]
+        by: Option<u32>,
+        #[serde(default)]
+        factor: Option<f64>,
+        max_replicas: u32,
+    },
+    DiskCleanup {
+        node: String,
+        path: String,
+        glob: String,
+        older_than: String,
+    },
+}
+
+/// The action names a `kubernetes:` step accepts.
+pub const ACTIONS: &[&str] = &["restart_pod", "rollout_restart", "scale_up", "disk_cleanup"];
+
+impl Request {
+    /// Builds the request from an action name and parameters, checking everything that does not
+    /// depend on the alert (kinds, bounds, durations). Used at load time with unrendered
+    /// templates and again at run time with the rendered values.
+    pub fn parse(
+        action: &str,
+        params: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Request, String> {
+        let mut obj = params;
+        obj.insert("action".into(), action.into());
+        let req: Request = serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| {
+            let e = e.to_string();
+            if e.starts_with("unknown variant") {
+                format!("unknown kubernetes action {action:?}: expected one of {ACTIONS:?}")
+            } else {
+                e
+            }
+        })?;
+        req.validate()?;
+        Ok(req)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Request::RolloutRestart { kind, .. } => {
+                actions::Workload::parse(kind, &["deployment", "statefulset", "daemonset"])?;
+            }
+            Request::ScaleUp {
+                kind,
+                by,
+                factor,
+                max_replicas,
+                ..
+            } => {
+                actions::Workload::parse(kind, &["deployment", "statefulset"])?;
+                actions::ScaleBy::new(*by, *factor)?;
+                if *max_replicas == 0 {
+                    return Err("max_replicas must be at least 1".into());
+                }
+            }
+            Request::DiskCleanup {
+                older_than, glob, ..
+            } => {
+                cleanup_job::parse_age(older_than)?;
+                cleanup_job::check_glob(glob)?;
+            }
+            Request::RestartPod { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// Runs a request against the cluster (or fails with `kubernetes is not configured`). Every
+/// mutation, successful or not, is appended to `changes`; `deadline` is the step's.
+pub async fn run(
+    kube: Option<&Kubernetes>,
+    request: &Request,
+    dry_run: bool,
+    deadline: std::time::Instant,
+    changes: &mut Vec<Change>,
+) -> Result<serde_json::Value, KubeError> {
+    let Some(kube) = kube else {
+        return Err(KubeError::NotConfigured);
+    };
+    let mut ctx = actions::Ctx {
+        kube,
+        dry_run,
+        deadline,
+        changes,
+    };
+    match request {
+        Request::RestartPod {
+            namespace,
+            pod,
+            allow_standalone,
+        } => ctx.restart_pod(namespace, pod, *allow_standalone).await,
+        Request::RolloutRestart {
+            namespace,
+            kind,
+            name,
+        } => ctx.rollout_restart(namespace, kind, name).await,
+        Request::ScaleUp {
+            namespace,
+            kind,
+            name,
+            by,
+            factor,
+            max_replicas,
+        } => {
+            let by = actions::ScaleBy::new(*by, *factor).map_err(KubeError::Params)?;
+            ctx.scale_up(namespace, kind, name, by, *max_replicas).await
+        }
+        Request::DiskCleanup {
+            node,
+            path,
+            glob,
+            older_than,
+        } => ctx.disk_cleanup(node, path, glob, older_than).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        match v {
+            serde_json::Value::Object(m) => m,
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_before_any_call() {
+        let ok = Request::parse(
+            "scale_up",
+            params(
+                serde_json::json!({"namespace": "{{ labels.namespace }}", "kind": "Deployment", "name": "web", "by": 2, "max_replicas": 10}),
+            ),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = Request::parse("reboot_node", params(serde_json::json!({}))).unwrap_err();
+        assert!(
+            e.contains("unknown kubernetes action \"reboot_node\""),
+            "{e}"
+        );
+        let e = Request::parse(
+            "scale_up",
+            params(
+                serde_json::json!({"namespace": "a", "kind": "deployment", "name": "w", "by": 1}),
+            ),
+        )
+        .unwrap_err();
+        assert!(e.contains("missing field `max_replicas`"), "{e}");
+        let e = Request::parse(
+            "scale_up",
+            params(serde_json::json!({"namespace": "a", "kind": "daemonset", "name": "w", "by": 1, "max_replicas": 3})),
+        )
+        .unwrap_err();
+        assert!(e.contains("daemonset"), "{e}");
+        let e = Request::parse(
+            "scale_up",
+            params(serde_json::json!({"namespace": "a", "kind": "deployment", "name": "w", "by": 1, "factor": 2.0, "max_replicas": 3})),
+        )
+        .unwrap_err();
+        assert!(e.contains("exactly one of `by` or `factor`"), "{e}");
+        let e = Request::parse(
+            "restart_pod",
+            params(serde_json::json!({"namespace": "a", "pod": "p", "force": true})),
+        )
+        .unwrap_err();
+        assert!(e.contains("unknown field `force`"), "{e}");
+        let e = Request::parse(
+            "disk_cleanup",
+            params(serde_json::json!({"node": "n", "path": "/var/log", "glob": "*.gz", "older_than": "soon"})),
+        )
+        .unwrap_err();
+        assert!(e.contains("older_than"), "{e}");
+    }
+}
