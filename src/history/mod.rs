@@ -494,6 +494,14 @@ impl Store {
         Ok(out)
     }
 
+    /// Every run, oldest first (benchmarks and exports; a full scan).
+    pub fn all_runs(&self) -> impl Iterator<Item = Result<Run, StoreError>> + '_ {
+        self.inner.runs.iter().map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        })
+    }
+
     /// Runs a crash may have left unfinished: in progress, or with a page not yet delivered.
     pub fn unfinished_runs(&self) -> Result<Vec<Run>, StoreError> {
         let mut out = Vec::new();
