@@ -128,32 +128,26 @@ fn rhai_eval_compiled_ast(bencher: Bencher) {
 
 fn finished_run(seq: u64) -> Run {
     let now = jiff::Timestamp::now();
-    let mut run = Run {
-        id: RunId { seq, index: 0 },
-        alert: alert("Target"),
-        playbook: Some("bench".into()),
-        outcome: Outcome::Succeeded,
-        reason: None,
-        received_at: now,
-        started_at: Some(now),
-        finished_at: Some(now),
-        steps: vec![StepRecord {
-            name: "trivial".into(),
-            attempt: 1,
-            succeeded: true,
-            started_at: now,
-            duration_ms: 0,
-            output: Some(serde_json::json!({"n": 42, "instance": "curl-test"})),
-            error: None,
-            logs: vec![],
-            changes: vec![],
-        }],
-        escalation: None,
-        verify_deadline: None,
-        verified_at: None,
-        silence: None,
-        timeline: vec![],
-    };
+    let mut run = Run::new(
+        RunId { seq, index: 0 },
+        alert("Target"),
+        Some("bench".into()),
+        Outcome::Succeeded,
+        now,
+    );
+    run.started_at = Some(now);
+    run.finished_at = Some(now);
+    run.steps.push(StepRecord {
+        name: "trivial".into(),
+        attempt: 1,
+        succeeded: true,
+        started_at: now,
+        duration_ms: 0,
+        output: Some(serde_json::json!({"n": 42, "instance": "curl-test"})),
+        error: None,
+        logs: vec![],
+        changes: vec![],
+    });
     run.note(now, "step trivial attempt 1 started");
     run.note(now, "step trivial attempt 1 succeeded");
     run

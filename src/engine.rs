@@ -835,39 +835,30 @@ impl Engine {
 }
 
 fn new_run(intake: &Intake, index: usize, playbook: Option<&Arc<Playbook>>) -> Run {
-    let mut timeline = vec![crate::history::Event {
-        at: intake.received_at,
-        event: if intake.held {
-            "received (read from Alertmanager: held back from humans)".to_owned()
+    let id = RunId {
+        seq: intake.seq,
+        index: index as u16,
+    };
+    let name = playbook.map(|p| p.name.clone());
+    let mut run = Run::new(
+        id,
+        intake.alert.clone(),
+        name,
+        Outcome::Running,
+        intake.received_at,
+    );
+    run.note(
+        intake.received_at,
+        if intake.held {
+            "received (read from Alertmanager: held back from humans)"
         } else {
-            "received".to_owned()
+            "received"
         },
-    }];
+    );
     if let Some(p) = playbook {
-        timeline.push(crate::history::Event {
-            at: Timestamp::now(),
-            event: format!("matched playbook {}", p.name),
-        });
+        run.note(Timestamp::now(), format!("matched playbook {}", p.name));
     }
-    Run {
-        id: RunId {
-            seq: intake.seq,
-            index: index as u16,
-        },
-        alert: intake.alert.clone(),
-        playbook: playbook.map(|p| p.name.clone()),
-        outcome: Outcome::Running,
-        reason: None,
-        received_at: intake.received_at,
-        started_at: None,
-        finished_at: None,
-        steps: Vec::new(),
-        escalation: None,
-        verify_deadline: None,
-        verified_at: None,
-        silence: None,
-        timeline,
-    }
+    run
 }
 
 fn settle(run: &mut Run, outcome: Outcome, reason: &str, now: Timestamp) {

@@ -204,32 +204,26 @@ mod tests {
     fn failed_run() -> Run {
         let body = include_str!("../../tests/fixtures/alertmanager-0.25-firing.json");
         let alert = decode_webhook(body.as_bytes()).unwrap().alerts.remove(0);
-        Run {
-            id: RunId { seq: 7, index: 0 },
+        let mut run = Run::new(
+            RunId { seq: 7, index: 0 },
             alert,
-            playbook: Some("selftest-fail".into()),
-            outcome: Outcome::Failed,
-            reason: Some("step \"boom\" failed".into()),
-            received_at: Timestamp::now(),
-            started_at: None,
-            finished_at: None,
-            steps: vec![StepRecord {
-                name: "boom".into(),
-                attempt: 2,
-                succeeded: false,
-                started_at: Timestamp::now(),
-                duration_ms: 1,
-                output: None,
-                error: Some("script threw: no".into()),
-                logs: vec![],
-                changes: vec![],
-            }],
-            escalation: None,
-            verify_deadline: None,
-            verified_at: None,
-            silence: None,
-            timeline: Vec::new(),
-        }
+            Some("selftest-fail".into()),
+            Outcome::Failed,
+            Timestamp::now(),
+        );
+        run.reason = Some("step \"boom\" failed".into());
+        run.steps.push(StepRecord {
+            name: "boom".into(),
+            attempt: 2,
+            succeeded: false,
+            started_at: Timestamp::now(),
+            duration_ms: 1,
+            output: None,
+            error: Some("script threw: no".into()),
+            logs: vec![],
+            changes: vec![],
+        });
+        run
     }
 
     #[test]

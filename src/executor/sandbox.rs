@@ -148,7 +148,15 @@ pub fn build_engine(
 
 /// Runs one kubernetes request from a script: blocks this (blocking) thread on the runtime,
 /// bounded by the step's deadline, and keeps the changes for the run.
-fn k8s_call(kube: Option<&Kubernetes>, name: &str, req: Request) -> RhaiResult<Dynamic> {
+fn k8s_call(
+    kube: Option<&Kubernetes>,
+    name: &str,
+    params: serde_json::Value,
+) -> RhaiResult<Dynamic> {
+    let serde_json::Value::Object(params) = params else {
+        unreachable!("built from an object literal or a Rhai map")
+    };
+    let req = Request::parse(name, params).map_err(|e| format!("k8s::{name}: {e}"))?;
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|_| format!("k8s::{name}: no async runtime on this thread"))?;
     let until = deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
@@ -181,77 +189,62 @@ fn k8s_get(kube: Option<&Kubernetes>, kind: &str, ns: &str, name: &str) -> RhaiR
     };
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|_| "k8s::get: no async runtime on this thread".to_owned())?;
-    let mut none = Vec::new();
-    let ctx = kubernetes::actions::Ctx {
-        kube,
-        dry_run: true,
-        deadline: deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30)),
-        changes: &mut none,
-    };
+    let until = deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
     let v = handle
-        .block_on(ctx.get(kind, ns, name))
+        .block_on(kube.get(kind, ns, name, until))
         .map_err(|e| format!("k8s::get: {e}"))?;
     rhai::serde::to_dynamic(v)
 }
 
 /// The `k8s::` functions: the kubernetes step actions, plus `get` to inspect before acting.
 fn k8s_module(kube: Option<Kubernetes>) -> rhai::Module {
-    use rhai::Map;
-    let kube = std::sync::Arc::new(kube);
+    use serde_json::json;
     let mut m = rhai::Module::new();
-    let req = |action: &str, params: serde_json::Value| -> RhaiResult<Request> {
-        let serde_json::Value::Object(p) = params else {
-            unreachable!("built from an object literal")
-        };
-        Request::parse(action, p).map_err(|e| format!("k8s::{action}: {e}").into())
-    };
     let k = kube.clone();
     m.set_native_fn("restart_pod", move |ns: &str, pod: &str| {
         k8s_call(
-            k.as_ref().as_ref(),
+            k.as_ref(),
             "restart_pod",
-            req(
-                "restart_pod",
-                serde_json::json!({"namespace": ns, "pod": pod}),
-            )?,
+            json!({"namespace": ns, "pod": pod}),
         )
     });
     let k = kube.clone();
-    m.set_native_fn("restart_pod", move |ns: &str, pod: &str, allow_standalone: bool| {
-        let params = serde_json::json!({"namespace": ns, "pod": pod, "allow_standalone": allow_standalone});
-        k8s_call(k.as_ref().as_ref(), "restart_pod", req("restart_pod", params)?)
-    });
+    m.set_native_fn(
+        "restart_pod",
+        move |ns: &str, pod: &str, standalone: bool| {
+            let params = json!({"namespace": ns, "pod": pod, "allow_standalone": standalone});
+            k8s_call(k.as_ref(), "restart_pod", params)
+        },
+    );
     let k = kube.clone();
     m.set_native_fn(
         "rollout_restart",
         move |ns: &str, kind: &str, name: &str| {
-            let params = serde_json::json!({"namespace": ns, "kind": kind, "name": name});
-            k8s_call(
-                k.as_ref().as_ref(),
-                "rollout_restart",
-                req("rollout_restart", params)?,
-            )
+            let params = json!({"namespace": ns, "kind": kind, "name": name});
+            k8s_call(k.as_ref(), "rollout_restart", params)
         },
     );
     let k = kube.clone();
     m.set_native_fn(
         "scale_up",
-        move |ns: &str, kind: &str, name: &str, opts: Map| {
+        move |ns: &str, kind: &str, name: &str, opts: rhai::Map| {
             let mut params: serde_json::Value = rhai::serde::from_dynamic(&opts.into())?;
             params["namespace"] = ns.into();
             params["kind"] = kind.into();
             params["name"] = name.into();
-            k8s_call(k.as_ref().as_ref(), "scale_up", req("scale_up", params)?)
+            k8s_call(k.as_ref(), "scale_up", params)
         },
     );
     let k = kube.clone();
-    m.set_native_fn("disk_cleanup", move |node: &str, path: &str, glob: &str, older_than: &str| {
-        let params = serde_json::json!({"node": node, "path": path, "glob": glob, "older_than": older_than});
-        k8s_call(k.as_ref().as_ref(), "disk_cleanup", req("disk_cleanup", params)?)
-    });
-    let k = kube;
+    m.set_native_fn(
+        "disk_cleanup",
+        move |node: &str, path: &str, glob: &str, age: &str| {
+            let params = json!({"node": node, "path": path, "glob": glob, "older_than": age});
+            k8s_call(k.as_ref(), "disk_cleanup", params)
+        },
+    );
     m.set_native_fn("get", move |kind: &str, ns: &str, name: &str| {
-        k8s_get(k.as_ref().as_ref(), kind, ns, name)
+        k8s_get(kube.as_ref(), kind, ns, name)
     });
     m
 }

@@ -254,6 +254,32 @@ pub struct Run {
 }
 
 impl Run {
+    /// A run with no steps, timestamps past `received_at`, escalation or timeline yet.
+    pub fn new(
+        id: RunId,
+        alert: Alert,
+        playbook: Option<String>,
+        outcome: Outcome,
+        received_at: Timestamp,
+    ) -> Run {
+        Run {
+            id,
+            alert,
+            playbook,
+            outcome,
+            reason: None,
+            received_at,
+            started_at: None,
+            finished_at: None,
+            steps: Vec::new(),
+            escalation: None,
+            verify_deadline: None,
+            verified_at: None,
+            silence: None,
+            timeline: Vec::new(),
+        }
+    }
+
     /// Adds an event to the timeline.
     pub fn note(&mut self, at: Timestamp, event: impl Into<String>) {
         self.timeline.push(Event {
@@ -481,12 +507,11 @@ impl Store {
             .unwrap_or(RunFilter::DEFAULT_LIMIT)
             .min(RunFilter::MAX_LIMIT);
         let mut out = Vec::new();
-        for kv in self.inner.runs.iter().rev() {
+        for run in self.all_runs().rev() {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = kv?;
-            let run: Run = decode(&k, &v)?;
+            let run = run?;
             if filter.accepts(&run) {
                 out.push(run);
             }
@@ -494,8 +519,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Every run, oldest first (benchmarks and exports; a full scan).
-    pub fn all_runs(&self) -> impl Iterator<Item = Result<Run, StoreError>> + '_ {
+    /// Every run, oldest first (`.rev()` for newest first); a full scan.
+    pub fn all_runs(&self) -> impl DoubleEndedIterator<Item = Result<Run, StoreError>> + '_ {
         self.inner.runs.iter().map(|kv| {
             let (k, v) = kv?;
             decode(&k, &v)
@@ -505,9 +530,8 @@ impl Store {
     /// Runs a crash may have left unfinished: in progress, or with a page not yet delivered.
     pub fn unfinished_runs(&self) -> Result<Vec<Run>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.inner.runs.iter() {
-            let (k, v) = kv?;
-            let run: Run = decode(&k, &v)?;
+        for run in self.all_runs() {
+            let run = run?;
             let page_pending = run
                 .escalation
                 .as_ref()
@@ -547,22 +571,13 @@ mod tests {
     }
 
     fn run(id: RunId, playbook: &str, outcome: Outcome) -> Run {
-        Run {
+        Run::new(
             id,
-            alert: alert(),
-            playbook: Some(playbook.into()),
+            alert(),
+            Some(playbook.into()),
             outcome,
-            reason: None,
-            received_at: Timestamp::now(),
-            started_at: None,
-            finished_at: None,
-            steps: vec![],
-            escalation: None,
-            verify_deadline: None,
-            verified_at: None,
-            silence: None,
-            timeline: Vec::new(),
-        }
+            Timestamp::now(),
+        )
     }
 
     #[test]

@@ -65,16 +65,7 @@ impl FakeApi {
             faults: Arc::default(),
         };
         let app = Router::new().fallback(handle).with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .unwrap()
-        });
+        let (addr, shutdown) = super::helpers::serve_local(app).await;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("kubeconfig"),

@@ -197,6 +197,21 @@ where
     }
 }
 
+/// Serves `app` on 127.0.0.1 (port 0) until the returned token is cancelled.
+pub async fn serve_local(app: Router) -> (SocketAddr, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+            .unwrap()
+    });
+    (addr, shutdown)
+}
+
 /// An HTTP server that records every JSON body POSTed to it: the humans' webhook receiver, or an
 /// Alertmanager API stand-in where a test needs no routing.
 pub struct Capture {
@@ -228,16 +243,7 @@ impl Capture {
         let app = Router::new()
             .route("/", post(record.clone()))
             .route("/api/v2/alerts", post(record));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .unwrap()
-        });
+        let (addr, shutdown) = serve_local(app).await;
         Capture {
             addr,
             bodies,

@@ -411,57 +411,47 @@ async fn scripts_inspect_then_act_through_k8s_functions() {
     let kube = api.connect(api.settings()).await;
     let engine = sandbox::build_engine(&Default::default(), vec![], Some(kube.clone()));
     let ex = Executor::new(std::sync::Arc::new(engine), false, Some(kube));
-    let src = r#"
-        let p = k8s::get("pod", alert.labels.namespace, alert.labels.pod);
-        log("owner " + p.metadata.ownerReferences[0].name);
-        k8s::restart_pod(p.metadata.namespace, p.metadata.name);
-        let s = k8s::scale_up("shop", "deployment", "web", #{ by: 1, max_replicas: 3 });
-        s.replicas_after
-    "#;
-    let action = reactor::playbook::StepAction::Rhai {
-        ast: std::sync::Arc::new(ex.engine().compile(src).unwrap()),
-        source: "test".into(),
-    };
     let mut alert = reactor::domain::decode_webhook(crate::helpers::FIRING.as_bytes())
         .unwrap()
         .alerts
         .remove(0);
     alert.labels.insert("namespace".into(), "shop".into());
     alert.labels.insert("pod".into(), "web-1".into());
-    let r = ex
-        .run(Attempt {
-            action: &action,
-            alert: &alert,
-            params: Default::default(),
-            timeout: Duration::from_secs(10),
-            dry_run: None,
-            cancel: None,
-        })
-        .await;
+    let script = |src: &str| {
+        let action = reactor::playbook::StepAction::Rhai {
+            ast: std::sync::Arc::new(ex.engine().compile(src).unwrap()),
+            source: "test".into(),
+        };
+        let (ex, alert) = (ex.clone(), alert.clone());
+        async move {
+            ex.run(Attempt {
+                action: &action,
+                alert: &alert,
+                params: Default::default(),
+                timeout: Duration::from_secs(10),
+                dry_run: None,
+                cancel: None,
+            })
+            .await
+        }
+    };
+    let r = script(
+        r#"
+        let p = k8s::get("pod", alert.labels.namespace, alert.labels.pod);
+        log("owner " + p.metadata.ownerReferences[0].name);
+        k8s::restart_pod(p.metadata.namespace, p.metadata.name);
+        let s = k8s::scale_up("shop", "deployment", "web", #{ by: 1, max_replicas: 3 });
+        s.replicas_after
+    "#,
+    )
+    .await;
     assert_eq!(r.result, Ok(json!(3)));
     assert_eq!(r.logs, vec!["owner web-5d9".to_owned()]);
     let objects: Vec<_> = r.changes.iter().map(|c| c.object.as_str()).collect();
     assert_eq!(objects, ["pods/web-1", "deployments.apps/web"]);
     assert!(api.get(&pods(), "shop", "web-1").await.is_none());
 
-    let action = reactor::playbook::StepAction::Rhai {
-        ast: std::sync::Arc::new(
-            ex.engine()
-                .compile(r#"k8s::restart_pod("kube-system", "coredns-1")"#)
-                .unwrap(),
-        ),
-        source: "test".into(),
-    };
-    let r = ex
-        .run(Attempt {
-            action: &action,
-            alert: &alert,
-            params: Default::default(),
-            timeout: Duration::from_secs(10),
-            dry_run: None,
-            cancel: None,
-        })
-        .await;
+    let r = script(r#"k8s::restart_pod("kube-system", "coredns-1")"#).await;
     let e = r.result.unwrap_err();
     assert!(
         e.contains("k8s::restart_pod: namespace \"kube-system\" is not allowed"),
@@ -546,33 +536,34 @@ async fn the_binary_restarts_pods_scales_up_and_pages_when_the_api_fails() {
     let mut reactor = spawn_binary(&["--config", config.to_str().unwrap(), "serve"], dir.path());
     wait_healthy(port).await;
     let http = client();
-    for body in [
-        alert(
+    for (name, fp, labels) in [
+        (
             "KubePodCrashLooping",
             "c1",
             json!({"namespace": "shop", "pod": "web-1"}),
         ),
-        alert(
+        (
             "WebSaturated",
             "s1",
             json!({"namespace": "shop", "deployment": "web"}),
         ),
-        alert(
+        (
             "KubePodCrashLooping",
             "c2",
             json!({"namespace": "shop", "pod": "web-2"}),
         ),
-        alert(
+        (
             "KubePodCrashLooping",
             "c3",
             json!({"namespace": "shop", "pod": "ghost"}),
         ),
-        alert(
+        (
             "KubeDeploymentStuck",
             "t1",
             json!({"namespace": "shop", "deployment": "stuck"}),
         ),
     ] {
+        let body = alert(name, fp, labels);
         let r = http
             .post(format!("http://127.0.0.1:{port}/webhook/alertmanager"))
             .bearer_auth(TOKEN)
@@ -766,13 +757,7 @@ async fn the_shipped_rbac_grants_exactly_the_verbs_the_actions_use() {
     let controller = api.complete_next_job("reactor", json!({"succeeded": 1}));
     let ((r, _), job) = tokio::join!(cleanup, controller);
     r.expect("cleanup");
-    let mut none = Vec::new();
-    let ctx = reactor::executor::kubernetes::actions::Ctx {
-        kube: &kube,
-        dry_run: false,
-        deadline: Instant::now() + Duration::from_secs(10),
-        changes: &mut none,
-    };
+    let deadline = Instant::now() + Duration::from_secs(10);
     for (kind, ns, name) in [
         ("pod", "reactor", "x"),
         ("node", "", "node-a"),
@@ -782,7 +767,7 @@ async fn the_shipped_rbac_grants_exactly_the_verbs_the_actions_use() {
         ("statefulset", "shop", "db"),
         ("daemonset", "shop", "agent"),
     ] {
-        let _ = ctx.get(kind, ns, name).await;
+        let _ = kube.get(kind, ns, name, deadline).await;
     }
     let used: BTreeSet<_> = api.requests().iter().map(|r| rbac_verb(r)).collect();
 

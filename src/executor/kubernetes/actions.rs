@@ -117,21 +117,18 @@ impl ScaleBy {
     }
 }
 
-impl Ctx<'_> {
-    fn client(&self) -> kube::Client {
-        self.kube.client.clone()
-    }
-
-    /// One API call with the request timeout, its error named after the verb and object.
+impl Kubernetes {
+    /// One API call, bounded by `request_timeout` and `deadline`, its error named after the verb
+    /// and object.
     async fn call<T>(
         &self,
         verb: &'static str,
         object: &str,
+        deadline: Instant,
         fut: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, KubeError> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         let after = self
-            .kube
             .settings
             .request_timeout
             .min(Duration::from_millis(left.as_millis() as u64));
@@ -163,6 +160,98 @@ impl Ctx<'_> {
         }
     }
 
+    /// Reads one object as JSON, for scripts that inspect before they act. Reads are not subject
+    /// to the namespace policy (RBAC bounds them) and change nothing, so nothing is recorded.
+    pub async fn get(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<Value, KubeError> {
+        use k8s_openapi::api::core::v1::Node;
+        let (ar, namespaced) = match kind.to_ascii_lowercase().trim_end_matches('s') {
+            "pod" => (ApiResource::erase::<Pod>(&()), true),
+            "node" => (ApiResource::erase::<Node>(&()), false),
+            "job" => (ApiResource::erase::<Job>(&()), true),
+            "horizontalpodautoscaler" | "hpa" => {
+                (ApiResource::erase::<HorizontalPodAutoscaler>(&()), true)
+            }
+            _ => {
+                let w = Workload::parse(kind, &["deployment", "statefulset", "daemonset"])
+                    .map_err(|_| {
+                        KubeError::Params(format!(
+                            "k8s::get: kind {kind:?}: expected pod, node, job, hpa, deployment, \
+                             statefulset or daemonset"
+                        ))
+                    })?;
+                (w.api_resource(), true)
+            }
+        };
+        let api: Api<DynamicObject> = if namespaced {
+            Api::namespaced_with(self.client.clone(), ns, &ar)
+        } else {
+            Api::all_with(self.client.clone(), &ar)
+        };
+        let object = format!("{}/{name}", ar.plural);
+        let obj = self.call("get", &object, deadline, api.get(name)).await?;
+        serde_json::to_value(obj).map_err(|e| KubeError::Client {
+            verb: "get",
+            object,
+            message: e.to_string(),
+        })
+    }
+}
+
+impl Ctx<'_> {
+    fn client(&self) -> kube::Client {
+        self.kube.client.clone()
+    }
+
+    async fn call<T>(
+        &self,
+        verb: &'static str,
+        object: &str,
+        fut: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, KubeError> {
+        self.kube.call(verb, object, self.deadline, fut).await
+    }
+
+    /// A JSON merge patch of `object` through `api` (dry run when asked), recorded as a change
+    /// with `detail`.
+    async fn patch<K>(
+        &mut self,
+        api: &Api<K>,
+        name: &str,
+        object: &str,
+        patch: &Value,
+        detail: Value,
+    ) -> Result<K, KubeError>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let params = PatchParams {
+            dry_run: self.dry_run,
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let res = self
+            .call(
+                "patch",
+                object,
+                api.patch(name, &params, &Patch::Merge(patch)),
+            )
+            .await;
+        self.record(
+            "patch",
+            object,
+            api.namespace().unwrap_or_default(),
+            &res,
+            detail,
+        );
+        res
+    }
+
     fn record<T>(
         &mut self,
         verb: &str,
@@ -184,14 +273,6 @@ impl Ctx<'_> {
             result,
             detail,
         });
-    }
-
-    fn patch_params(&self) -> PatchParams {
-        PatchParams {
-            dry_run: self.dry_run,
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        }
     }
 
     /// Deletes a pod so that its controller recreates it. A pod without a controller owner is
@@ -260,15 +341,8 @@ impl Ctx<'_> {
         let patch = json!({"spec": {"template": {"metadata": {"annotations": {
             "kubectl.kubernetes.io/restartedAt": at
         }}}}});
-        let res = self
-            .call(
-                "patch",
-                &object,
-                api.patch(name, &self.patch_params(), &Patch::Merge(&patch)),
-            )
-            .await;
-        self.record("patch", &object, ns, &res, json!({ "restartedAt": at }));
-        res?;
+        self.patch(&api, name, &object, &patch, json!({ "restartedAt": at }))
+            .await?;
         Ok(json!({
             "namespace": ns,
             "object": object,
@@ -322,16 +396,8 @@ impl Ctx<'_> {
             "metadata": {"resourceVersion": current.metadata.resource_version},
             "spec": {"replicas": want},
         });
-        let res = self
-            .call(
-                "patch",
-                &object,
-                api.patch(name, &self.patch_params(), &Patch::Merge(&patch)),
-            )
-            .await;
         let detail = json!({"replicas": {"before": before, "after": want}});
-        self.record("patch", &object, ns, &res, detail);
-        res?;
+        self.patch(&api, name, &object, &patch, detail).await?;
         Ok(json!({
             "namespace": ns,
             "object": object,
@@ -367,20 +433,12 @@ impl Ctx<'_> {
             "metadata": {"resourceVersion": hpa.metadata.resource_version},
             "spec": {"minReplicas": min_after},
         });
-        let res = self
-            .call(
-                "patch",
-                &object,
-                api.patch(&hpa_name, &self.patch_params(), &Patch::Merge(&patch)),
-            )
-            .await;
         let detail = json!({
             "target": target,
             "replicas": replicas,
             "minReplicas": {"before": min_before, "after": min_after},
         });
-        self.record("patch", &object, ns, &res, detail);
-        res?;
+        self.patch(&api, &hpa_name, &object, &patch, detail).await?;
         Ok(json!({
             "namespace": ns,
             "object": target,
@@ -479,42 +537,6 @@ impl Ctx<'_> {
                 "cleanup job {name} on node {node} failed: {reason}"
             ))),
         }
-    }
-
-    /// Reads one object as JSON, for scripts that inspect before they act. Reads are not subject
-    /// to the namespace policy (RBAC bounds them).
-    pub async fn get(&self, kind: &str, ns: &str, name: &str) -> Result<Value, KubeError> {
-        use k8s_openapi::api::core::v1::Node;
-        let (ar, namespaced) = match kind.to_ascii_lowercase().trim_end_matches('s') {
-            "pod" => (ApiResource::erase::<Pod>(&()), true),
-            "node" => (ApiResource::erase::<Node>(&()), false),
-            "job" => (ApiResource::erase::<Job>(&()), true),
-            "horizontalpodautoscaler" | "hpa" => {
-                (ApiResource::erase::<HorizontalPodAutoscaler>(&()), true)
-            }
-            _ => {
-                let w = Workload::parse(kind, &["deployment", "statefulset", "daemonset"])
-                    .map_err(|_| {
-                        KubeError::Params(format!(
-                            "k8s::get: kind {kind:?}: expected pod, node, job, hpa, deployment, \
-                             statefulset or daemonset"
-                        ))
-                    })?;
-                (w.api_resource(), true)
-            }
-        };
-        let api: Api<DynamicObject> = if namespaced {
-            Api::namespaced_with(self.client(), ns, &ar)
-        } else {
-            Api::all_with(self.client(), &ar)
-        };
-        let object = format!("{}/{name}", ar.plural);
-        let obj = self.call("get", &object, api.get(name)).await?;
-        serde_json::to_value(obj).map_err(|e| KubeError::Client {
-            verb: "get",
-            object,
-            message: e.to_string(),
-        })
     }
 }
 
