@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::domain::{AlertStatus, Fingerprint};
 use crate::escalation::outbox::Outbox;
 use crate::escalation::{Escalator, REMEDIATION_FAILED, REMEDIATION_LOOP};
-use crate::executor::{Attempt, Executor};
+use crate::executor::{Attempt, Executor, Started};
 use crate::guard::{target_key, BreakerDecision, Claim, Guards, TargetDecision};
 use crate::history::{
     DeliveryStatus, EscalationRecord, Intake, Outcome, Run, RunId, StepRecord, Store, StoreError,
@@ -157,8 +157,16 @@ impl Engine {
             records.push(run.clone());
             runnable.push((run, Arc::clone(playbook)));
         }
-        self.store.put_runs(&records)?;
-        self.store.remove_intake(intake.seq)?;
+        // A lone run is recorded only once it needs to be: before its first step that can act
+        // (see `run_steps`), or when it settles. A run whose steps all finish inline, which act
+        // on nothing, is written once; if reactor dies first, the intake still holds the alert.
+        let defer = matches!(&runnable[..], [(_, p)] if records.len() == 1 && !p.silence);
+        if defer {
+            records.clear();
+        } else {
+            self.store.put_runs(&records)?;
+            self.store.remove_intake(intake.seq)?;
+        }
         for r in records.iter().filter(|r| r.outcome != Outcome::Running) {
             self.metrics
                 .run_recorded(r.playbook.as_deref(), r.outcome.as_str());
@@ -177,8 +185,9 @@ impl Engine {
         if intake.alert.status == AlertStatus::Resolved {
             self.alert_resolved(&intake.alert.fingerprint).await?;
         }
+        let unrecorded = defer.then_some(intake.seq);
         for (run, playbook) in runnable {
-            self.execute(run, playbook).await?;
+            self.execute(run, playbook, unrecorded).await?;
         }
         Ok(())
     }
@@ -290,8 +299,14 @@ impl Engine {
     }
 
     /// Runs an admitted run under the playbook's concurrency limit, then reports to the breaker
-    /// and escalates a failure.
-    async fn execute(&self, run: Run, playbook: Arc<Playbook>) -> Result<(), StoreError> {
+    /// and escalates a failure. `unrecorded`: the run is not stored yet and this intake entry is
+    /// removed once it is.
+    async fn execute(
+        &self,
+        run: Run,
+        playbook: Arc<Playbook>,
+        unrecorded: Option<u64>,
+    ) -> Result<(), StoreError> {
         let span = tracing::info_span!("run", run_id = %run.id, playbook = %playbook.name);
         async {
             let _permit = match self.per_playbook.get(&playbook.name) {
@@ -315,7 +330,7 @@ impl Engine {
                 self.create_silence(&mut run, &playbook).await?;
             }
             let id = run.id;
-            let result = self.run_steps(run, &playbook, cancel).await;
+            let result = self.run_steps(run, &playbook, cancel, unrecorded).await;
             self.in_flight.lock().unwrap().remove(&id);
             self.metrics.in_flight.dec();
             let run = result?;
@@ -530,12 +545,14 @@ impl Engine {
         mut run: Run,
         playbook: &Playbook,
         cancel: CancellationToken,
+        mut unrecorded: Option<u64>,
     ) -> Result<Run, StoreError> {
         tracing::info!(alertname = run.alert.alertname(), fingerprint = %run.alert.fingerprint, "run started");
         let run_id = run.id.to_string();
         let run_url = self.run_url(run.id);
         let mut failure = None;
-        'steps: for step in &playbook.steps {
+        'steps: for (index, step) in playbook.steps.iter().enumerate() {
+            let last_step = index + 1 == playbook.steps.len();
             let params = {
                 let mut ctx = TemplateContext::new(&run.alert, &playbook.name);
                 ctx.run_id = &run_id;
@@ -553,17 +570,21 @@ impl Engine {
                     format!("step {} attempt {attempt} started", step.name),
                 );
                 let clock = Instant::now();
-                let result = self
-                    .executor
-                    .run(Attempt {
-                        action: &step.action,
-                        alert: &run.alert,
-                        params: params.clone(),
-                        timeout: step.timeout,
-                        dry_run: step.dry_run,
-                        cancel: Some(cancel.clone()),
-                    })
-                    .await;
+                let result = match self.executor.start(Attempt {
+                    action: &step.action,
+                    alert: &run.alert,
+                    params: params.clone(),
+                    timeout: step.timeout,
+                    dry_run: step.dry_run,
+                    cancel: Some(cancel.clone()),
+                }) {
+                    Started::Done(r) => r,
+                    Started::Pending(attempt) => {
+                        // This attempt may act: the run must be on record first.
+                        self.record(&run, &mut unrecorded)?;
+                        attempt.await
+                    }
+                };
                 let (output, error) = match result.result {
                     Ok(v) => (Some(v), None),
                     Err(e) => (None, Some(e)),
@@ -593,7 +614,16 @@ impl Engine {
                     logs: result.logs,
                     changes: result.changes,
                 });
-                self.store.put_run(&run)?;
+                // Record progress when more follows; when this attempt ends the run, the settled
+                // record below is its only write.
+                let ends_run = if succeeded {
+                    last_step
+                } else {
+                    attempt > step.retries || cancel.is_cancelled()
+                };
+                if !ends_run {
+                    self.record(&run, &mut unrecorded)?;
+                }
                 if succeeded {
                     continue 'steps;
                 }
@@ -643,7 +673,7 @@ impl Engine {
             run.note(now, "succeeded");
             tracing::info!("run succeeded");
         }
-        self.store.put_run(&run)?;
+        self.record(&run, &mut unrecorded)?;
         if run.outcome == Outcome::Verifying {
             self.verifying
                 .lock()
@@ -655,6 +685,15 @@ impl Engine {
         self.metrics
             .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
         Ok(run)
+    }
+
+    /// Writes `run`; the first time for a deferred run, also takes its alert off the intake.
+    fn record(&self, run: &Run, unrecorded: &mut Option<u64>) -> Result<(), StoreError> {
+        self.store.put_run(run)?;
+        if let Some(seq) = unrecorded.take() {
+            self.store.remove_intake(seq)?;
+        }
+        Ok(())
     }
 
     /// Records that `run` pages the humans and hands the page to the durable outbox.
@@ -793,7 +832,7 @@ impl Engine {
     /// Re-runs a recovered run of an idempotent playbook.
     pub async fn resume(self: &Arc<Self>, run: Run, playbook: Arc<Playbook>) {
         let id = run.id;
-        if let Err(e) = self.execute(run, playbook).await {
+        if let Err(e) = self.execute(run, playbook, None).await {
             tracing::error!(run_id = %id, error = %e, "could not record a resumed run");
         }
     }

@@ -291,7 +291,8 @@ impl Guards {
     }
 }
 
-/// Read-modify-write of one record with compare-and-swap, retried on conflict.
+/// Read-modify-write of one record with compare-and-swap, retried on conflict; no write when the
+/// record is unchanged.
 fn update<S, R>(
     tree: &sled::Tree,
     key: &[u8],
@@ -308,6 +309,10 @@ where
         };
         let r = f(&mut state);
         let new = serde_json::to_vec(&state).expect("guard state serializes");
+        // An unchanged state needs no write (a closed breaker on the hot path, for one).
+        if old.as_deref() == Some(new.as_slice()) {
+            return Ok(r);
+        }
         if tree.compare_and_swap(key, old, Some(new))?.is_ok() {
             return Ok(r);
         }

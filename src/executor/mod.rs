@@ -1,11 +1,14 @@
-//! Runs one attempt of one playbook step. Rhai evaluation happens on a blocking thread (never on
-//! an async worker), carrying the caller's tracing span, bounded by the sandbox's limits and the
-//! step's wall-clock timeout, with an async backstop in case a native helper does not return.
+//! Runs one attempt of one playbook step. Rhai evaluation is bounded by the sandbox's limits and
+//! the step's wall-clock timeout. A short script that calls no blocking helper finishes inline on
+//! the async worker; any other is evaluated on a blocking thread, carrying the caller's tracing
+//! span, with an async backstop in case a native helper does not return.
 
 pub mod disk;
 pub mod kubernetes;
 pub mod sandbox;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +36,13 @@ pub struct AttemptResult {
     pub logs: Vec<String>,
     /// Kubernetes mutations the attempt made (or, in a dry run, would have made).
     pub changes: Vec<kubernetes::Change>,
+}
+
+/// An attempt just started: finished already (a short script, inline), or still to be awaited.
+/// Only a pending attempt can have acted on the world.
+pub enum Started<'a> {
+    Done(AttemptResult),
+    Pending(Pin<Box<dyn Future<Output = AttemptResult> + Send + 'a>>),
 }
 
 /// The inputs of one attempt.
@@ -65,9 +75,23 @@ impl Executor {
     }
 
     pub async fn run(&self, attempt: Attempt<'_>) -> AttemptResult {
+        match self.start(attempt) {
+            Started::Done(r) => r,
+            Started::Pending(f) => f.await,
+        }
+    }
+
+    /// Starts an attempt. A Rhai script that finishes within the inline budget without calling
+    /// a helper that blocks or acts is done on return, having had no effect but its result.
+    pub fn start<'a>(&self, attempt: Attempt<'a>) -> Started<'a> {
         match attempt.action {
-            StepAction::Rhai { ast, .. } => self.run_rhai(Arc::clone(ast), attempt).await,
-            StepAction::Kubernetes { action } => self.run_kubernetes(action, attempt).await,
+            StepAction::Rhai { ast, .. } => self.start_rhai(Arc::clone(ast), attempt),
+            StepAction::Kubernetes { action } => {
+                let this = self.clone();
+                Started::Pending(Box::pin(async move {
+                    this.run_kubernetes(action, attempt).await
+                }))
+            }
         }
     }
 
@@ -106,56 +130,84 @@ impl Executor {
         }
     }
 
-    async fn run_rhai(&self, ast: Arc<rhai::AST>, a: Attempt<'_>) -> AttemptResult {
+    fn start_rhai<'a>(&self, ast: Arc<rhai::AST>, a: Attempt<'a>) -> Started<'a> {
         let alert = match alert_dynamic(a.alert) {
             Ok(d) => d,
-            Err(e) => return failed(format!("cannot pass the alert to the script: {e}")),
+            Err(e) => {
+                return Started::Done(failed(format!("cannot pass the alert to the script: {e}")))
+            }
         };
         let params = match rhai::serde::to_dynamic(Value::Object(a.params)) {
             Ok(d) => d,
-            Err(e) => return failed(format!("cannot pass params to the script: {e}")),
+            Err(e) => {
+                return Started::Done(failed(format!("cannot pass params to the script: {e}")))
+            }
         };
         let engine = Arc::clone(&self.engine);
         let timeout = a.timeout;
         let dry_run = a.dry_run.unwrap_or(self.global_dry_run);
         let cancel = a.cancel;
-        let span = tracing::Span::current();
-        let task = tokio::task::spawn_blocking(move || {
-            let _enter = span.enter();
-            let state = sandbox::EvalState {
-                deadline: Instant::now() + timeout,
-                logs: Vec::new(),
-                dry_run,
-                cancel,
-                changes: Vec::new(),
-            };
-            let (res, state) = sandbox::with_state(state, || {
-                let mut scope = Scope::new();
-                scope.push_constant("alert", alert);
-                scope.push_constant("params", params);
-                scope.push_constant("dry_run", dry_run);
-                engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
-            });
-            let result = res
-                .map_err(|e| sandbox::describe_error(&e, timeout))
-                .and_then(|d| {
-                    rhai::serde::from_dynamic::<Value>(&d)
-                        .map_err(|e| format!("script returned a value that is not data: {e}"))
-                });
-            AttemptResult {
-                result,
-                logs: state.logs,
-                changes: state.changes,
-            }
+        let state = move |inline| sandbox::EvalState {
+            deadline: Instant::now() + timeout,
+            logs: Vec::new(),
+            dry_run,
+            cancel: cancel.clone(),
+            changes: Vec::new(),
+            inline,
+        };
+        let mut scope = Scope::new();
+        scope.push_constant("alert", alert);
+        scope.push_constant("params", params);
+        scope.push_constant("dry_run", dry_run);
+        let inputs = scope.len();
+        // Most scripts finish in a few hundred operations: evaluating them here saves the two
+        // thread switches of a blocking thread, which cost more than the script. A script that
+        // runs longer or calls a helper that blocks is redone from the start on a blocking thread.
+        let (res, st) = sandbox::with_state(state(true), || {
+            engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
         });
-        match tokio::time::timeout(timeout + BACKSTOP_GRACE, task).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(join)) => failed(format!("script evaluation panicked: {join}")),
-            Err(_) => failed(format!(
-                "timed out after {}: a helper call did not return",
-                humantime::format_duration(timeout)
-            )),
+        if !sandbox::needs_thread(&res) {
+            return Started::Done(finish(res, st, timeout));
         }
+        scope.rewind(inputs);
+        let span = tracing::Span::current();
+        // Spawned when first polled, so the caller can record the run before the script acts.
+        Started::Pending(Box::pin(async move {
+            let task = tokio::task::spawn_blocking(move || {
+                let _enter = span.enter();
+                let (res, st) = sandbox::with_state(state(false), || {
+                    engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
+                });
+                finish(res, st, timeout)
+            });
+            match tokio::time::timeout(timeout + BACKSTOP_GRACE, task).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(join)) => failed(format!("script evaluation panicked: {join}")),
+                Err(_) => failed(format!(
+                    "timed out after {}: a helper call did not return",
+                    humantime::format_duration(timeout)
+                )),
+            }
+        }))
+    }
+}
+
+/// An evaluation's result as an attempt's: errors described, the value converted to data.
+fn finish(
+    res: Result<Dynamic, Box<rhai::EvalAltResult>>,
+    state: sandbox::EvalState,
+    timeout: Duration,
+) -> AttemptResult {
+    let result = res
+        .map_err(|e| sandbox::describe_error(&e, timeout))
+        .and_then(|d| {
+            rhai::serde::from_dynamic::<Value>(&d)
+                .map_err(|e| format!("script returned a value that is not data: {e}"))
+        });
+    AttemptResult {
+        result,
+        logs: state.logs,
+        changes: state.changes,
     }
 }
 
@@ -339,5 +391,77 @@ mod tests {
         .unwrap();
         assert_eq!(v["bytes"], 5);
         assert!(!dir.path().join("a.log").exists());
+    }
+
+    fn attempt<'a>(action: &'a StepAction, alert: &'a Alert, params: Value) -> Attempt<'a> {
+        let Value::Object(params) = params else {
+            panic!()
+        };
+        Attempt {
+            action,
+            alert,
+            params,
+            timeout: Duration::from_secs(5),
+            dry_run: None,
+            cancel: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn short_scripts_finish_inline_and_others_act_only_once_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.log"), b"12345").unwrap();
+        let ex = executor(vec![dir.path().to_owned()]);
+        let rhai = |src: &str| StepAction::Rhai {
+            ast: Arc::new(ex.engine().compile(src).unwrap()),
+            source: "test".into(),
+        };
+        let alert = alert();
+
+        let short = rhai(r#"log("x"); params.n + 1"#);
+        let Started::Done(r) = ex.start(attempt(&short, &alert, serde_json::json!({"n": 1})))
+        else {
+            panic!("a short script finishes inline");
+        };
+        assert_eq!(
+            (r.result, r.logs),
+            (Ok(serde_json::json!(2)), vec!["x".to_owned()])
+        );
+
+        // Past the inline budget: redone on a blocking thread, same result.
+        let long = rhai("let s = 0; for i in 0..5000 { s += i; } s");
+        let Started::Pending(f) = ex.start(attempt(&long, &alert, serde_json::json!({}))) else {
+            panic!("a long script leaves the worker");
+        };
+        assert_eq!(f.await.result, Ok(serde_json::json!(12_497_500)));
+
+        // A helper that acts: nothing happens before the caller awaits, and the logs of the
+        // abandoned inline attempt are not repeated.
+        let acting = rhai(
+            r#"log("before"); let r = disk_cleanup(params.path, "*.log", 0); log("after"); r.bytes"#,
+        );
+        let params = serde_json::json!({"path": dir.path()});
+        let Started::Pending(f) = ex.start(attempt(&acting, &alert, params)) else {
+            panic!("disk_cleanup never runs inline");
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            dir.path().join("a.log").exists(),
+            "nothing acted before the await"
+        );
+        let r = f.await;
+        assert_eq!(r.result, Ok(serde_json::json!(5)));
+        assert_eq!(r.logs.len(), 3, "{:?}", r.logs);
+        assert_eq!((&*r.logs[0], &*r.logs[2]), ("before", "after"));
+        assert!(r.logs[1].starts_with("disk_cleanup "), "{:?}", r.logs);
+        assert!(!dir.path().join("a.log").exists());
+
+        // try/catch cannot swallow the move to a thread.
+        let caught =
+            rhai(r#"let r = "none"; try { sleep(1); r = "slept"; } catch (e) { r = "caught"; } r"#);
+        let r = ex
+            .run(attempt(&caught, &alert, serde_json::json!({})))
+            .await;
+        assert_eq!(r.result, Ok(serde_json::json!("slept")));
     }
 }

@@ -1,7 +1,13 @@
 //! The Rhai sandbox: one shared [`rhai::Engine`] with limits on operations, call depth and
 //! string/array/map sizes, no module loading (so no file system), and only the helpers registered
 //! here. Per-evaluation state (wall-clock deadline, captured logs, dry-run flag) lives in a
-//! thread-local, because each evaluation owns its blocking thread for its whole duration.
+//! thread-local, because each evaluation owns its thread for its whole duration.
+//!
+//! An evaluation may first run *inline* on an async worker: then it gets [`INLINE_OPERATIONS`]
+//! operations, and every helper that blocks or acts on the world (`sleep`, `disk_cleanup`, `k8s::`)
+//! refuses before doing anything. Either ends the evaluation with [`NEEDS_THREAD_TOKEN`], which no
+//! script can catch, and the caller evaluates the script again from the start on a blocking
+//! thread. The inline attempt can only have logged, and its logs are dropped.
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -26,6 +32,8 @@ pub(crate) struct EvalState {
     pub cancel: Option<tokio_util::sync::CancellationToken>,
     /// Kubernetes mutations made by `k8s::` calls, for the run's record.
     pub changes: Vec<Change>,
+    /// Evaluating on an async worker: short and side-effect free, or it must move to a thread.
+    pub inline: bool,
 }
 
 thread_local! {
@@ -77,10 +85,36 @@ fn dry_run() -> bool {
     STATE.with(|s| s.borrow().as_ref().is_some_and(|st| st.dry_run))
 }
 
+fn inline() -> bool {
+    STATE.with(|s| s.borrow().as_ref().is_some_and(|st| st.inline))
+}
+
+/// Called first by every helper that blocks or has effects: inline, it ends the evaluation so
+/// that it is redone on a blocking thread.
+fn off_worker() -> RhaiResult<()> {
+    if inline() {
+        return Err(EvalAltResult::ErrorTerminated(
+            Dynamic::from(NEEDS_THREAD_TOKEN),
+            Position::NONE,
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Whether an inline evaluation ended because the script needs a blocking thread.
+pub(crate) fn needs_thread<T>(result: &RhaiResult<T>) -> bool {
+    matches!(result, Err(e) if matches!(&**e, EvalAltResult::ErrorTerminated(t, _) if t.to_string() == NEEDS_THREAD_TOKEN))
+}
+
 /// The token `on_progress` terminates a script with when its deadline passes.
 pub(crate) const DEADLINE_TOKEN: &str = "reactor: step deadline exceeded";
 /// The token `on_progress` terminates a script with when its run is cancelled.
 pub(crate) const CANCEL_TOKEN: &str = "reactor: run cancelled";
+/// The token an inline evaluation ends with when it must continue on a blocking thread.
+pub(crate) const NEEDS_THREAD_TOKEN: &str = "reactor: needs a blocking thread";
+/// Operations an inline evaluation may take (tens of microseconds) before it moves to a thread.
+pub const INLINE_OPERATIONS: u64 = 2048;
 
 /// Builds the sandboxed engine. `cleanup_roots` are the directories `disk_cleanup` may touch;
 /// `kube` is the cluster the `k8s::` functions act on (`None`: they fail, not configured).
@@ -104,7 +138,11 @@ pub fn build_engine(
         .set_max_functions(1_000);
     // Checking the clock on every operation would dominate cheap scripts; every 1024 is enough.
     engine.on_progress(|ops| {
-        if ops % 1024 != 0 {
+        if ops % 256 != 0 {
+            None
+        } else if ops >= INLINE_OPERATIONS && inline() {
+            Some(Dynamic::from(NEEDS_THREAD_TOKEN))
+        } else if ops % 1024 != 0 {
             None
         } else if deadline().is_some_and(|d| Instant::now() >= d) {
             Some(Dynamic::from(DEADLINE_TOKEN))
@@ -121,6 +159,7 @@ pub fn build_engine(
     engine.register_fn("is_dry_run", dry_run);
     // Native code is not interrupted by the deadline, so sleep never outlives it.
     engine.register_fn("sleep", |ms: i64| -> RhaiResult<()> {
+        off_worker()?;
         let want = Duration::from_millis(ms.max(0) as u64);
         let left = deadline().map_or(want, |d| d.saturating_duration_since(Instant::now()));
         // Sleep in slices so that a cancelled run does not wait out the whole nap.
@@ -153,6 +192,7 @@ fn k8s_call(
     name: &str,
     params: serde_json::Value,
 ) -> RhaiResult<Dynamic> {
+    off_worker()?;
     let serde_json::Value::Object(params) = params else {
         unreachable!("built from an object literal or a Rhai map")
     };
@@ -184,6 +224,7 @@ fn k8s_call(
 
 /// Reads one object for a script.
 fn k8s_get(kube: Option<&Kubernetes>, kind: &str, ns: &str, name: &str) -> RhaiResult<Dynamic> {
+    off_worker()?;
     let Some(kube) = kube else {
         return Err(format!("k8s::get: {}", kubernetes::NOT_CONFIGURED).into());
     };
@@ -258,6 +299,7 @@ fn register_disk_cleanup(engine: &mut Engine, roots: Vec<PathBuf>) {
                     older: Dynamic,
                     dry: Option<bool>|
           -> RhaiResult<Dynamic> {
+        off_worker()?;
         let older_than = if let Some(secs) = older.clone().try_cast::<i64>() {
             Duration::from_secs(secs.max(0) as u64)
         } else {

@@ -1,6 +1,10 @@
-//! Group commit: one task owns every `flush_async` call (concurrent callers deadlock sled 0.34,
-//! upstream sled#1308). Writers register after their insert; each flush answers every waiter that
-//! was registered before it started, so N concurrent accepts cost one fsync, not N.
+//! Group commit: one thread owns every flush (concurrent `flush_async` callers deadlock sled
+//! 0.34, upstream sled#1308). Writers register after their insert; each flush answers every waiter
+//! that was registered before it started, so N concurrent accepts cost one fsync, not N.
+//!
+//! The flusher is a plain thread calling sled's blocking `flush`, not a task awaiting
+//! `flush_async`: `flush_async` hands each flush to sled's I/O pool, whose every job wakes all of
+//! its idle threads, and under load those wake-ups cost more CPU than the fsyncs themselves.
 
 use std::sync::Arc;
 
@@ -8,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 type Waiter = oneshot::Sender<Result<(), Arc<sled::Error>>>;
 
-/// Handle for waiting until earlier writes are durable. The flusher task stops when the last
+/// Handle for waiting until earlier writes are durable. The flusher thread stops when the last
 /// handle is dropped.
 #[derive(Clone)]
 pub struct GroupCommit {
@@ -16,10 +20,12 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn spawn(db: sled::Db) -> GroupCommit {
+    pub fn spawn(db: sled::Db) -> std::io::Result<GroupCommit> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(db, rx));
-        GroupCommit { tx }
+        std::thread::Builder::new()
+            .name("reactor-flush".into())
+            .spawn(move || flusher(db, rx))?;
+        Ok(GroupCommit { tx })
     }
 
     /// Resolves once everything written before this call is on disk.
@@ -35,10 +41,10 @@ impl GroupCommit {
     }
 }
 
-async fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Waiter>) {
+fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Waiter>) {
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 4096).await > 0 {
-        let result = db.flush_async().await.map(|_| ()).map_err(Arc::new);
+    while rx.blocking_recv_many(&mut batch, 4096) > 0 {
+        let result = db.flush().map(|_| ()).map_err(Arc::new);
         if let Err(e) = &result {
             tracing::error!(error = %e, "sled flush failed");
         }

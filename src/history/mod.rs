@@ -23,6 +23,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("database flush failed: {0}")]
     Flush(Arc<sled::Error>),
+    #[error("could not start the database flusher thread: {0}")]
+    Flusher(std::io::Error),
     #[error("corrupt record {key}: {source}")]
     Corrupt {
         key: String,
@@ -329,8 +331,7 @@ struct Inner {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir`. Must run inside a Tokio runtime: it starts the
-    /// group-commit flusher.
+    /// Opens (or creates) the database in `dir` and starts its group-commit flusher thread.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
@@ -350,7 +351,7 @@ impl Store {
         let next = last_intake.max(last_run).map_or(1, |s| s + 1);
         Ok(Store {
             inner: Arc::new(Inner {
-                commit: GroupCommit::spawn(db.clone()),
+                commit: GroupCommit::spawn(db.clone()).map_err(StoreError::Flusher)?,
                 db,
                 intake,
                 runs,
