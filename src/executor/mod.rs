@@ -83,14 +83,11 @@ impl Executor {
 
     /// Starts an attempt. A Rhai script that finishes within the inline budget without calling
     /// a helper that blocks or acts is done on return, having had no effect but its result.
-    pub fn start<'a>(&self, attempt: Attempt<'a>) -> Started<'a> {
+    pub fn start<'a>(&'a self, attempt: Attempt<'a>) -> Started<'a> {
         match attempt.action {
             StepAction::Rhai { ast, .. } => self.start_rhai(Arc::clone(ast), attempt),
             StepAction::Kubernetes { action } => {
-                let this = self.clone();
-                Started::Pending(Box::pin(async move {
-                    this.run_kubernetes(action, attempt).await
-                }))
+                Started::Pending(Box::pin(self.run_kubernetes(action, attempt)))
             }
         }
     }

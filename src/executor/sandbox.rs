@@ -93,18 +93,23 @@ fn inline() -> bool {
 /// that it is redone on a blocking thread.
 fn off_worker() -> RhaiResult<()> {
     if inline() {
-        return Err(EvalAltResult::ErrorTerminated(
-            Dynamic::from(NEEDS_THREAD_TOKEN),
-            Position::NONE,
-        )
-        .into());
+        return Err(terminate(NEEDS_THREAD_TOKEN));
     }
     Ok(())
 }
 
 /// Whether an inline evaluation ended because the script needs a blocking thread.
 pub(crate) fn needs_thread<T>(result: &RhaiResult<T>) -> bool {
-    matches!(result, Err(e) if matches!(&**e, EvalAltResult::ErrorTerminated(t, _) if t.to_string() == NEEDS_THREAD_TOKEN))
+    matches!(result, Err(e) if terminated_by(e, NEEDS_THREAD_TOKEN))
+}
+
+/// Ends the evaluation with `token`; scripts cannot catch it.
+fn terminate(token: &'static str) -> Box<EvalAltResult> {
+    EvalAltResult::ErrorTerminated(Dynamic::from(token), Position::NONE).into()
+}
+
+fn terminated_by(err: &EvalAltResult, token: &str) -> bool {
+    matches!(err, EvalAltResult::ErrorTerminated(t, _) if t.to_string() == token)
 }
 
 /// The token `on_progress` terminates a script with when its deadline passes.
@@ -172,11 +177,7 @@ pub fn build_engine(
             std::thread::sleep((until - now).min(Duration::from_millis(50)));
         }
         if cancelled() {
-            return Err(EvalAltResult::ErrorTerminated(
-                Dynamic::from(CANCEL_TOKEN),
-                Position::NONE,
-            )
-            .into());
+            return Err(terminate(CANCEL_TOKEN));
         }
         Ok(())
     });
@@ -215,10 +216,7 @@ fn k8s_call(
     match res {
         Ok(Ok(v)) => rhai::serde::to_dynamic(v),
         Ok(Err(e)) => Err(format!("k8s::{name}: {e}").into()),
-        Err(_) => Err(Box::new(EvalAltResult::ErrorTerminated(
-            Dynamic::from(DEADLINE_TOKEN),
-            Position::NONE,
-        ))),
+        Err(_) => Err(terminate(DEADLINE_TOKEN)),
     }
 }
 
@@ -337,12 +335,10 @@ fn register_disk_cleanup(engine: &mut Engine, roots: Vec<PathBuf>) {
 /// Turns an evaluation error into the text a run records.
 pub(crate) fn describe_error(err: &EvalAltResult, timeout: Duration) -> String {
     match err {
-        EvalAltResult::ErrorTerminated(token, _) if token.to_string() == DEADLINE_TOKEN => {
+        e if terminated_by(e, DEADLINE_TOKEN) => {
             format!("timed out after {}", humantime::format_duration(timeout))
         }
-        EvalAltResult::ErrorTerminated(token, _) if token.to_string() == CANCEL_TOKEN => {
-            "cancelled".to_owned()
-        }
+        e if terminated_by(e, CANCEL_TOKEN) => "cancelled".to_owned(),
         EvalAltResult::ErrorTooManyOperations(pos) => {
             format!("stopped: operation limit exceeded{}", at(*pos))
         }

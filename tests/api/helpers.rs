@@ -22,6 +22,11 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().build().expect("client builds")
 }
 
+/// Sends `req` and decodes its JSON answer; panics on a transport or decoding error.
+pub async fn get_json<T: serde::de::DeserializeOwned>(req: reqwest::RequestBuilder) -> T {
+    req.send().await.unwrap().json().await.unwrap()
+}
+
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -376,15 +381,10 @@ impl Alertmanager {
     }
 
     pub async fn alerts(&self, filter: &str) -> Vec<Value> {
-        client()
+        let req = client()
             .get(format!("{}/api/v2/alerts", self.url()))
-            .query(&[("filter", filter)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+            .query(&[("filter", filter)]);
+        get_json(req).await
     }
 }
 
@@ -548,14 +548,8 @@ impl Prometheus {
 
     /// Active alerts of the rules (`GET /api/v1/alerts`).
     pub async fn alerts(&self) -> Vec<Value> {
-        let v: Value = client()
-            .get(format!("http://127.0.0.1:{}/api/v1/alerts", self.port))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = format!("http://127.0.0.1:{}/api/v1/alerts", self.port);
+        let v: Value = get_json(client().get(url)).await;
         v["data"]["alerts"].as_array().cloned().unwrap_or_default()
     }
 }

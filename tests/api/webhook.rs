@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{payload, Capture, PlaybookDir, TestApp, FIRING};
+use crate::helpers::{get_json, payload, Capture, PlaybookDir, TestApp, FIRING};
 
 fn one<'a>(runs: &'a [Value], alertname: &str) -> &'a Value {
     let matching: Vec<&Value> = runs
@@ -43,15 +43,7 @@ async fn the_fixture_is_accepted_and_its_run_listed_within_a_second() {
     assert_eq!(run["reason"], "no playbook matches this alert");
     assert_eq!(run["alert"]["fingerprint"], "3e27bcf000d7dae4");
     let id = run["id"].as_str().unwrap();
-    let shown: Value = app
-        .client
-        .get(app.url(&format!("/api/v1/runs/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown: Value = get_json(app.client.get(app.url(&format!("/api/v1/runs/{id}")))).await;
     assert_eq!(&shown, run);
     app.stop().await;
 }
@@ -141,15 +133,7 @@ async fn a_failing_run_retries_then_escalates_once() {
         run_url,
         app.url(&format!("/api/v1/runs/{}", run["id"].as_str().unwrap()))
     );
-    let linked: Value = app
-        .client
-        .get(run_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let linked: Value = get_json(app.client.get(run_url)).await;
     assert_eq!(linked["id"], run["id"]);
     app.stop().await;
 }
