@@ -289,6 +289,41 @@ impl Guards {
         }
         Ok(n)
     }
+
+    /// Forgets target records that no longer affect a decision: the last run started longer ago
+    /// than the playbook's window and cooldown, so the record decides exactly as a missing one
+    /// would. `horizon` gives a playbook's max(window, cooldown), `None` for a playbook no longer
+    /// loaded, whose records go once their last run is older than `orphan_cutoff`. A record
+    /// updated meanwhile is kept (compare-and-swap on the value read).
+    pub fn prune_targets(
+        &self,
+        now: Timestamp,
+        orphan_cutoff: Timestamp,
+        horizon: impl Fn(&str) -> Option<Duration>,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.targets.iter() {
+            let (k, v) = kv?;
+            let playbook = k.split(|b| *b == 0).next().unwrap_or(&k);
+            let stale_before = match horizon(&String::from_utf8_lossy(playbook)) {
+                Some(h) => {
+                    let h = SignedDuration::try_from(h).unwrap_or(SignedDuration::MAX);
+                    now.checked_sub(h).unwrap_or(Timestamp::MIN)
+                }
+                None => orphan_cutoff,
+            };
+            let state: TargetState = serde_json::from_slice(&v).unwrap_or_default();
+            if state.last_start.is_none_or(|t| t < stale_before)
+                && self
+                    .targets
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                    .is_ok()
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// Read-modify-write of one record with compare-and-swap, retried on conflict; no write when the
@@ -456,5 +491,40 @@ mod tests {
         assert_eq!(g.claim(&a, "other", r2).unwrap(), Claim::First);
         assert_eq!(g.prune_claims(Timestamp::MAX).unwrap(), 2);
         assert_eq!(g.claim(&a, "p", r2).unwrap(), Claim::First);
+    }
+    #[tokio::test]
+    async fn stale_target_records_are_pruned_and_decide_as_missing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let g = Guards::open(&store).unwrap();
+        let p = policy(2, 100, 10);
+        let horizon = |name: &str| (name == "p").then_some(Duration::from_secs(100));
+        for (key, at) in [
+            ("p\0a=1", 0),
+            ("p\0a=2", 50),
+            ("gone\0a=1", 0),
+            ("gone\0a=2", 90),
+        ] {
+            g.admit_target(key, t(at), &p).unwrap();
+            g.admit_target(key, t(at + 20), &p).unwrap();
+        }
+        // At 125 "p a=1" last started at 20: older than the 100 s window, so it goes; "p a=2"
+        // (last start 70) stays. The unloaded playbook's records go once older than the cutoff.
+        assert_eq!(g.prune_targets(t(125), t(50), horizon).unwrap(), 2);
+        let left: Vec<_> = g.targets.iter().keys().map(|k| k.unwrap()).collect();
+        assert_eq!(left, [&b"gone\0a=2"[..], &b"p\0a=2"[..]]);
+        assert_eq!(
+            g.admit_target("p\0a=2", t(125), &p).unwrap(),
+            TargetDecision::LoopGuard {
+                escalate: true,
+                attempts: 2,
+                until: t(150)
+            },
+            "a kept record still limits"
+        );
+        assert_eq!(
+            g.admit_target("p\0a=1", t(125), &p).unwrap(),
+            TargetDecision::Run
+        );
     }
 }

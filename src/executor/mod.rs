@@ -163,7 +163,7 @@ impl Executor {
         let (res, st) = sandbox::with_state(state(true), || {
             engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
         });
-        if !sandbox::needs_thread(&res) {
+        if res.as_ref().map_or(true, |r| !sandbox::needs_thread(r)) {
             return Started::Done(finish(res, st, timeout));
         }
         scope.rewind(inputs);
@@ -179,7 +179,7 @@ impl Executor {
             });
             match tokio::time::timeout(timeout + BACKSTOP_GRACE, task).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(join)) => failed(format!("script evaluation panicked: {join}")),
+                Ok(Err(join)) => failed(format!("script evaluation failed: {join}")),
                 Err(_) => failed(format!(
                     "timed out after {}: a helper call did not return",
                     humantime::format_duration(timeout)
@@ -191,10 +191,14 @@ impl Executor {
 
 /// An evaluation's result as an attempt's: errors described, the value converted to data.
 fn finish(
-    res: Result<Dynamic, Box<rhai::EvalAltResult>>,
+    res: Result<Result<Dynamic, Box<rhai::EvalAltResult>>, String>,
     state: sandbox::EvalState,
     timeout: Duration,
 ) -> AttemptResult {
+    let res = match res {
+        Ok(res) => res,
+        Err(panic) => return failed(format!("script evaluation panicked: {panic}")),
+    };
     let result = res
         .map_err(|e| sandbox::describe_error(&e, timeout))
         .and_then(|d| {

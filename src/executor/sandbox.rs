@@ -40,10 +40,20 @@ thread_local! {
     static STATE: RefCell<Option<EvalState>> = const { RefCell::new(None) };
 }
 
-/// Installs the state for one evaluation on this thread and returns it when `f` is done.
-pub(crate) fn with_state<T>(state: EvalState, f: impl FnOnce() -> T) -> (T, EvalState) {
+/// Installs the state for one evaluation on this thread and returns it when `f` is done. A panic
+/// in `f` (Rhai is not expected to, but the evaluation may run on an async worker) is caught and
+/// returned as its message, so it fails the attempt instead of unwinding the run's task.
+pub(crate) fn with_state<T>(
+    state: EvalState,
+    f: impl FnOnce() -> T,
+) -> (Result<T, String>, EvalState) {
     STATE.with(|s| *s.borrow_mut() = Some(state));
-    let out = f();
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned())
+    });
     let state = STATE
         .with(|s| s.borrow_mut().take())
         .expect("eval state installed above");
@@ -351,4 +361,31 @@ fn at(pos: Position) -> String {
     pos.line()
         .map(|l| format!(" (line {l})"))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_an_evaluation_is_returned_and_the_state_comes_back() {
+        let state = EvalState {
+            deadline: Instant::now(),
+            logs: Vec::new(),
+            dry_run: false,
+            cancel: None,
+            changes: Vec::new(),
+            inline: true,
+        };
+        let (out, st) = with_state(state, || -> () {
+            log_line("before".to_owned());
+            panic!("boom")
+        });
+        assert_eq!(out, Err("boom".to_owned()));
+        assert_eq!(st.logs, ["before"]);
+        assert!(
+            STATE.with(|s| s.borrow().is_none()),
+            "nothing left on the thread"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! History retention: a background task that prunes runs past the configured age or count, the
-//! delivery claims of alerts that old, and settled outbox entries of pruned runs.
+//! delivery claims of alerts that old, settled outbox entries of pruned runs, and target guard
+//! records that no longer affect a decision.
 
 use std::sync::Arc;
 
@@ -48,5 +49,13 @@ pub fn prune_once(
         engine.outbox.prune_before(first_kept)?;
     }
     engine.guards.prune_claims(cutoff)?;
+    engine
+        .guards
+        .prune_targets(engine.clock.now(), cutoff, |name| {
+            engine
+                .playbooks
+                .get(name)
+                .map(|p| p.guards.window.max(p.guards.cooldown))
+        })?;
     Ok(removed)
 }
