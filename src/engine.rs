@@ -742,6 +742,16 @@ impl Engine {
         self: &Arc<Self>,
     ) -> Result<(Vec<Intake>, Vec<(Run, Arc<Playbook>)>), StoreError> {
         let now = self.clock.now();
+        // First the intake, so that a partial set of an alert's runs (a crash while they were
+        // written) is removed before the unfinished runs are looked at: those never started.
+        let mut pending = Vec::new();
+        for intake in self.store.pending_intake()? {
+            if self.store.intake_recorded(intake.seq)? {
+                self.store.remove_intake(intake.seq)?;
+            } else {
+                pending.push(intake);
+            }
+        }
         let mut rerun = Vec::new();
         for mut run in self.store.unfinished_runs()? {
             if run.outcome == Outcome::Verifying {
@@ -810,14 +820,6 @@ impl Engine {
                     self.escalate(REMEDIATION_FAILED, run, playbook.as_deref())
                         .await?;
                 }
-            }
-        }
-        let mut pending = Vec::new();
-        for intake in self.store.pending_intake()? {
-            if self.store.runs_for_seq(intake.seq)?.is_empty() {
-                pending.push(intake);
-            } else {
-                self.store.remove_intake(intake.seq)?;
             }
         }
         if !pending.is_empty() {
