@@ -2,7 +2,9 @@
 //! delivery claims of alerts that old, settled outbox entries of pruned runs, and target guard
 //! records that no longer affect a decision.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use jiff::SignedDuration;
 use tokio_util::sync::CancellationToken;
@@ -39,23 +41,20 @@ pub fn prune_once(
     settings: &HistorySettings,
 ) -> Result<usize, crate::history::StoreError> {
     let max_age = SignedDuration::try_from(settings.max_age).unwrap_or(SignedDuration::MAX);
-    let cutoff = engine
-        .clock
-        .now()
-        .checked_sub(max_age)
-        .unwrap_or(jiff::Timestamp::MIN);
+    let now = engine.clock.now();
+    let cutoff = now.checked_sub(max_age).unwrap_or(jiff::Timestamp::MIN);
     let (removed, first_kept) = engine.store.prune_runs(cutoff, settings.max_runs)?;
     if removed > 0 {
         engine.outbox.prune_before(first_kept)?;
     }
     engine.guards.prune_claims(cutoff)?;
+    let horizons: HashMap<&str, Duration> = engine
+        .playbooks
+        .iter()
+        .map(|p| (p.name.as_str(), p.guards.window.max(p.guards.cooldown)))
+        .collect();
     engine
         .guards
-        .prune_targets(engine.clock.now(), cutoff, |name| {
-            engine
-                .playbooks
-                .get(name)
-                .map(|p| p.guards.window.max(p.guards.cooldown))
-        })?;
+        .prune_targets(now, cutoff, |name| horizons.get(name).copied())?;
     Ok(removed)
 }

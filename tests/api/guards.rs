@@ -83,6 +83,9 @@ async fn a_failing_target_gets_max_attempts_runs_then_one_loop_page_until_the_wi
             s.playbooks_dir = dir.playbooks();
             s.scripts_dir = dir.scripts();
             s.alertmanager.url = Some(pages.url());
+            // Retention passes throughout: a target record pruned before its window and
+            // cooldown passed would let more than max_attempts runs through.
+            s.history.prune_interval = Duration::from_millis(20);
         },
         Arc::new(clock.clone()),
     )
