@@ -123,6 +123,7 @@ impl Engine {
     async fn process_inner(self: &Arc<Self>, intake: Intake) -> Result<(), StoreError> {
         let matched = self.playbooks.matching(&intake.alert);
         let now = self.clock.now();
+        // Runs settled here (skipped, deduplicated, ...) and runs admitted to execute.
         let mut records = Vec::new();
         let mut runnable = Vec::new();
         let mut pages = Vec::new();
@@ -154,20 +155,18 @@ impl Engine {
                 continue;
             }
             run.started_at = Some(now);
-            records.push(run.clone());
             runnable.push((run, Arc::clone(playbook)));
         }
         // A lone run is recorded only once it needs to be: before its first step that can act
         // (see `run_steps`), or when it settles. A run whose steps all finish inline, which act
         // on nothing, is written once; if reactor dies first, the intake still holds the alert.
-        let defer = matches!(&runnable[..], [(_, p)] if records.len() == 1 && !p.silence);
-        if defer {
-            records.clear();
-        } else {
-            self.store.put_runs(&records)?;
+        let defer = matches!(&runnable[..], [(_, p)] if records.is_empty() && !p.silence);
+        if !defer {
+            self.store
+                .put_runs(records.iter().chain(runnable.iter().map(|(r, _)| r)))?;
             self.store.remove_intake(intake.seq)?;
         }
-        for r in records.iter().filter(|r| r.outcome != Outcome::Running) {
+        for r in &records {
             self.metrics
                 .run_recorded(r.playbook.as_deref(), r.outcome.as_str());
             if r.outcome == Outcome::Deduplicated {

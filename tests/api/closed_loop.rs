@@ -205,17 +205,11 @@ async fn a_restart_during_the_verify_window_still_ends_the_run() {
     let dir = PlaybookDir::new(&[("playbooks/v.yaml", &pb)]);
     let port = free_port();
     let am_port = free_port();
-    let config = dir.path().join("reactor.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:{port}\ndata_dir: {}\nplaybooks_dir: {}\nscripts_dir: {}\nauth:\n  bearer_token: {TOKEN}\nalertmanager:\n  url: http://127.0.0.1:{am_port}\n  poll_interval: 1s\n",
-            dir.path().join("db").display(),
-            dir.playbooks().display(),
-            dir.scripts().display()
-        ),
-    )
-    .unwrap();
+    let config = dir.binary_config(
+        port,
+        TOKEN,
+        &format!("alertmanager:\n  url: http://127.0.0.1:{am_port}\n  poll_interval: 1s\n"),
+    );
     let args = ["--config", config.to_str().unwrap(), "serve"];
     let mut reactor = spawn_binary(&args, dir.path());
     wait_healthy(port).await;

@@ -59,6 +59,23 @@ impl PlaybookDir {
     pub fn scripts(&self) -> PathBuf {
         self.root.path().join("scripts")
     }
+
+    /// Writes `reactor.yaml` for the binary: listening on 127.0.0.1:`port`, data, playbooks and
+    /// scripts in this directory, the bearer `token`, then `extra` (more top-level YAML).
+    pub fn binary_config(&self, port: u16, token: &str, extra: &str) -> PathBuf {
+        let path = self.path().join("reactor.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "listen: 127.0.0.1:{port}\ndata_dir: {}\nplaybooks_dir: {}\nscripts_dir: {}\nauth:\n  bearer_token: {token}\n{extra}",
+                self.path().join("db").display(),
+                self.playbooks().display(),
+                self.scripts().display(),
+            ),
+        )
+        .unwrap();
+        path
+    }
 }
 
 /// A webhook payload with one alert per (alertname, fingerprint, extra labels).

@@ -520,19 +520,15 @@ async fn the_binary_restarts_pods_scales_up_and_pages_when_the_api_fails() {
     let alertmanager = Capture::start().await;
     let dir = PlaybookDir::new(&[("playbooks/k8s.yaml", PLAYBOOKS)]);
     let port = free_port();
-    let config = dir.path().join("reactor.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:{port}\ndata_dir: {}\nplaybooks_dir: {}\nscripts_dir: {}\nauth:\n  bearer_token: {TOKEN}\nalertmanager:\n  url: {}\n  poll_interval: 0s\nkubernetes:\n  kubeconfig: {}\n",
-            dir.path().join("db").display(),
-            dir.playbooks().display(),
-            dir.scripts().display(),
+    let config = dir.binary_config(
+        port,
+        TOKEN,
+        &format!(
+            "alertmanager:\n  url: {}\n  poll_interval: 0s\nkubernetes:\n  kubeconfig: {}\n",
             alertmanager.url(),
             api.kubeconfig().display(),
         ),
-    )
-    .unwrap();
+    );
     let mut reactor = spawn_binary(&["--config", config.to_str().unwrap(), "serve"], dir.path());
     wait_healthy(port).await;
     let http = client();

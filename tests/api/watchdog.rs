@@ -161,30 +161,6 @@ fn docker_compose_stack_is_consistent() {
     assert!(demo.contains("alertname: DemoWorkerWedged"));
 }
 
-fn reactor_config(dir: &Path, port: u16, am_port: u16) -> std::path::PathBuf {
-    let path = dir.join("reactor.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"listen: 127.0.0.1:{port}
-data_dir: {data}
-playbooks_dir: {playbooks}
-scripts_dir: {scripts}
-auth:
-  bearer_token: {TOKEN}
-alertmanager:
-  url: http://127.0.0.1:{am_port}
-  poll_interval: 1s
-"#,
-            data = dir.join("db").display(),
-            playbooks = dir.join("playbooks").display(),
-            scripts = dir.join("scripts").display(),
-        ),
-    )
-    .unwrap();
-    path
-}
-
 fn prometheus_config(reactor_port: u16, am_port: u16) -> String {
     format!(
         r#"global:
@@ -241,7 +217,11 @@ async fn killing_reactor_lifts_the_inhibition_and_reactor_down_fires() {
         ),
     )
     .await;
-    let config = reactor_config(dir.path(), port, am_port);
+    let config = dir.binary_config(
+        port,
+        TOKEN,
+        &format!("alertmanager:\n  url: http://127.0.0.1:{am_port}\n  poll_interval: 1s\n"),
+    );
     let mut reactor = spawn_binary(&["--config", config.to_str().unwrap(), "serve"], dir.path());
     wait_healthy(port).await;
     let prometheus = Prometheus::start(&prometheus_config(port, am_port)).await;
