@@ -102,6 +102,22 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used, from `/proc/<pid>/stat`. Those fields count
+/// USER_HZ ticks, which Linux fixes at 100 per second for user space.
+fn cpu_time(pid: &str) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces:
+            // state is field 3, utime 14 and stime 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -289,6 +305,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let idle_rss = proc_kib(reactor.pid(), "VmRSS:");
 
     // Load.
+    let pid = reactor.pid().to_string();
+    let (cpu_reactor, cpu_bench) = (cpu_time(&pid), cpu_time("self"));
     let duration: Duration = args.duration.into();
     let load_start = Instant::now();
     let until = load_start + duration;
@@ -318,6 +336,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let drained = load_start.elapsed();
     let peak_rss = proc_kib(reactor.pid(), "VmHWM:");
+    let cpu_reactor = cpu_time(&pid).saturating_sub(cpu_reactor);
+    let cpu_bench = cpu_time("self").saturating_sub(cpu_bench);
 
     // Stop reactor cleanly (SIGTERM), then read its history.
     let _ = Command::new("kill")
@@ -399,6 +419,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "receive-to-finish latency   p50 {}  p99 {}",
         ms(pct(&finish_us, 0.50)),
         ms(pct(&finish_us, 0.99))
+    );
+    println!(
+        "CPU time, load and drain    reactor {:.1} s ({:.0} µs per accepted alert, {:.2} cores busy), load generator {:.1} s",
+        cpu_reactor.as_secs_f64(),
+        cpu_reactor.as_secs_f64() * 1e6 / accepted.max(1) as f64,
+        cpu_reactor.as_secs_f64() / drained.as_secs_f64(),
+        cpu_bench.as_secs_f64()
     );
     println!(
         "peak RSS                    {:.1} MiB",
