@@ -306,7 +306,7 @@ impl Engine {
         playbook: Arc<Playbook>,
         unrecorded: Option<u64>,
     ) -> Result<(), StoreError> {
-        let span = tracing::info_span!("run", run_id = %run.id, playbook = %playbook.name);
+        let span = run_span(&run);
         async {
             let _permit = match self.per_playbook.get(&playbook.name) {
                 Some(s) => Some(Arc::clone(s).acquire_owned().await.expect("never closed")),
@@ -358,7 +358,7 @@ impl Engine {
         }
         match run.outcome {
             Outcome::Failed => {
-                tracing::warn!(alertname = run.alert.alertname(), fingerprint = %run.alert.fingerprint, reason = run.reason.as_deref(), "run failed; escalating");
+                tracing::warn!(reason = run.reason.as_deref(), "run failed; escalating");
                 self.escalate(REMEDIATION_FAILED, run, Some(playbook))
                     .await?;
             }
@@ -514,17 +514,19 @@ impl Engine {
             self.store.put_run(&run)?;
             self.metrics
                 .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
-            let span = tracing::info_span!("run", run_id = %run.id, playbook = run.playbook.as_deref().unwrap_or(""));
-            let _enter = span.enter();
-            tracing::info!(outcome = %run.outcome, "verification ended");
-            drop(_enter);
-            match playbook {
-                Some(p) => self.settled(run, &p).await?,
-                None if run.outcome == Outcome::Failed => {
-                    self.escalate(REMEDIATION_FAILED, run, None).await?
+            let span = run_span(&run);
+            async {
+                tracing::info!(outcome = %run.outcome, "verification ended");
+                match playbook {
+                    Some(p) => self.settled(run, &p).await,
+                    None if run.outcome == Outcome::Failed => {
+                        self.escalate(REMEDIATION_FAILED, run, None).await
+                    }
+                    None => Ok(()),
                 }
-                None => {}
             }
+            .instrument(span)
+            .await?;
         }
         Ok(())
     }
@@ -547,8 +549,8 @@ impl Engine {
         mut unrecorded: Option<u64>,
     ) -> Result<Run, StoreError> {
         // One info line per run, when it ends (below); at thousands of alerts per second a second
-        // line per run costs a measurable share of the CPU.
-        tracing::debug!(alertname = run.alert.alertname(), fingerprint = %run.alert.fingerprint, "run started");
+        // line per run costs a measurable share of the CPU. The alert's identity is on the span.
+        tracing::debug!("run started");
         let run_id = run.id.to_string();
         let run_url = self.run_url(run.id);
         let mut failure = None;
@@ -651,7 +653,7 @@ impl Engine {
                 "alert resolved while the run was in progress (on_resolved: cancel)",
                 now,
             );
-            tracing::info!(alertname = run.alert.alertname(), fingerprint = %run.alert.fingerprint, "run cancelled: its alert resolved");
+            tracing::info!("run cancelled: its alert resolved");
         } else if let Some(reason) = failure {
             settle(&mut run, Outcome::Failed, &reason, now);
         } else if let Some(within) = playbook.verify {
@@ -667,12 +669,12 @@ impl Engine {
                     humantime::format_duration(within)
                 ),
             );
-            tracing::info!(alertname = run.alert.alertname(), fingerprint = %run.alert.fingerprint, %deadline, "steps succeeded; verifying that the alert resolves");
+            tracing::info!(%deadline, "steps succeeded; verifying that the alert resolves");
         } else {
             run.outcome = Outcome::Succeeded;
             run.finished_at = Some(now);
             run.note(now, "succeeded");
-            tracing::info!(alertname = run.alert.alertname(), fingerprint = %run.alert.fingerprint, "run succeeded");
+            tracing::info!("run succeeded");
         }
         self.record(&run, &mut unrecorded)?;
         if run.outcome == Outcome::Verifying {
@@ -874,6 +876,18 @@ impl Engine {
             }
         }
     }
+}
+
+/// The span of a run's log lines: which run, playbook and alert. Its fields are formatted once
+/// per run, not on every line.
+fn run_span(run: &Run) -> tracing::Span {
+    tracing::info_span!(
+        "run",
+        run_id = %run.id,
+        playbook = %run.playbook.as_deref().unwrap_or(""),
+        alertname = run.alert.alertname(),
+        fingerprint = %run.alert.fingerprint,
+    )
 }
 
 fn new_run(intake: &Intake, index: usize, playbook: Option<&Arc<Playbook>>) -> Run {

@@ -492,7 +492,6 @@ impl Store {
             .transpose()
     }
 
-    /// Runs recorded for one intake sequence number.
     /// Whether the runs of the alert accepted as `seq` were recorded. Run index 0 is written last
     /// and sled recovers a prefix of its log, so without it any of the alert's runs present are
     /// a partial set from a crash, which never started: they are removed, and the alert is to
