@@ -5,9 +5,11 @@
 //! `escalation` (page humans through Alertmanager when the fix fails). `poller` is the second
 //! intake (alerts Alertmanager holds back while reactor is alive), `watchdog` makes reactor's own
 //! failures page, `alertmanager` is the API client both use. `app` assembles these from `config`;
-//! `cli` is the command line.
+//! `cli` is the command line; `allocator` is the binary's memory allocator.
 
 pub mod alertmanager;
+#[cfg(feature = "mimalloc")]
+pub mod allocator;
 pub mod app;
 pub mod cli;
 pub mod clock;

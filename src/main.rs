@@ -1,11 +1,10 @@
 //! The `reactor` binary: everything lives in the library; see `reactor --help`.
 
-/// With `--features jemalloc`: jemalloc instead of glibc's malloc. Under an alert storm it takes
-/// 15-20% more alerts per second here (glibc's arena locks and free lists are ~15% of the CPU),
-/// but start-up leaves ~17 MiB more resident, above the 30 MB idle budget; hence opt-in.
-#[cfg(feature = "jemalloc")]
+/// mimalloc for small blocks, glibc's malloc for large ones (see `reactor::allocator`). Without
+/// the default `mimalloc` feature, glibc's malloc alone.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: reactor::allocator::Allocator = reactor::allocator::Allocator;
 
 fn main() -> std::process::ExitCode {
     reactor::cli::main()
