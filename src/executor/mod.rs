@@ -128,12 +128,7 @@ impl Executor {
     }
 
     fn start_rhai<'a>(&self, ast: Arc<rhai::AST>, a: Attempt<'a>) -> Started<'a> {
-        let alert = match alert_dynamic(a.alert) {
-            Ok(d) => d,
-            Err(e) => {
-                return Started::Done(failed(format!("cannot pass the alert to the script: {e}")))
-            }
-        };
+        let alert = alert_dynamic(a.alert);
         let params = match rhai::serde::to_dynamic(Value::Object(a.params)) {
             Ok(d) => d,
             Err(e) => {
@@ -221,15 +216,23 @@ fn failed(error: String) -> AttemptResult {
 }
 
 /// The `alert` map scripts see.
-fn alert_dynamic(alert: &Alert) -> Result<Dynamic, Box<rhai::EvalAltResult>> {
-    rhai::serde::to_dynamic(serde_json::json!({
-        "alertname": alert.alertname(),
-        "status": alert.status,
-        "fingerprint": alert.fingerprint,
-        "labels": alert.labels,
-        "annotations": alert.annotations,
-        "startsAt": alert.starts_at.to_string(),
-    }))
+/// The alert as the script's `alert` constant: a map built directly, without a JSON detour.
+fn alert_dynamic(alert: &Alert) -> Dynamic {
+    let strings = |labels: &crate::domain::Labels| -> Dynamic {
+        let map: rhai::Map = labels
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+            .collect();
+        map.into()
+    };
+    let mut map = rhai::Map::new();
+    map.insert("alertname".into(), alert.alertname().into());
+    map.insert("status".into(), alert.status.as_str().into());
+    map.insert("fingerprint".into(), alert.fingerprint.as_str().into());
+    map.insert("labels".into(), strings(&alert.labels));
+    map.insert("annotations".into(), strings(&alert.annotations));
+    map.insert("startsAt".into(), alert.starts_at.to_string().into());
+    map.into()
 }
 
 #[cfg(test)]
@@ -253,6 +256,24 @@ mod tests {
     fn alert() -> Alert {
         let body = include_str!("../../tests/fixtures/alertmanager-0.25-firing.json");
         decode_webhook(body.as_bytes()).unwrap().alerts.remove(0)
+    }
+
+    #[test]
+    fn the_script_sees_the_alert_as_documented() {
+        let a = alert();
+        let seen: Value = rhai::serde::from_dynamic(&alert_dynamic(&a)).unwrap();
+        assert_eq!(
+            seen,
+            serde_json::json!({
+                "alertname": a.alertname(),
+                "status": "firing",
+                "fingerprint": a.fingerprint.as_str(),
+                "labels": a.labels,
+                "annotations": a.annotations,
+                "startsAt": a.starts_at.to_string(),
+            })
+        );
+        assert!(seen["labels"].as_object().is_some_and(|l| !l.is_empty()));
     }
 
     async fn run(ex: &Executor, src: &str, params: Value, timeout: Duration) -> AttemptResult {
