@@ -5,6 +5,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY src src
 COPY tests tests
+# Cargo.toml declares the micro-benchmark target; cargo will not read the manifest without it.
+COPY benches benches
 RUN cargo build --release --locked --bin reactor
 
 FROM debian:bookworm-slim

@@ -57,6 +57,60 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap()
 }
 
+/// The image's build stage sees only what the Dockerfile copies into it. Cargo must be able to read
+/// the manifest from that alone: a target Cargo.toml declares (the micro-benchmarks, say) whose
+/// source is not copied stops `cargo build` before it compiles anything.
+#[test]
+fn docker_build_stage_has_everything_cargo_reads() {
+    fn copy(from: &Path, to: &Path) {
+        if from.is_dir() {
+            std::fs::create_dir_all(to).unwrap();
+            for entry in std::fs::read_dir(from).unwrap() {
+                let entry = entry.unwrap();
+                copy(&entry.path(), &to.join(entry.file_name()));
+            }
+        } else {
+            std::fs::copy(from, to).unwrap();
+        }
+    }
+    let context = tempfile::tempdir().unwrap();
+    let dockerfile = read("Dockerfile");
+    let build_stage = dockerfile
+        .lines()
+        .skip_while(|l| !l.starts_with("FROM "))
+        .enumerate()
+        .take_while(|(i, l)| *i == 0 || !l.starts_with("FROM "))
+        .map(|(_, l)| l);
+    for line in build_stage {
+        let Some(rest) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split_whitespace().collect();
+        let (dest, sources) = parts.split_last().unwrap();
+        for src in sources {
+            let to = if dest.ends_with('/') {
+                context.path().join(dest).join(src)
+            } else {
+                context.path().join(dest)
+            };
+            copy(&repo().join(src), &to);
+        }
+    }
+    // Offline and for this platform only: the packages a build here already downloaded.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let version = Command::new(&cargo).arg("-vV").output().unwrap();
+    let version = String::from_utf8_lossy(&version.stdout);
+    let host = version
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("cargo -vV names the host");
+    run_tool(
+        &cargo,
+        &["fetch", "--offline", "--locked", "--target", host],
+        context.path(),
+    );
+}
+
 /// No Docker engine runs here, so the stack is checked by construction: every file it mounts or
 /// copies exists, and every host, port, URL and token agrees across the configs.
 #[test]
