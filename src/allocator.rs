@@ -1,6 +1,6 @@
 //! The process's memory allocator: mimalloc for blocks under 128 KiB, glibc's malloc for larger
 //! ones. mimalloc's per-thread free lists take the hot path's many small, short-lived blocks
-//! without glibc's arena locks (under load, ~13% less CPU per alert). Large blocks stay with glibc,
+//! without glibc's arena locks (under load, ~14% less CPU per alert). Large blocks stay with glibc,
 //! which maps each one fresh from the kernel, so the pages of one that is never fully written stay
 //! unbacked. sled sets up 41 histograms of 512 KiB when it opens: with mimalloc for every block,
 //! ~20 MiB of them became resident, against ~5 MiB this way.
