@@ -215,8 +215,7 @@ fn failed(error: String) -> AttemptResult {
     }
 }
 
-/// The `alert` map scripts see.
-/// The alert as the script's `alert` constant: a map built directly, without a JSON detour.
+/// The `alert` map scripts see, built directly rather than through JSON.
 fn alert_dynamic(alert: &Alert) -> Dynamic {
     let strings = |labels: &crate::domain::Labels| -> Dynamic {
         let map: rhai::Map = labels
