@@ -57,6 +57,28 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap()
 }
 
+/// The Dockerfile's `COPY`s from the build context (not `--from` another stage), as
+/// (stage, sources, destination); stage 0 is the first `FROM`.
+fn dockerfile_copies() -> Vec<(usize, Vec<String>, String)> {
+    let mut stage = None::<usize>;
+    let mut copies = Vec::new();
+    for line in read("Dockerfile").lines() {
+        if line.starts_with("FROM ") {
+            stage = Some(stage.map_or(0, |s| s + 1));
+        }
+        let Some(rest) = line
+            .strip_prefix("COPY ")
+            .filter(|r| !r.starts_with("--from"))
+        else {
+            continue;
+        };
+        let mut parts: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
+        let dest = parts.pop().expect("COPY names a destination");
+        copies.push((stage.expect("COPY after FROM"), parts, dest));
+    }
+    copies
+}
+
 /// The image's build stage sees only what the Dockerfile copies into it. Cargo must be able to read
 /// the manifest from that alone: a target Cargo.toml declares (the micro-benchmarks, say) whose
 /// source is not copied stops `cargo build` before it compiles anything.
@@ -74,24 +96,15 @@ fn docker_build_stage_has_everything_cargo_reads() {
         }
     }
     let context = tempfile::tempdir().unwrap();
-    let dockerfile = read("Dockerfile");
-    let build_stage = dockerfile
-        .lines()
-        .skip_while(|l| !l.starts_with("FROM "))
-        .enumerate()
-        .take_while(|(i, l)| *i == 0 || !l.starts_with("FROM "))
-        .map(|(_, l)| l);
-    for line in build_stage {
-        let Some(rest) = line.strip_prefix("COPY ") else {
-            continue;
-        };
-        let parts: Vec<&str> = rest.split_whitespace().collect();
-        let (dest, sources) = parts.split_last().unwrap();
-        for src in sources {
+    for (_, sources, dest) in dockerfile_copies()
+        .into_iter()
+        .filter(|(stage, ..)| *stage == 0)
+    {
+        for src in &sources {
             let to = if dest.ends_with('/') {
-                context.path().join(dest).join(src)
+                context.path().join(&dest).join(src)
             } else {
-                context.path().join(dest)
+                context.path().join(&dest)
             };
             copy(&repo().join(src), &to);
         }
@@ -132,15 +145,12 @@ fn docker_compose_stack_is_consistent() {
         }
     }
     assert_eq!(services["reactor"]["build"], ".");
-    for line in read("Dockerfile").lines() {
-        if let Some(rest) = line
-            .strip_prefix("COPY ")
-            .filter(|r| !r.starts_with("--from"))
-        {
-            let parts: Vec<&str> = rest.split_whitespace().collect();
-            for src in &parts[..parts.len() - 1] {
-                assert!(repo().join(src).exists(), "Dockerfile copies missing {src}");
-            }
+    for (_, sources, _) in dockerfile_copies() {
+        for src in sources {
+            assert!(
+                repo().join(&src).exists(),
+                "Dockerfile copies missing {src}"
+            );
         }
     }
 
