@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::clock::Clock;
-use crate::domain::{AlertStatus, Fingerprint};
+use crate::domain::{Alert, AlertStatus, Fingerprint};
 use crate::escalation::outbox::Outbox;
 use crate::escalation::{Escalator, REMEDIATION_FAILED, REMEDIATION_LOOP};
 use crate::executor::{Attempt, Executor, Started};
@@ -123,13 +123,23 @@ impl Engine {
     async fn process_inner(self: &Arc<Self>, intake: Intake) -> Result<(), StoreError> {
         let matched = self.playbooks.matching(&intake.alert);
         let now = self.clock.now();
+        let Intake {
+            seq,
+            received_at,
+            alert,
+            held,
+        } = intake;
+        let status = alert.status;
+        let resolved = (status == AlertStatus::Resolved).then(|| alert.fingerprint.clone());
+        let new_run =
+            |index, alert, playbook| new_run(seq, index, received_at, held, alert, playbook);
         // Runs settled here (skipped, deduplicated, ...) and runs admitted to execute.
         let mut records = Vec::new();
         let mut runnable = Vec::new();
         let mut pages = Vec::new();
         if matched.is_empty() {
-            let mut run = new_run(&intake, 0, None);
-            if intake.held && intake.alert.status == AlertStatus::Firing {
+            let mut run = new_run(0, alert, None);
+            if held && status == AlertStatus::Firing {
                 // Alertmanager holds this alert back from humans because reactor is alive, yet
                 // nothing here can fix it: page, or nobody hears of it.
                 settle(&mut run, Outcome::Failed, "no playbook matches this alert, which Alertmanager holds back from humans while reactor is alive", now);
@@ -147,15 +157,18 @@ impl Engine {
                 );
             }
             records.push(run);
-        }
-        for (i, playbook) in matched.iter().enumerate().take(u16::MAX as usize) {
-            let mut run = new_run(&intake, i, Some(playbook));
-            if !self.admit(&mut run, playbook, now, &mut pages)? {
-                records.push(run);
-                continue;
+        } else {
+            // Each run owns a copy of the alert; the last one takes the intake's.
+            let copies = std::iter::repeat_n(alert, matched.len().min(u16::MAX as usize));
+            for ((i, playbook), alert) in matched.iter().enumerate().zip(copies) {
+                let mut run = new_run(i, alert, Some(playbook));
+                if !self.admit(&mut run, playbook, now, &mut pages)? {
+                    records.push(run);
+                    continue;
+                }
+                run.started_at = Some(now);
+                runnable.push((run, Arc::clone(playbook)));
             }
-            run.started_at = Some(now);
-            runnable.push((run, Arc::clone(playbook)));
         }
         // A lone run is recorded only once it needs to be: before its first step that can act
         // (see `run_steps`), or when it settles. A run whose steps all finish inline, which act
@@ -164,7 +177,7 @@ impl Engine {
         if !defer {
             self.store
                 .put_runs(records.iter().chain(runnable.iter().map(|(r, _)| r)))?;
-            self.store.remove_intake(intake.seq)?;
+            self.store.remove_intake(seq)?;
         }
         for r in &records {
             self.metrics
@@ -181,10 +194,10 @@ impl Engine {
             self.escalate(page.alertname, page.run, page.playbook.as_deref())
                 .await?;
         }
-        if intake.alert.status == AlertStatus::Resolved {
-            self.alert_resolved(&intake.alert.fingerprint).await?;
+        if let Some(fingerprint) = resolved {
+            self.alert_resolved(&fingerprint).await?;
         }
-        let unrecorded = defer.then_some(intake.seq);
+        let unrecorded = defer.then_some(seq);
         for (run, playbook) in runnable {
             self.execute(run, playbook, unrecorded).await?;
         }
@@ -890,22 +903,23 @@ fn run_span(run: &Run) -> tracing::Span {
     )
 }
 
-fn new_run(intake: &Intake, index: usize, playbook: Option<&Arc<Playbook>>) -> Run {
+fn new_run(
+    seq: u64,
+    index: usize,
+    received_at: Timestamp,
+    held: bool,
+    alert: Alert,
+    playbook: Option<&Arc<Playbook>>,
+) -> Run {
     let id = RunId {
-        seq: intake.seq,
+        seq,
         index: index as u16,
     };
     let name = playbook.map(|p| p.name.clone());
-    let mut run = Run::new(
-        id,
-        intake.alert.clone(),
-        name,
-        Outcome::Running,
-        intake.received_at,
-    );
+    let mut run = Run::new(id, alert, name, Outcome::Running, received_at);
     run.note(
-        intake.received_at,
-        if intake.held {
+        received_at,
+        if held {
             "received (read from Alertmanager: held back from humans)"
         } else {
             "received"
