@@ -285,7 +285,10 @@ impl FileCtx<'_> {
     }
 
     fn load(&self, errors: &mut Vec<LoadError>) -> Vec<Playbook> {
-        let raws: Vec<RawPlaybook> = match serde_saphyr::from_multiple(self.text) {
+        let raws: Vec<RawPlaybook> = match serde_saphyr::from_multiple_with_options(
+            self.text,
+            serde_saphyr::options! { budget: serde_saphyr::budget! { max_documents: MAX_DOCUMENTS } },
+        ) {
             Ok(r) => r,
             Err(e) => {
                 let line = e.location().map(|l| l.line());
@@ -581,8 +584,17 @@ impl FileCtx<'_> {
     }
 }
 
+/// Playbooks per file. serde-saphyr's default budget stops at 1,024 documents, which a generated
+/// playbook file can pass; its other limits (nodes, events, bytes) still guard against YAML bombs.
+const MAX_DOCUMENTS: usize = 100_000;
+
 /// serde-saphyr's message without its own location prefix and source snippet: we print file:line.
 fn yaml_message(e: &serde_saphyr::Error) -> String {
+    if let serde_saphyr::Error::Budget { breach, .. } = e.without_snippet() {
+        return format!(
+            "YAML: this file is over the parser's safety limits ({breach:?}); split its playbooks over several files"
+        );
+    }
     let full = e.to_string();
     let first = full.lines().next().unwrap_or("invalid YAML").trim();
     let first = first.strip_prefix("error: ").unwrap_or(first);
@@ -704,6 +716,23 @@ mod tests {
         )]);
         assert!(
             e.starts_with("u.yaml:4: YAML:") && e.contains("unknown field `stpes`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_may_hold_thousands_of_playbooks_and_an_oversized_one_is_explained() {
+        let many: String = (0..1_500)
+            .map(|i| {
+                format!("---\nname: p{i}\nmatch: {{alertname: A{i}}}\nsteps:\n  - inline: '1'\n")
+            })
+            .collect();
+        let loaded = load(&[("playbooks/many.yaml", &many)]).unwrap();
+        assert_eq!(loaded.len(), 1_500);
+        let too_many = "---\n".repeat(MAX_DOCUMENTS + 1);
+        let e = only_error(&[("playbooks/huge.yaml", &too_many)]);
+        assert!(
+            e.contains("over the parser's safety limits") && e.contains("split its playbooks"),
             "{e}"
         );
     }
