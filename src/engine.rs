@@ -23,7 +23,7 @@ use crate::domain::{Alert, AlertStatus, Fingerprint};
 use crate::escalation::outbox::Outbox;
 use crate::escalation::{Escalator, REMEDIATION_FAILED, REMEDIATION_LOOP};
 use crate::executor::{Attempt, Executor, Started};
-use crate::guard::{target_key, BreakerDecision, Claim, Guards, TargetDecision};
+use crate::guard::{Admission, BreakerDecision, Guards, TargetDecision};
 use crate::history::{
     DeliveryStatus, EscalationRecord, Intake, Outcome, Run, RunId, StepRecord, Store, StoreError,
 };
@@ -226,19 +226,24 @@ impl Engine {
             settle(run, Outcome::Skipped, &reason, now);
             return Ok(false);
         }
-        if let Claim::RepeatOf(owner) = self.guards.claim(alert, &playbook.name, run.id)? {
-            settle(
-                run,
-                Outcome::Deduplicated,
-                &format!("repeat delivery of run {owner}"),
-                now,
-            );
-            tracing::debug!(run_id = %run.id, %owner, "repeat delivery deduplicated");
-            return Ok(false);
-        }
         let policy = &playbook.guards;
-        let key = target_key(&playbook.name, alert, policy.target_labels.as_deref());
-        match self.guards.admit_target(&key, now, policy)? {
+        let decision = match self
+            .guards
+            .admit(alert, &playbook.name, run.id, now, policy)?
+        {
+            Admission::RepeatOf(owner) => {
+                settle(
+                    run,
+                    Outcome::Deduplicated,
+                    &format!("repeat delivery of run {owner}"),
+                    now,
+                );
+                tracing::debug!(run_id = %run.id, %owner, "repeat delivery deduplicated");
+                return Ok(false);
+            }
+            Admission::Target(decision) => decision,
+        };
+        match decision {
             TargetDecision::Run => {}
             TargetDecision::Cooldown { until } => {
                 settle(run, Outcome::Skipped, &format!("cooldown: this target was remediated recently; next run allowed at {until}"), now);

@@ -2,7 +2,15 @@
 //! fingerprint, startsAt and playbook), per-target cooldown and attempts-per-window, and a
 //! per-playbook circuit breaker. Decisions are pure functions of stored state and the time; every
 //! update is a compare-and-swap, so concurrent runs for one target cannot both slip through.
+//!
+//! When a playbook's target is all of the alert's labels (the default), the target is the alert,
+//! so its delivery claims live in the target's record and one compare-and-swap both claims the
+//! delivery and decides the target. A playbook with `target_labels` shares a target among alerts
+//! and claims in its own tree. Claims made before that change are in the `dedup` tree, still
+//! consulted until pruning has emptied it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
@@ -70,6 +78,32 @@ pub struct TargetState {
     pub last_start: Option<Timestamp>,
     /// A `RemediationLoop` page was raised for the current episode.
     pub loop_escalated: bool,
+    /// Deliveries claimed for this target, oldest first, when the target is the whole alert.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<DeliveryClaim>,
+}
+
+/// One episode of an alert (its startsAt, in nanoseconds) and the run that owns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryClaim {
+    pub starts: i128,
+    pub run: RunId,
+}
+
+/// Claims kept per target record. Alertmanager resends only an alert's current episode, so the
+/// last few suffice; older ones go first, and whole records go when pruned.
+const CLAIMS_PER_TARGET: usize = 16;
+
+/// Claims `starts` for `run` in the target's record; `Some(owner)` when another run owns it.
+fn claim_in(s: &mut TargetState, starts: i128, run: RunId) -> Option<RunId> {
+    if let Some(c) = s.claims.iter().find(|c| c.starts == starts) {
+        return (c.run != run).then_some(c.run);
+    }
+    if s.claims.len() >= CLAIMS_PER_TARGET {
+        s.claims.remove(0);
+    }
+    s.claims.push(DeliveryClaim { starts, run });
+    None
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,58 +215,106 @@ pub fn target_key(playbook: &str, alert: &Alert, labels: Option<&[String]>) -> S
     key
 }
 
-/// The outcome of claiming an alert delivery for a playbook.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Claim {
-    /// First delivery (or the same run, re-processed after a crash).
-    First,
-    /// A repeat; the run that owns this delivery.
+/// The guards' answer for one delivery of an alert to a playbook.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// A repeat delivery; the run that owns it.
     RepeatOf(RunId),
+    /// The first delivery (or the same run, re-processed after a crash): the target's decision.
+    Target(TargetDecision),
 }
 
 /// The guards' sled trees.
 #[derive(Clone)]
 pub struct Guards {
-    dedup: sled::Tree,
+    /// Claims of playbooks whose target is a subset of the labels.
+    claims: sled::Tree,
+    /// Claims made before they moved into target records; read while not empty.
+    legacy: sled::Tree,
+    legacy_live: Arc<AtomicBool>,
     targets: sled::Tree,
     breakers: sled::Tree,
 }
 
+fn claim_key(alert: &Alert, playbook: &str) -> String {
+    format!(
+        "{}\0{}\0{playbook}",
+        alert.fingerprint,
+        alert.starts_at.as_nanosecond()
+    )
+}
+
+fn owner_of(v: &[u8]) -> Option<RunId> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 impl Guards {
     pub fn open(store: &Store) -> Result<Guards, StoreError> {
+        let legacy = store.tree("dedup")?;
         Ok(Guards {
-            dedup: store.tree("dedup")?,
+            claims: store.tree("claims")?,
+            legacy_live: Arc::new(AtomicBool::new(!legacy.is_empty())),
+            legacy,
             targets: store.tree("targets")?,
             breakers: store.tree("breakers")?,
         })
     }
 
-    /// Claims (fingerprint, startsAt, playbook) for `run`; a later delivery gets `RepeatOf`.
-    pub fn claim(&self, alert: &Alert, playbook: &str, run: RunId) -> Result<Claim, StoreError> {
-        let key = format!(
-            "{}\0{}\0{playbook}",
-            alert.fingerprint,
-            alert.starts_at.as_nanosecond()
-        );
-        let value = run.to_string();
-        match self.dedup.compare_and_swap(
+    /// Claims the delivery (fingerprint, startsAt, playbook) for `run` and, when it is the first,
+    /// decides whether the target may be remediated now (recording the attempt when it may). A
+    /// later delivery of the same episode gets `RepeatOf` and changes nothing.
+    pub fn admit(
+        &self,
+        alert: &Alert,
+        playbook: &str,
+        run: RunId,
+        now: Timestamp,
+        p: &GuardPolicy,
+    ) -> Result<Admission, StoreError> {
+        if self.legacy_live.load(Ordering::Relaxed) {
+            if let Some(owner) = self.legacy.get(claim_key(alert, playbook))? {
+                let owner = owner_of(&owner).unwrap_or(run);
+                if owner != run {
+                    return Ok(Admission::RepeatOf(owner));
+                }
+            }
+        }
+        let key = target_key(playbook, alert, p.target_labels.as_deref());
+        if p.target_labels.is_some() {
+            if let Some(owner) = self.claim_shared(alert, playbook, run)? {
+                return Ok(Admission::RepeatOf(owner));
+            }
+            return Ok(Admission::Target(self.admit_target(&key, now, p)?));
+        }
+        let starts = alert.starts_at.as_nanosecond();
+        update(
+            &self.targets,
             key.as_bytes(),
+            |s: &mut TargetState| match claim_in(s, starts, run) {
+                Some(owner) => Admission::RepeatOf(owner),
+                None => Admission::Target(decide_target(s, now, p)),
+            },
+        )
+    }
+
+    /// Claims in the shared tree; `Some(owner)` when another run owns the delivery.
+    fn claim_shared(
+        &self,
+        alert: &Alert,
+        playbook: &str,
+        run: RunId,
+    ) -> Result<Option<RunId>, StoreError> {
+        let value = run.to_string();
+        let current = match self.claims.compare_and_swap(
+            claim_key(alert, playbook),
             None as Option<&[u8]>,
             Some(value.as_bytes()),
         )? {
-            Ok(()) => Ok(Claim::First),
-            Err(e) => {
-                let owner = e
-                    .current
-                    .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()))
-                    .unwrap_or(run);
-                Ok(if owner == run {
-                    Claim::First
-                } else {
-                    Claim::RepeatOf(owner)
-                })
-            }
-        }
+            Ok(()) => return Ok(None),
+            Err(e) => e.current,
+        };
+        let owner = current.and_then(|v| owner_of(&v)).unwrap_or(run);
+        Ok((owner != run).then_some(owner))
     }
 
     pub fn admit_target(
@@ -273,32 +355,38 @@ impl Guards {
         )
     }
 
-    /// Forgets delivery claims older than `cutoff` (by the alert's startsAt).
+    /// Forgets delivery claims older than `cutoff` (by the alert's startsAt) in the claim trees;
+    /// claims in target records go with their records (see [`Guards::prune_targets`]).
     pub fn prune_claims(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
         let mut n = 0;
-        for kv in self.dedup.iter() {
-            let (k, _) = kv?;
-            let starts: Option<i128> = std::str::from_utf8(&k)
-                .ok()
-                .and_then(|s| s.split('\0').nth(1))
-                .and_then(|s| s.parse().ok());
-            if starts.is_some_and(|s| s < cutoff.as_nanosecond()) {
-                self.dedup.remove(k)?;
-                n += 1;
+        for tree in [&self.claims, &self.legacy] {
+            for kv in tree.iter() {
+                let (k, _) = kv?;
+                let starts: Option<i128> = std::str::from_utf8(&k)
+                    .ok()
+                    .and_then(|s| s.split('\0').nth(1))
+                    .and_then(|s| s.parse().ok());
+                if starts.is_some_and(|s| s < cutoff.as_nanosecond()) {
+                    tree.remove(k)?;
+                    n += 1;
+                }
             }
         }
+        self.legacy_live
+            .store(!self.legacy.is_empty(), Ordering::Relaxed);
         Ok(n)
     }
 
     /// Forgets target records that no longer affect a decision: the last run started longer ago
     /// than the playbook's window and cooldown, so the record decides exactly as a missing one
-    /// would. `horizon` gives a playbook's max(window, cooldown), `None` for a playbook no longer
-    /// loaded, whose records go once their last run is older than `orphan_cutoff`. A record
+    /// would, and it holds no delivery claim of an episode that started after `claim_cutoff`.
+    /// `horizon` gives a playbook's max(window, cooldown), `None` for a playbook no longer
+    /// loaded, whose records go once their last run is older than `claim_cutoff`. A record
     /// updated meanwhile is kept (compare-and-swap on the value read).
     pub fn prune_targets(
         &self,
         now: Timestamp,
-        orphan_cutoff: Timestamp,
+        claim_cutoff: Timestamp,
         horizon: impl Fn(&str) -> Option<Duration>,
     ) -> Result<usize, StoreError> {
         let mut n = 0;
@@ -310,10 +398,15 @@ impl Guards {
                     let h = SignedDuration::try_from(h).unwrap_or(SignedDuration::MAX);
                     now.checked_sub(h).unwrap_or(Timestamp::MIN)
                 }
-                None => orphan_cutoff,
+                None => claim_cutoff,
             };
             let state: TargetState = serde_json::from_slice(&v).unwrap_or_default();
+            let claimed = state
+                .claims
+                .iter()
+                .any(|c| c.starts >= claim_cutoff.as_nanosecond());
             if state.last_start.is_none_or(|t| t < stale_before)
+                && !claimed
                 && self
                     .targets
                     .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
@@ -473,25 +566,123 @@ mod tests {
         assert_eq!(target_key("p", &a, None).matches('\0').count(), 3);
     }
 
+    fn fixture_alert() -> Alert {
+        let body = include_str!("../tests/fixtures/alertmanager-0.25-firing.json");
+        crate::domain::decode_webhook(body.as_bytes())
+            .unwrap()
+            .alerts
+            .remove(0)
+    }
+
+    fn run(seq: u64) -> RunId {
+        RunId { seq, index: 0 }
+    }
+
     #[tokio::test]
-    async fn claims_are_first_come_and_survive_reprocessing_of_the_same_run() {
+    async fn deliveries_are_claimed_first_come_in_the_target_record() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let g = Guards::open(&store).unwrap();
-        let body = include_str!("../tests/fixtures/alertmanager-0.25-firing.json");
-        let a = crate::domain::decode_webhook(body.as_bytes())
-            .unwrap()
-            .alerts
-            .remove(0);
-        let r1 = RunId { seq: 1, index: 0 };
-        let r2 = RunId { seq: 2, index: 0 };
-        assert_eq!(g.claim(&a, "p", r1).unwrap(), Claim::First);
-        assert_eq!(g.claim(&a, "p", r1).unwrap(), Claim::First);
-        assert_eq!(g.claim(&a, "p", r2).unwrap(), Claim::RepeatOf(r1));
-        assert_eq!(g.claim(&a, "other", r2).unwrap(), Claim::First);
-        assert_eq!(g.prune_claims(Timestamp::MAX).unwrap(), 2);
-        assert_eq!(g.claim(&a, "p", r2).unwrap(), Claim::First);
+        let p = policy(0, 3600, 0);
+        let a = fixture_alert();
+        let admit = |a: &Alert, playbook, r| g.admit(a, playbook, r, t(0), &p).unwrap();
+        let run_ = Admission::Target(TargetDecision::Run);
+        assert_eq!(admit(&a, "p", run(1)), run_);
+        assert_eq!(admit(&a, "p", run(1)), run_, "the same run, re-processed");
+        assert_eq!(admit(&a, "p", run(2)), Admission::RepeatOf(run(1)));
+        assert_eq!(admit(&a, "other", run(2)), run_);
+        // A new episode (startsAt) of the alert is a new delivery.
+        let mut next = a.clone();
+        next.starts_at = a.starts_at + SignedDuration::from_secs(60);
+        assert_eq!(admit(&next, "p", run(3)), run_);
+        assert_eq!(admit(&next, "p", run(4)), Admission::RepeatOf(run(3)));
+        assert!(g.claims.is_empty(), "claims live in the target records");
+        assert_eq!(g.targets.len(), 2);
+        // A flapping alert keeps only its last episodes' claims.
+        for i in 0..40 {
+            next.starts_at = a.starts_at + SignedDuration::from_secs(120 + i);
+            admit(&next, "p", run(10 + i as u64));
+        }
+        let key = target_key("p", &a, None);
+        let state: TargetState =
+            serde_json::from_slice(&g.targets.get(key).unwrap().unwrap()).unwrap();
+        assert_eq!(state.claims.len(), CLAIMS_PER_TARGET);
+        assert_eq!(state.claims.last().unwrap().run, run(49));
     }
+
+    #[tokio::test]
+    async fn a_shared_target_claims_in_its_own_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let g = Guards::open(&store).unwrap();
+        let p = GuardPolicy {
+            target_labels: Some(vec!["instance".to_owned()]),
+            ..policy(0, 3600, 0)
+        };
+        let a = fixture_alert();
+        let run_ = Admission::Target(TargetDecision::Run);
+        assert_eq!(g.admit(&a, "p", run(1), t(0), &p).unwrap(), run_);
+        assert_eq!(g.admit(&a, "p", run(1), t(0), &p).unwrap(), run_);
+        assert_eq!(
+            g.admit(&a, "p", run(2), t(0), &p).unwrap(),
+            Admission::RepeatOf(run(1))
+        );
+        assert_eq!(g.claims.len(), 1);
+        assert_eq!(g.prune_claims(Timestamp::MAX).unwrap(), 1);
+        assert_eq!(g.admit(&a, "p", run(2), t(0), &p).unwrap(), run_);
+    }
+
+    #[tokio::test]
+    async fn claims_made_before_they_moved_into_target_records_still_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = fixture_alert();
+        // What an earlier version wrote for run 1.
+        store
+            .tree("dedup")
+            .unwrap()
+            .insert(claim_key(&a, "p"), "1-0")
+            .unwrap();
+        let g = Guards::open(&store).unwrap();
+        let p = policy(0, 3600, 0);
+        assert_eq!(
+            g.admit(&a, "p", run(2), t(0), &p).unwrap(),
+            Admission::RepeatOf(run(1))
+        );
+        assert_eq!(
+            g.admit(&a, "p", run(1), t(0), &p).unwrap(),
+            Admission::Target(TargetDecision::Run),
+            "the owner itself, re-processed"
+        );
+        assert_eq!(g.prune_claims(Timestamp::MAX).unwrap(), 1);
+        assert!(!g.legacy_live.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_target_record_holding_a_live_claim_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let g = Guards::open(&store).unwrap();
+        let p = policy(0, 100, 0);
+        let a = fixture_alert();
+        g.admit(&a, "p", run(1), t(0), &p).unwrap();
+        let horizon = |_: &str| Some(Duration::from_secs(100));
+        let before_episode = a.starts_at - SignedDuration::from_secs(1);
+        assert_eq!(
+            g.prune_targets(t(1000), before_episode, horizon).unwrap(),
+            0
+        );
+        assert_eq!(
+            g.admit(&a, "p", run(2), t(1000), &p).unwrap(),
+            Admission::RepeatOf(run(1))
+        );
+        assert_eq!(
+            g.prune_targets(t(1000), Timestamp::MAX, horizon).unwrap(),
+            1
+        );
+        assert!(g.targets.is_empty());
+    }
+
     #[tokio::test]
     async fn stale_target_records_are_pruned_and_decide_as_missing_ones() {
         let dir = tempfile::tempdir().unwrap();
