@@ -72,14 +72,18 @@ fn plus(t: Timestamp, d: Duration) -> Timestamp {
 
 /// What the guards remember about one target.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TargetState {
     /// Start times of runs inside the current window.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_start: Option<Timestamp>,
     /// A `RemediationLoop` page was raised for the current episode.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub loop_escalated: bool,
     /// Deliveries claimed for this target, oldest first, when the target is the whole alert.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub claims: Vec<DeliveryClaim>,
 }
 
@@ -379,10 +383,11 @@ impl Guards {
 
     /// Forgets target records that no longer affect a decision: the last run started longer ago
     /// than the playbook's window and cooldown, so the record decides exactly as a missing one
-    /// would, and it holds no delivery claim of an episode that started after `claim_cutoff`.
-    /// `horizon` gives a playbook's max(window, cooldown), `None` for a playbook no longer
-    /// loaded, whose records go once their last run is older than `claim_cutoff`. A record
-    /// updated meanwhile is kept (compare-and-swap on the value read).
+    /// would. Such a record that still holds a delivery claim of an episode that started after
+    /// `claim_cutoff` is cut down to its claims instead; only deletions are counted. `horizon`
+    /// gives a playbook's max(window, cooldown), `None` for a playbook no longer loaded, whose
+    /// records go once their last run is older than `claim_cutoff`. A record updated meanwhile
+    /// is kept (compare-and-swap on the value read).
     pub fn prune_targets(
         &self,
         now: Timestamp,
@@ -401,17 +406,23 @@ impl Guards {
                 None => claim_cutoff,
             };
             let state: TargetState = serde_json::from_slice(&v).unwrap_or_default();
+            if state.last_start.is_some_and(|t| t >= stale_before) {
+                continue;
+            }
             let claimed = state
                 .claims
                 .iter()
                 .any(|c| c.starts >= claim_cutoff.as_nanosecond());
-            if state.last_start.is_none_or(|t| t < stale_before)
-                && !claimed
-                && self
-                    .targets
-                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
-                    .is_ok()
-            {
+            // A stale record still holding claims keeps only them: it decides as a new target.
+            let trimmed = claimed.then(|| TargetState {
+                claims: state.claims,
+                ..TargetState::default()
+            });
+            let new = trimmed.map(|s| serde_json::to_vec(&s).expect("guard state serializes"));
+            if new.as_deref() == Some(&v[..]) {
+                continue;
+            }
+            if self.targets.compare_and_swap(&k, Some(&v), new)?.is_ok() && !claimed {
                 n += 1;
             }
         }
@@ -672,12 +683,33 @@ mod tests {
             g.prune_targets(t(1000), before_episode, horizon).unwrap(),
             0
         );
+        let key = target_key("p", &a, None);
+        let kept: TargetState =
+            serde_json::from_slice(&g.targets.get(&key).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            kept,
+            TargetState {
+                claims: vec![DeliveryClaim {
+                    starts: a.starts_at.as_nanosecond(),
+                    run: run(1)
+                }],
+                ..TargetState::default()
+            },
+            "cut down to its claims"
+        );
         assert_eq!(
             g.admit(&a, "p", run(2), t(1000), &p).unwrap(),
             Admission::RepeatOf(run(1))
         );
+        // It decides as a new target would: a new episode runs at once.
+        let mut next = a.clone();
+        next.starts_at = a.starts_at + SignedDuration::from_secs(1);
         assert_eq!(
-            g.prune_targets(t(1000), Timestamp::MAX, horizon).unwrap(),
+            g.admit(&next, "p", run(3), t(1000), &p).unwrap(),
+            Admission::Target(TargetDecision::Run)
+        );
+        assert_eq!(
+            g.prune_targets(t(2000), Timestamp::MAX, horizon).unwrap(),
             1
         );
         assert!(g.targets.is_empty());
