@@ -589,11 +589,17 @@ mod tests {
         RunId { seq, index: 0 }
     }
 
-    #[tokio::test]
-    async fn deliveries_are_claimed_first_come_in_the_target_record() {
+    /// Guards on a fresh database, with the directory that holds it.
+    fn open_guards() -> (tempfile::TempDir, Guards) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let g = Guards::open(&store).unwrap();
+        (dir, g)
+    }
+
+    #[tokio::test]
+    async fn deliveries_are_claimed_first_come_in_the_target_record() {
+        let (_dir, g) = open_guards();
         let p = policy(0, 3600, 0);
         let a = fixture_alert();
         let admit = |a: &Alert, playbook, r| g.admit(a, playbook, r, t(0), &p).unwrap();
@@ -623,9 +629,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_shared_target_claims_in_its_own_tree() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let g = Guards::open(&store).unwrap();
+        let (_dir, g) = open_guards();
         let p = GuardPolicy {
             target_labels: Some(vec!["instance".to_owned()]),
             ..policy(0, 3600, 0)
@@ -671,9 +675,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_target_record_holding_a_live_claim_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let g = Guards::open(&store).unwrap();
+        let (_dir, g) = open_guards();
         let p = policy(0, 100, 0);
         let a = fixture_alert();
         g.admit(&a, "p", run(1), t(0), &p).unwrap();
@@ -717,9 +719,7 @@ mod tests {
 
     #[tokio::test]
     async fn stale_target_records_are_pruned_and_decide_as_missing_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let g = Guards::open(&store).unwrap();
+        let (_dir, g) = open_guards();
         let p = policy(2, 100, 10);
         let horizon = |name: &str| (name == "p").then_some(Duration::from_secs(100));
         for (key, at) in [
