@@ -9,8 +9,9 @@
 //! and claims in its own tree. Claims made before that change are in the `dedup` tree, still
 //! consulted until pruning has emptied it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
@@ -228,7 +229,7 @@ pub enum Admission {
     Target(TargetDecision),
 }
 
-/// The guards' sled trees.
+/// The guards' sled trees. Open it once per database and clone it: the breakers are cached.
 #[derive(Clone)]
 pub struct Guards {
     /// Claims of playbooks whose target is a subset of the labels.
@@ -238,6 +239,10 @@ pub struct Guards {
     legacy_live: Arc<AtomicBool>,
     targets: sled::Tree,
     breakers: sled::Tree,
+    /// Breaker states by playbook, read from `breakers` once and written through when they
+    /// change. Every run consults its playbook's breaker twice (admission and outcome), and a
+    /// closed breaker's state rarely changes, so most of those cost no read, decode or encode.
+    breaker_states: Arc<Mutex<HashMap<String, BreakerState>>>,
 }
 
 fn claim_key(alert: &Alert, playbook: &str) -> String {
@@ -261,6 +266,7 @@ impl Guards {
             legacy,
             targets: store.tree("targets")?,
             breakers: store.tree("breakers")?,
+            breaker_states: Arc::default(),
         })
     }
 
@@ -291,9 +297,12 @@ impl Guards {
             return Ok(Admission::Target(self.admit_target(&key, now, p)?));
         }
         let starts = alert.starts_at.as_nanosecond();
-        update(
+        // Most deliveries are an alert's first, so its record is guessed absent: one
+        // compare-and-swap instead of a read and a compare-and-swap.
+        update_from(
             &self.targets,
             key.as_bytes(),
+            None,
             |s: &mut TargetState| match claim_in(s, starts, run) {
                 Some(owner) => Admission::RepeatOf(owner),
                 None => Admission::Target(decide_target(s, now, p)),
@@ -338,11 +347,7 @@ impl Guards {
         now: Timestamp,
         p: &BreakerPolicy,
     ) -> Result<BreakerDecision, StoreError> {
-        update(
-            &self.breakers,
-            playbook.as_bytes(),
-            |s: &mut BreakerState| breaker_admit(s, now, p),
-        )
+        self.update_breaker(playbook, |s| breaker_admit(s, now, p))
     }
 
     pub fn record_breaker(
@@ -352,11 +357,36 @@ impl Guards {
         now: Timestamp,
         p: &BreakerPolicy,
     ) -> Result<(), StoreError> {
-        update(
-            &self.breakers,
-            playbook.as_bytes(),
-            |s: &mut BreakerState| breaker_record(s, failed, now, p),
-        )
+        self.update_breaker(playbook, |s| breaker_record(s, failed, now, p))
+    }
+
+    /// Applies `f` to the playbook's breaker; a changed state is written to sled before the cache
+    /// takes it. The lock serializes a playbook's updates as compare-and-swap did.
+    fn update_breaker<R>(
+        &self,
+        playbook: &str,
+        f: impl FnOnce(&mut BreakerState) -> R,
+    ) -> Result<R, StoreError> {
+        let mut states = self
+            .breaker_states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !states.contains_key(playbook) {
+            let stored = self.breakers.get(playbook)?;
+            let state = stored
+                .and_then(|v| serde_json::from_slice(&v).ok())
+                .unwrap_or_default();
+            states.insert(playbook.to_owned(), state);
+        }
+        let state = states.get_mut(playbook).expect("inserted above");
+        let mut next = state.clone();
+        let r = f(&mut next);
+        if next != *state {
+            let bytes = serde_json::to_vec(&next).expect("guard state serializes");
+            self.breakers.insert(playbook, bytes)?;
+            *state = next;
+        }
+        Ok(r)
     }
 
     /// Forgets delivery claims older than `cutoff` (by the alert's startsAt) in the claim trees;
@@ -432,28 +462,39 @@ impl Guards {
 
 /// Read-modify-write of one record with compare-and-swap, retried on conflict; no write when the
 /// record is unchanged.
-fn update<S, R>(
+fn update<S, R>(tree: &sled::Tree, key: &[u8], f: impl FnMut(&mut S) -> R) -> Result<R, StoreError>
+where
+    S: Serialize + DeserializeOwned + Default,
+{
+    update_from(tree, key, tree.get(key)?, f)
+}
+
+/// [`update`] starting from a guess of the stored value instead of reading it. A wrong guess
+/// costs one failed compare-and-swap, which returns the stored value to go on from; a right one
+/// saves the read. For records that are usually new, guess `None`.
+fn update_from<S, R>(
     tree: &sled::Tree,
     key: &[u8],
+    mut old: Option<sled::IVec>,
     mut f: impl FnMut(&mut S) -> R,
 ) -> Result<R, StoreError>
 where
     S: Serialize + DeserializeOwned + Default,
 {
     loop {
-        let old = tree.get(key)?;
         let mut state: S = match &old {
             Some(v) => serde_json::from_slice(v).unwrap_or_default(),
             None => S::default(),
         };
         let r = f(&mut state);
         let new = serde_json::to_vec(&state).expect("guard state serializes");
-        // An unchanged state needs no write (a closed breaker on the hot path, for one).
+        // An unchanged state needs no write (a repeat delivery, for one).
         if old.as_deref() == Some(new.as_slice()) {
             return Ok(r);
         }
-        if tree.compare_and_swap(key, old, Some(new))?.is_ok() {
-            return Ok(r);
+        match tree.compare_and_swap(key, old, Some(new))? {
+            Ok(()) => return Ok(r),
+            Err(e) => old = e.current,
         }
     }
 }
@@ -595,6 +636,41 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let g = Guards::open(&store).unwrap();
         (dir, g)
+    }
+
+    #[tokio::test]
+    async fn breaker_changes_are_written_through_and_a_new_cache_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let g = Guards::open(&store).unwrap();
+        let p = BreakerPolicy {
+            failures: 2,
+            of_last: 3,
+            cooldown: Duration::from_secs(60),
+        };
+        assert_eq!(
+            g.admit_breaker("p", t(0), &p).unwrap(),
+            BreakerDecision::Closed
+        );
+        assert!(
+            g.breakers.is_empty(),
+            "a closed breaker's admission writes nothing"
+        );
+        g.record_breaker("p", true, t(0), &p).unwrap();
+        g.record_breaker("p", true, t(1), &p).unwrap();
+        let open = BreakerDecision::Open { since: t(1) };
+        assert_eq!(g.admit_breaker("p", t(2), &p).unwrap(), open);
+        assert_eq!(
+            g.admit_breaker("q", t(2), &p).unwrap(),
+            BreakerDecision::Closed
+        );
+        // What a restart sees: the stored state, through an empty cache.
+        let restarted = Guards::open(&store).unwrap();
+        assert_eq!(restarted.admit_breaker("p", t(3), &p).unwrap(), open);
+        assert_eq!(
+            restarted.admit_breaker("p", t(62), &p).unwrap(),
+            BreakerDecision::Probe
+        );
     }
 
     #[tokio::test]
