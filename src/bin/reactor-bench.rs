@@ -3,6 +3,8 @@
 //! over HTTP/1 with unique firing alerts (one per request, v4 payloads) on a fixed number of
 //! connections for a fixed time, waits for every run to finish, stops reactor, then reads the
 //! history back from sled to check that runs == 2xx answers and to measure receive-to-finish.
+//! With `--ceiling`, it first drives the issue's reference server with the same load and reports
+//! reactor's rate as a share of it.
 //!
 //! Run it with `scripts/bench.sh` (builds release first) or
 //! `cargo run --release --bin reactor-bench -- --connections 16 --duration 20s`.
@@ -41,6 +43,11 @@ struct Args {
     /// Keep the temporary directory (data, logs) for inspection.
     #[arg(long)]
     keep: bool,
+    /// First drive the issue's reference server (`target/release/examples/durable_ceiling`) with
+    /// the same load and report reactor against it. This VM's speed drifts by 20% within an
+    /// hour, so a figure means most beside the ceiling measured in the same minutes.
+    #[arg(long)]
+    ceiling: Option<PathBuf>,
 }
 
 const BENCH_PLAYBOOK: &str = r#"
@@ -189,6 +196,14 @@ struct ConnStats {
     errors: u64,
 }
 
+impl ConnStats {
+    fn sorted_us(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.ok_us.iter().map(|&u| u64::from(u)).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
 async fn drive(
     port: u16,
     alertname: String,
@@ -258,6 +273,87 @@ async fn finished_runs(client: &reqwest::Client, port: u16) -> Option<u64> {
     )
 }
 
+/// Spawns `binary serve` on a fresh setup in `root` and waits for its first healthy answer.
+async fn start(
+    binary: &Path,
+    root: &Path,
+    playbooks: usize,
+) -> anyhow::Result<(Reactor, Duration)> {
+    let port = free_port()?;
+    let config = write_setup(root, playbooks, port)?;
+    let log_path = root.join("reactor.log");
+    let started = Instant::now();
+    let child = Command::new(binary)
+        .args(["--config", config.to_str().unwrap_or_default(), "serve"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()?;
+    let mut server = Reactor { child, port };
+    while !healthy(port).await {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} did not become healthy; see {}",
+            binary.display(),
+            log_path.display()
+        );
+        if let Some(status) = server.child.try_wait()? {
+            anyhow::bail!(
+                "{} exited with {status}; see {}",
+                binary.display(),
+                log_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok((server, started.elapsed()))
+}
+
+/// `--connections` connections sending unique alerts for `--duration`.
+async fn load(port: u16, args: &Args) -> anyhow::Result<ConnStats> {
+    let until = Instant::now() + Duration::from(args.duration);
+    let tasks: Vec<_> = (0..args.connections)
+        .map(|c| tokio::spawn(drive(port, args.alertname.clone(), c, until)))
+        .collect();
+    let mut stats = ConnStats::default();
+    for t in tasks {
+        let s = t.await??;
+        stats.ok_us.extend(s.ok_us);
+        stats.rejected += s.rejected;
+        stats.errors += s.errors;
+    }
+    Ok(stats)
+}
+
+/// The reference server's figures under the same load.
+struct Ceiling {
+    rate: f64,
+    p99_us: u64,
+    cpu_us: f64,
+}
+
+async fn measure_ceiling(binary: &Path, args: &Args) -> anyhow::Result<Ceiling> {
+    let tmp = tempfile::Builder::new()
+        .prefix("reactor-bench-ceiling-")
+        .tempdir()?;
+    let (server, _) = start(binary, tmp.path(), 0).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = server.pid().to_string();
+    let cpu = cpu_time(&pid);
+    let load_start = Instant::now();
+    let stats = load(server.port, args).await?;
+    let elapsed = load_start.elapsed();
+    let cpu = cpu_time(&pid).saturating_sub(cpu);
+    drop(server);
+    let accepted = stats.ok_us.len();
+    anyhow::ensure!(accepted > 0, "the ceiling server accepted nothing");
+    Ok(Ceiling {
+        rate: accepted as f64 / elapsed.as_secs_f64(),
+        p99_us: pct(&stats.sorted_us(), 0.99),
+        cpu_us: cpu.as_secs_f64() * 1e6 / accepted as f64,
+    })
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     reactor::app::install_crypto_provider();
     let binary = match args.reactor.clone() {
@@ -269,38 +365,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "{} not found: build it (cargo build --release) or pass --reactor",
         binary.display()
     );
+    let ceiling = match &args.ceiling {
+        Some(path) => Some(measure_ceiling(path, &args).await?),
+        None => None,
+    };
     let tmp = tempfile::Builder::new()
         .prefix("reactor-bench-")
         .tempdir()?;
     let root = tmp.path().to_owned();
-    let port = free_port()?;
-    let config = write_setup(&root, args.playbooks, port)?;
-    let log = std::fs::File::create(root.join("reactor.log"))?;
-
-    // Start-up: spawn to first successful /healthz.
-    let started = Instant::now();
-    let child = Command::new(&binary)
-        .args(["--config", config.to_str().unwrap_or_default(), "serve"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let mut reactor = Reactor { child, port };
-    while !healthy(port).await {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "reactor did not become healthy; see {}",
-            root.join("reactor.log").display()
-        );
-        if let Some(status) = reactor.child.try_wait()? {
-            anyhow::bail!(
-                "reactor exited with {status}; see {}",
-                root.join("reactor.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let startup = started.elapsed();
+    let (mut reactor, startup) = start(&binary, &root, args.playbooks).await?;
+    let port = reactor.port;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_rss = proc_kib(reactor.pid(), "VmRSS:");
 
@@ -309,17 +383,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (cpu_reactor, cpu_bench) = (cpu_time(&pid), cpu_time("self"));
     let duration: Duration = args.duration.into();
     let load_start = Instant::now();
-    let until = load_start + duration;
-    let tasks: Vec<_> = (0..args.connections)
-        .map(|c| tokio::spawn(drive(reactor.port, args.alertname.clone(), c, until)))
-        .collect();
-    let mut stats = ConnStats::default();
-    for t in tasks {
-        let s = t.await??;
-        stats.ok_us.extend(s.ok_us);
-        stats.rejected += s.rejected;
-        stats.errors += s.errors;
-    }
+    let stats = load(port, &args).await?;
     let load_elapsed = load_start.elapsed();
     let accepted = stats.ok_us.len() as u64;
 
@@ -375,8 +439,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(store);
 
-    let mut accept: Vec<u64> = stats.ok_us.iter().map(|&u| u64::from(u)).collect();
-    accept.sort_unstable();
+    let accept = stats.sorted_us();
     finish_us.sort_unstable();
     let span = match (first_received, last_finished) {
         (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
@@ -440,6 +503,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             0.0
         }
     );
+    if let Some(c) = ceiling {
+        let rate = accepted as f64 / load_elapsed.as_secs_f64();
+        println!(
+            "ceiling, measured just before {:.0}/s, p99 {}, {:.0} µs per accepted alert: reactor took {:.0}% of its rate",
+            c.rate,
+            ms(c.p99_us),
+            c.cpu_us,
+            100.0 * rate / c.rate.max(1.0)
+        );
+    }
     let verified = runs == accepted && finished >= accepted;
     println!(
         "verify: runs in history ({runs}) == 2xx answers ({accepted}): {}",
