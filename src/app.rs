@@ -1,6 +1,10 @@
 //! Assembles the service from [`Settings`]: loads playbooks (refusing to start on an invalid one),
 //! opens the store, recovers what a previous process left, binds the listener, and runs the HTTP
 //! server and the dispatcher until the shutdown token fires. Tests build it on port 0.
+//!
+//! Runs execute on a runtime of their own, one worker thread beside the HTTP workers: sharing the
+//! workers, each run's task queued behind (and ahead of) the accepts, and on two cores that cost
+//! ~30% more CPU per alert and ~30% fewer alerts/s (README, Performance).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +41,8 @@ pub enum StartupError {
     Http(#[from] reqwest::Error),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error("cannot start the runs' runtime: {0}")]
+    Runtime(std::io::Error),
     #[error(transparent)]
     Kubernetes(#[from] crate::executor::kubernetes::ConnectError),
     #[error("refusing to listen on {0} without authentication: set auth.bearer_token or auth.basic, or pass --insecure")]
@@ -243,7 +249,15 @@ impl Application {
             });
         }
         let store = state.store.clone();
-        let dispatcher = tokio::spawn({
+        // The dispatcher, and every run it spawns, on the runs' own worker thread. It drives its
+        // own I/O and timers, so a script on a blocking thread can still wait on them.
+        let runs_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("reactor-runs")
+            .enable_all()
+            .build()
+            .map_err(StartupError::Runtime)?;
+        let dispatcher = runs_runtime.spawn({
             let shutdown = shutdown.clone();
             async move {
                 let _alive = alive;
@@ -266,6 +280,8 @@ impl Application {
         if let Err(e) = dispatcher.await {
             tracing::error!(error = %e, "dispatcher task failed");
         }
+        // Runs still in flight were recorded as interrupted by the dispatcher; don't wait on them.
+        runs_runtime.shutdown_background();
         background.wait().await;
         if let Err(e) = store.durable().await {
             tracing::error!(error = %e, "final database flush failed");
