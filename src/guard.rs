@@ -299,7 +299,7 @@ impl Guards {
         let starts = alert.starts_at.as_nanosecond();
         // Most deliveries are an alert's first, so its record is guessed absent: one
         // compare-and-swap instead of a read and a compare-and-swap.
-        update_from(
+        update(
             &self.targets,
             key.as_bytes(),
             None,
@@ -336,9 +336,13 @@ impl Guards {
         now: Timestamp,
         p: &GuardPolicy,
     ) -> Result<TargetDecision, StoreError> {
-        update(&self.targets, key.as_bytes(), |s: &mut TargetState| {
-            decide_target(s, now, p)
-        })
+        let stored = self.targets.get(key)?;
+        update(
+            &self.targets,
+            key.as_bytes(),
+            stored,
+            |s: &mut TargetState| decide_target(s, now, p),
+        )
     }
 
     pub fn admit_breaker(
@@ -461,18 +465,10 @@ impl Guards {
 }
 
 /// Read-modify-write of one record with compare-and-swap, retried on conflict; no write when the
-/// record is unchanged.
-fn update<S, R>(tree: &sled::Tree, key: &[u8], f: impl FnMut(&mut S) -> R) -> Result<R, StoreError>
-where
-    S: Serialize + DeserializeOwned + Default,
-{
-    update_from(tree, key, tree.get(key)?, f)
-}
-
-/// [`update`] starting from a guess of the stored value instead of reading it. A wrong guess
-/// costs one failed compare-and-swap, which returns the stored value to go on from; a right one
-/// saves the read. For records that are usually new, guess `None`.
-fn update_from<S, R>(
+/// record is unchanged. It starts from `old`: the value read, or a guess (`None` for records that
+/// are usually new, saving the read). A wrong guess costs one failed compare-and-swap, which
+/// returns the stored value to go on from.
+fn update<S, R>(
     tree: &sled::Tree,
     key: &[u8],
     mut old: Option<sled::IVec>,

@@ -309,9 +309,11 @@ async fn start(
     Ok((server, started.elapsed()))
 }
 
-/// `--connections` connections sending unique alerts for `--duration`.
-async fn load(port: u16, args: &Args) -> anyhow::Result<ConnStats> {
-    let until = Instant::now() + Duration::from(args.duration);
+/// `--connections` connections sending unique alerts for `--duration`; the results and how long
+/// the load took.
+async fn load(port: u16, args: &Args) -> anyhow::Result<(ConnStats, Duration)> {
+    let start = Instant::now();
+    let until = start + Duration::from(args.duration);
     let tasks: Vec<_> = (0..args.connections)
         .map(|c| tokio::spawn(drive(port, args.alertname.clone(), c, until)))
         .collect();
@@ -322,7 +324,7 @@ async fn load(port: u16, args: &Args) -> anyhow::Result<ConnStats> {
         stats.rejected += s.rejected;
         stats.errors += s.errors;
     }
-    Ok(stats)
+    Ok((stats, start.elapsed()))
 }
 
 /// The reference server's figures under the same load.
@@ -340,9 +342,7 @@ async fn measure_ceiling(binary: &Path, args: &Args) -> anyhow::Result<Ceiling> 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pid = server.pid().to_string();
     let cpu = cpu_time(&pid);
-    let load_start = Instant::now();
-    let stats = load(server.port, args).await?;
-    let elapsed = load_start.elapsed();
+    let (stats, elapsed) = load(server.port, args).await?;
     let cpu = cpu_time(&pid).saturating_sub(cpu);
     drop(server);
     let accepted = stats.ok_us.len();
@@ -383,9 +383,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (cpu_reactor, cpu_bench) = (cpu_time(&pid), cpu_time("self"));
     let duration: Duration = args.duration.into();
     let load_start = Instant::now();
-    let stats = load(port, &args).await?;
-    let load_elapsed = load_start.elapsed();
+    let (stats, load_elapsed) = load(port, &args).await?;
     let accepted = stats.ok_us.len() as u64;
+    let rate = accepted as f64 / load_elapsed.as_secs_f64();
 
     // Drain: wait until every accepted alert has a finished run.
     let http = reqwest::Client::new();
@@ -458,10 +458,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "idle RSS                    {:.1} MiB",
         idle_rss as f64 / 1024.0
     );
-    println!(
-        "accepted (2xx)              {accepted} ({:.0}/s)",
-        accepted as f64 / load_elapsed.as_secs_f64()
-    );
+    println!("accepted (2xx)              {accepted} ({rate:.0}/s)");
     println!(
         "rejected (non-2xx), errors  {}, {}",
         stats.rejected, stats.errors
@@ -504,7 +501,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     );
     if let Some(c) = ceiling {
-        let rate = accepted as f64 / load_elapsed.as_secs_f64();
         println!(
             "ceiling, measured just before {:.0}/s, p99 {}, {:.0} µs per accepted alert: reactor took {:.0}% of its rate",
             c.rate,
