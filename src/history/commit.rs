@@ -1,10 +1,16 @@
 //! Group commit: one thread owns every flush (concurrent `flush_async` callers deadlock sled
-//! 0.34, upstream sled#1308). Writers register after their insert; each flush answers every waiter
-//! that was registered before it started, so N concurrent accepts cost one fsync, not N.
+//! 0.34, upstream sled#1308). Writers register after their insert, or hand the flusher their
+//! inserts to apply; each flush answers every waiter that was registered before it started, so N
+//! concurrent accepts cost one fsync, not N.
 //!
 //! The flusher is a plain thread calling sled's blocking `flush`, not a task awaiting
 //! `flush_async`: `flush_async` hands each flush to sled's I/O pool, whose every job wakes all of
 //! its idle threads, and under load those wake-ups cost more CPU than the fsyncs themselves.
+//!
+//! The intake's inserts are applied by the flusher too. Accepts arrive on every HTTP worker at
+//! once with ascending keys, so inserted where they arrive they contend for the same leaf of the
+//! tree; applied by one thread just before its flush they do not, and the intake alone costs ~25%
+//! less CPU per alert (README, Performance).
 
 use std::sync::Arc;
 
@@ -12,11 +18,24 @@ use tokio::sync::{mpsc, oneshot};
 
 type Waiter = oneshot::Sender<Result<(), Arc<sled::Error>>>;
 
+/// One insert for the flusher to apply before its next flush.
+pub struct Write {
+    pub tree: sled::Tree,
+    pub key: [u8; 8],
+    pub value: Vec<u8>,
+}
+
+/// A waiter, and the inserts to apply before answering it.
+struct Job {
+    writes: Vec<Write>,
+    waiter: Waiter,
+}
+
 /// Handle for waiting until earlier writes are durable. The flusher thread stops when the last
 /// handle is dropped.
 #[derive(Clone)]
 pub struct GroupCommit {
-    tx: mpsc::UnboundedSender<Waiter>,
+    tx: mpsc::UnboundedSender<Job>,
 }
 
 impl GroupCommit {
@@ -30,27 +49,83 @@ impl GroupCommit {
 
     /// Resolves once everything written before this call is on disk.
     pub async fn durable(&self) -> Result<(), Arc<sled::Error>> {
-        let (tx, rx) = oneshot::channel();
+        self.write_durable(Vec::new()).await
+    }
+
+    /// Applies `writes` in order on the flusher thread and resolves once they are on disk. The
+    /// first insert that fails is this call's error, and the writes after it are not applied.
+    pub async fn write_durable(&self, writes: Vec<Write>) -> Result<(), Arc<sled::Error>> {
+        let (waiter, rx) = oneshot::channel();
         let closed = || {
             Arc::new(sled::Error::ReportableBug(
                 "group commit flusher stopped".into(),
             ))
         };
-        self.tx.send(tx).map_err(|_| closed())?;
+        self.tx.send(Job { writes, waiter }).map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 }
 
-fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Waiter>) {
-    let mut batch = Vec::new();
+fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut batch: Vec<Job> = Vec::new();
+    // The waiters still to answer once the flush is done.
+    let mut waiting = Vec::new();
     while rx.blocking_recv_many(&mut batch, 4096) > 0 {
+        for job in batch.drain(..) {
+            let applied = job
+                .writes
+                .into_iter()
+                .try_for_each(|w| w.tree.insert(w.key, w.value).map(drop));
+            match applied {
+                Ok(()) => waiting.push(job.waiter),
+                Err(e) => {
+                    tracing::error!(error = %e, "sled insert failed");
+                    let _ = job.waiter.send(Err(Arc::new(e)));
+                }
+            }
+        }
         let result = db.flush().map(|_| ()).map_err(Arc::new);
         if let Err(e) = &result {
             tracing::error!(error = %e, "sled flush failed");
         }
-        for w in batch.drain(..) {
-            let _ = w.send(result.clone());
+        for waiter in waiting.drain(..) {
+            let _ = waiter.send(result.clone());
         }
     }
     tracing::debug!("group commit flusher stopped: no writers left");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_each_get_their_inserts_applied_in_order_and_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        let commit = GroupCommit::spawn(db.clone()).unwrap();
+        let tasks: Vec<_> = (0u64..64)
+            .map(|i| {
+                let (commit, tree) = (commit.clone(), tree.clone());
+                tokio::spawn(async move {
+                    // Two inserts of one key in one call: the second wins.
+                    let write = |value: &[u8]| Write {
+                        tree: tree.clone(),
+                        key: i.to_be_bytes(),
+                        value: value.to_vec(),
+                    };
+                    commit
+                        .write_durable(vec![write(b"first"), write(b"second")])
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        commit.durable().await.unwrap();
+        assert_eq!(tree.len(), 64);
+        assert!(tree.iter().values().all(|v| &*v.unwrap() == b"second"));
+    }
 }

@@ -15,13 +15,13 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Alert;
-pub use commit::GroupCommit;
+pub use commit::{GroupCommit, Write};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
     Sled(#[from] sled::Error),
-    #[error("database flush failed: {0}")]
+    #[error("database write or flush failed: {0}")]
     Flush(Arc<sled::Error>),
     #[error("could not start the database flusher thread: {0}")]
     Flusher(std::io::Error),
@@ -360,9 +360,10 @@ impl Store {
         })
     }
 
-    /// Records the alerts and returns once they are on disk. One insert per alert, not a batch
-    /// (see [`Store::put_runs`]): a crash before the flush may keep some of a payload's alerts,
-    /// which were never answered, so Alertmanager resends them and the repeats are deduplicated.
+    /// Records the alerts and returns once they are on disk. The group-commit flusher applies the
+    /// inserts just before its flush. One insert per alert, not a batch (see [`Store::put_runs`]):
+    /// a crash before the flush may keep some of a payload's alerts, which were never answered,
+    /// so Alertmanager resends them and the repeats are deduplicated.
     pub async fn accept(
         &self,
         alerts: Vec<Alert>,
@@ -390,13 +391,19 @@ impl Store {
                 held,
             })
             .collect();
-        for it in &intakes {
-            self.inner.intake.insert(
-                it.seq.to_be_bytes(),
-                serde_json::to_vec(it).expect("intake serializes"),
-            )?;
-        }
-        self.durable().await?;
+        let writes = intakes
+            .iter()
+            .map(|it| Write {
+                tree: self.inner.intake.clone(),
+                key: it.seq.to_be_bytes(),
+                value: serde_json::to_vec(it).expect("intake serializes"),
+            })
+            .collect();
+        self.inner
+            .commit
+            .write_durable(writes)
+            .await
+            .map_err(StoreError::Flush)?;
         Ok(intakes)
     }
 
