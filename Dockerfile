@@ -2,6 +2,8 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# sled, patched (vendor/sled/PATCHED.md); Cargo.toml's [patch.crates-io] points here.
+COPY vendor vendor
 COPY .cargo .cargo
 COPY src src
 COPY tests tests
