@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 type Waiter = oneshot::Sender<Result<(), Arc<sled::Error>>>;
 
 /// One insert for the flusher to apply before its next flush.
-pub struct Write {
+pub(crate) struct Insert {
     pub tree: sled::Tree,
     pub key: [u8; 8],
     pub value: Vec<u8>,
@@ -27,7 +27,7 @@ pub struct Write {
 
 /// A waiter, and the inserts to apply before answering it.
 struct Job {
-    writes: Vec<Write>,
+    writes: Vec<Insert>,
     waiter: Waiter,
 }
 
@@ -54,7 +54,7 @@ impl GroupCommit {
 
     /// Applies `writes` in order on the flusher thread and resolves once they are on disk. The
     /// first insert that fails is this call's error, and the writes after it are not applied.
-    pub async fn write_durable(&self, writes: Vec<Write>) -> Result<(), Arc<sled::Error>> {
+    pub(crate) async fn write_durable(&self, writes: Vec<Insert>) -> Result<(), Arc<sled::Error>> {
         let (waiter, rx) = oneshot::channel();
         let closed = || {
             Arc::new(sled::Error::ReportableBug(
@@ -110,7 +110,7 @@ mod tests {
                 let (commit, tree) = (commit.clone(), tree.clone());
                 tokio::spawn(async move {
                     // Two inserts of one key in one call: the second wins.
-                    let write = |value: &[u8]| Write {
+                    let write = |value: &[u8]| Insert {
                         tree: tree.clone(),
                         key: i.to_be_bytes(),
                         value: value.to_vec(),

@@ -15,7 +15,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Alert;
-pub use commit::{GroupCommit, Write};
+use commit::Insert;
+pub use commit::GroupCommit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -393,7 +394,7 @@ impl Store {
             .collect();
         let writes = intakes
             .iter()
-            .map(|it| Write {
+            .map(|it| Insert {
                 tree: self.inner.intake.clone(),
                 key: it.seq.to_be_bytes(),
                 value: serde_json::to_vec(it).expect("intake serializes"),

@@ -226,7 +226,7 @@ async fn random_sigkills_under_a_stream_lose_nothing_and_page_once() {
             let mut i = 0u32;
             while !stop.is_cancelled() {
                 let fp = format!("s{i:05}");
-                let name = if i % 2 == 0 { "Good" } else { "Bad" };
+                let name = if i.is_multiple_of(2) { "Good" } else { "Bad" };
                 if let Ok(r) = client
                     .post(&url)
                     .json(&payload(&[(name, &fp)]))
