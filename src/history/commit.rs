@@ -4,8 +4,9 @@
 //! concurrent accepts cost one fsync, not N.
 //!
 //! The flusher is a plain thread calling sled's blocking `flush`, not a task awaiting
-//! `flush_async`: `flush_async` hands each flush to sled's I/O pool, whose every job wakes all of
-//! its idle threads, and under load those wake-ups cost more CPU than the fsyncs themselves.
+//! `flush_async`: `flush_async` hands each flush to sled's I/O pool as one more job, and in
+//! upstream sled 0.34.7 each job woke all seven of the pool's idle threads (the vendored copy
+//! wakes one; `vendor/sled/PATCHED.md`).
 //!
 //! The intake's inserts are applied by the flusher too: the intake alone then costs ~20% less CPU
 //! per alert (README, Performance). Accepts arrive on every HTTP worker at once with ascending
