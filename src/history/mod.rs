@@ -15,8 +15,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Alert;
-use commit::Insert;
 pub use commit::GroupCommit;
+use commit::Insert;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
