@@ -28,7 +28,7 @@ pub(crate) struct Insert {
 
 /// A waiter, and the inserts to apply before answering it.
 struct Job {
-    writes: Vec<Insert>,
+    inserts: Vec<Insert>,
     waiter: Waiter,
 }
 
@@ -50,19 +50,24 @@ impl GroupCommit {
 
     /// Resolves once everything written before this call is on disk.
     pub async fn durable(&self) -> Result<(), Arc<sled::Error>> {
-        self.write_durable(Vec::new()).await
+        self.insert_durable(Vec::new()).await
     }
 
-    /// Applies `writes` in order on the flusher thread and resolves once they are on disk. The
-    /// first insert that fails is this call's error, and the writes after it are not applied.
-    pub(crate) async fn write_durable(&self, writes: Vec<Insert>) -> Result<(), Arc<sled::Error>> {
+    /// Applies `inserts` in order on the flusher thread and resolves once they are on disk. The
+    /// first insert that fails is this call's error, and the inserts after it are not applied.
+    pub(crate) async fn insert_durable(
+        &self,
+        inserts: Vec<Insert>,
+    ) -> Result<(), Arc<sled::Error>> {
         let (waiter, rx) = oneshot::channel();
         let closed = || {
             Arc::new(sled::Error::ReportableBug(
                 "group commit flusher stopped".into(),
             ))
         };
-        self.tx.send(Job { writes, waiter }).map_err(|_| closed())?;
+        self.tx
+            .send(Job { inserts, waiter })
+            .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 }
@@ -74,9 +79,9 @@ fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Job>) {
     while rx.blocking_recv_many(&mut batch, 4096) > 0 {
         for job in batch.drain(..) {
             let applied = job
-                .writes
+                .inserts
                 .into_iter()
-                .try_for_each(|w| w.tree.insert(w.key, w.value).map(drop));
+                .try_for_each(|i| i.tree.insert(i.key, i.value).map(drop));
             match applied {
                 Ok(()) => waiting.push(job.waiter),
                 Err(e) => {
@@ -111,13 +116,13 @@ mod tests {
                 let (commit, tree) = (commit.clone(), tree.clone());
                 tokio::spawn(async move {
                     // Two inserts of one key in one call: the second wins.
-                    let write = |value: &[u8]| Insert {
+                    let insert = |value: &[u8]| Insert {
                         tree: tree.clone(),
                         key: i.to_be_bytes(),
                         value: value.to_vec(),
                     };
                     commit
-                        .write_durable(vec![write(b"first"), write(b"second")])
+                        .insert_durable(vec![insert(b"first"), insert(b"second")])
                         .await
                 })
             })

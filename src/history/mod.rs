@@ -23,7 +23,7 @@ pub enum StoreError {
     #[error("database: {0}")]
     Sled(#[from] sled::Error),
     #[error("database write or flush failed: {0}")]
-    Flush(Arc<sled::Error>),
+    Durable(Arc<sled::Error>),
     #[error("could not start the database flusher thread: {0}")]
     Flusher(std::io::Error),
     #[error("corrupt record {key}: {source}")]
@@ -392,7 +392,7 @@ impl Store {
                 held,
             })
             .collect();
-        let writes = intakes
+        let inserts = intakes
             .iter()
             .map(|it| Insert {
                 tree: self.inner.intake.clone(),
@@ -402,9 +402,9 @@ impl Store {
             .collect();
         self.inner
             .commit
-            .write_durable(writes)
+            .insert_durable(inserts)
             .await
-            .map_err(StoreError::Flush)?;
+            .map_err(StoreError::Durable)?;
         Ok(intakes)
     }
 
@@ -417,7 +417,11 @@ impl Store {
 
     /// Waits until every earlier write is on disk (group-committed).
     pub async fn durable(&self) -> Result<(), StoreError> {
-        self.inner.commit.durable().await.map_err(StoreError::Flush)
+        self.inner
+            .commit
+            .durable()
+            .await
+            .map_err(StoreError::Durable)
     }
 
     /// Accepted alerts whose runs were never recorded, oldest first.
