@@ -1174,6 +1174,25 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
     // if writers is 0, it's our responsibility to write the buffer.
     if header::n_writers(sealed) == 0 {
         iobufs.config.global_error()?;
+        if !from_reserve {
+            // reactor: not sealed by a writer that ran out of room, so sealed
+            // by a flush (`make_stable`), the background flusher's roll or a
+            // batch's start. A flush would only sleep until a pool thread had
+            // written the buffer, so the caller writes it itself; see
+            // PATCHED.md.
+            if let Err(e) = iobufs.write_to_log(&iobuf) {
+                error!(
+                    "hit error while writing iobuf with lsn {}: {:?}",
+                    lsn, e
+                );
+                iobufs.config.set_global_error(e.clone());
+                let intervals = iobufs.intervals.lock();
+                drop(intervals);
+                let _notified = iobufs.interval_updated.notify_all();
+                return Err(e);
+            }
+            return Ok(());
+        }
         trace!(
             "asynchronously writing iobuf with lsn {} to log from maybe_seal",
             lsn
