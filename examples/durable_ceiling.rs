@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
             .flush_every_ms(Some(200))
             .open()?;
         Sink::Raw {
-            commit: GroupCommit::spawn(db.clone())?,
+            commit: GroupCommit::spawn(db.clone(), None)?,
             db,
             seq: AtomicU64::new(0),
         }

@@ -106,10 +106,13 @@ impl Application {
         let rhai = rhai_engine(&settings, kube.clone());
         let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
         tracing::info!(count = playbooks.len(), dir = %settings.playbooks_dir.display(), "playbooks loaded");
-        let store = Store::open(&settings.data_dir).map_err(|source| StartupError::Store {
-            dir: settings.data_dir.display().to_string(),
-            source,
-        })?;
+        let store =
+            Store::open_with(&settings.data_dir, settings.durability).map_err(|source| {
+                StartupError::Store {
+                    dir: settings.data_dir.display().to_string(),
+                    source,
+                }
+            })?;
         let listener =
             TcpListener::bind(settings.listen)
                 .await

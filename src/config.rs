@@ -8,12 +8,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::history::Durability;
+
 /// All of reactor's settings. See the README's configuration reference.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// What an accepted alert survives once answered: `process` (default) or `power`.
+    pub durability: Durability,
     pub playbooks_dir: PathBuf,
     pub scripts_dir: PathBuf,
     /// Base URL humans use to reach reactor, for links in pages. Defaults to `http://<listen>`.
@@ -37,6 +41,7 @@ impl Default for Settings {
         Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 9097)),
             data_dir: "data".into(),
+            durability: Durability::default(),
             playbooks_dir: "playbooks".into(),
             scripts_dir: "scripts".into(),
             external_url: None,
@@ -385,6 +390,12 @@ impl Settings {
             }
         };
         path("REACTOR_DATA_DIR", &mut self.data_dir);
+        if let Some(v) = get("REACTOR_DURABILITY") {
+            self.durability = v.parse().map_err(|message| ConfigError::Env {
+                name: "REACTOR_DURABILITY",
+                message,
+            })?;
+        }
         path("REACTOR_PLAYBOOKS_DIR", &mut self.playbooks_dir);
         path("REACTOR_SCRIPTS_DIR", &mut self.scripts_dir);
         if let Some(v) = get("REACTOR_ALERTMANAGER_URL") {
@@ -521,6 +532,27 @@ mod tests {
             Settings::default().kubernetes.namespaces.deny,
             ["kube-system"]
         );
+    }
+
+    #[test]
+    fn durability_is_process_unless_the_file_or_environment_says_power() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("reactor.yaml");
+        assert_eq!(Settings::default().durability, Durability::Process);
+        std::fs::write(&f, "durability: power\n").unwrap();
+        let s = Settings::load(Some(&f), &Overrides::default()).unwrap();
+        assert_eq!(s.durability, Durability::Power);
+        std::fs::write(&f, "listen: 127.0.0.1:1000\ndurability: disk\n").unwrap();
+        let e = Settings::load(Some(&f), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("reactor.yaml:2:"), "{e}");
+        let mut s = Settings::default();
+        s.apply_env(|k| (k == "REACTOR_DURABILITY").then(|| "power".to_owned()))
+            .unwrap();
+        assert_eq!(s.durability, Durability::Power);
+        let e = s
+            .apply_env(|k| (k == "REACTOR_DURABILITY").then(|| "fsync".to_owned()))
+            .unwrap_err();
+        assert!(e.to_string().contains("process or power"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! keys, so inserted where they arrive they race for the tree's last leaf (sled retries a lost
 //! compare-and-swap); one thread applying them just before its flush never races.
 
+use std::fs::File;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -40,11 +41,15 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn spawn(db: sled::Db) -> std::io::Result<GroupCommit> {
+    /// Starts the flusher thread. With `sync_data`, every flush is followed by an `fdatasync` of
+    /// that file (sled's log), so an answer also survives a kernel crash or power loss: sled's
+    /// own flush syncs with `sync_file_range`, which neither flushes the disk's write cache nor
+    /// the file's metadata (see [`crate::history::Durability`]).
+    pub fn spawn(db: sled::Db, sync_data: Option<File>) -> std::io::Result<GroupCommit> {
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("reactor-flush".into())
-            .spawn(move || flusher(db, rx))?;
+            .spawn(move || flusher(db, sync_data, rx))?;
         Ok(GroupCommit { tx })
     }
 
@@ -72,7 +77,7 @@ impl GroupCommit {
     }
 }
 
-fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Job>) {
+fn flusher(db: sled::Db, sync_data: Option<File>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut batch: Vec<Job> = Vec::new();
     // The waiters still to answer once the flush is done.
     let mut waiting = Vec::new();
@@ -90,7 +95,14 @@ fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Job>) {
                 }
             }
         }
-        let result = db.flush().map(|_| ()).map_err(Arc::new);
+        let result = db
+            .flush()
+            .map(drop)
+            .and_then(|()| match &sync_data {
+                Some(file) => file.sync_data().map_err(sled::Error::Io),
+                None => Ok(()),
+            })
+            .map_err(Arc::new);
         if let Err(e) = &result {
             tracing::error!(error = %e, "sled flush failed");
         }
@@ -110,7 +122,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let tree = db.open_tree("t").unwrap();
-        let commit = GroupCommit::spawn(db.clone()).unwrap();
+        let commit = GroupCommit::spawn(db.clone(), None).unwrap();
         let tasks: Vec<_> = (0u64..64)
             .map(|i| {
                 let (commit, tree) = (commit.clone(), tree.clone());
@@ -133,5 +145,35 @@ mod tests {
         commit.durable().await.unwrap();
         assert_eq!(tree.len(), 64);
         assert!(tree.iter().values().all(|v| &*v.unwrap() == b"second"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_fdatasync_fails_the_waiters_instead_of_answering_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        // Linux refuses to sync /dev/null (EINVAL): a stand-in for a disk that fails the sync.
+        let unsyncable = File::open("/dev/null").unwrap();
+        let commit = GroupCommit::spawn(db.clone(), Some(unsyncable)).unwrap();
+        let insert = Insert {
+            tree: tree.clone(),
+            key: 1u64.to_be_bytes(),
+            value: b"alert".to_vec(),
+        };
+        let err = commit.insert_durable(vec![insert]).await.unwrap_err();
+        assert!(
+            matches!(&*err, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::InvalidInput)
+        );
+        assert!(commit.durable().await.is_err());
+
+        // The same database with its own log as the file to sync: answered.
+        let log = File::open(dir.path().join("db")).unwrap();
+        let commit = GroupCommit::spawn(db.clone(), Some(log)).unwrap();
+        let insert = Insert {
+            tree,
+            key: 2u64.to_be_bytes(),
+            value: b"alert".to_vec(),
+        };
+        commit.insert_durable(vec![insert]).await.unwrap();
     }
 }

@@ -26,11 +26,43 @@ pub enum StoreError {
     Durable(Arc<sled::Error>),
     #[error("could not start the database flusher thread: {0}")]
     Flusher(std::io::Error),
+    #[error(
+        "could not open the database log {path} to fdatasync it (durability: power): {source}"
+    )]
+    SyncFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt record {key}: {source}")]
     Corrupt {
         key: String,
         source: serde_json::Error,
     },
+}
+
+/// What an accepted alert survives once the webhook has answered 2xx (setting `durability`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// sled's flush: the log is written and synced with `sync_file_range`. Survives reactor
+    /// being killed or crashing. A kernel crash or power loss may lose the last few seconds of
+    /// answers: that call flushes neither the disk's write cache nor the file's metadata.
+    #[default]
+    Process,
+    /// sled's flush, then one `fdatasync` of its log per group commit: also survives a kernel
+    /// crash or power loss, at the cost measured in the README (Performance).
+    Power,
+}
+
+impl FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "process" => Ok(Durability::Process),
+            "power" => Ok(Durability::Power),
+            _ => Err(format!("durability must be process or power, got {s:?}")),
+        }
+    }
 }
 
 /// A run's identity: the alert's intake sequence number and the index of the matching playbook.
@@ -334,6 +366,11 @@ struct Inner {
 impl Store {
     /// Opens (or creates) the database in `dir` and starts its group-commit flusher thread.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, Durability::Process)
+    }
+
+    /// [`Store::open`], with accepts made `durability`-durable before they are answered.
+    pub fn open_with(dir: &Path, durability: Durability) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(64 << 20)
@@ -350,9 +387,19 @@ impl Store {
             .and_then(|(k, _)| RunId::from_key(&k))
             .map(|id| id.seq);
         let next = last_intake.max(last_run).map_or(1, |s| s + 1);
+        let sync_data = match durability {
+            Durability::Process => None,
+            // sled 0.34 keeps its whole log in this one file; its snapshots it syncs itself.
+            Durability::Power => {
+                let path = dir.join("db");
+                let file = std::fs::File::open(&path)
+                    .map_err(|source| StoreError::SyncFile { path, source })?;
+                Some(file)
+            }
+        };
         Ok(Store {
             inner: Arc::new(Inner {
-                commit: GroupCommit::spawn(db.clone()).map_err(StoreError::Flusher)?,
+                commit: GroupCommit::spawn(db.clone(), sync_data).map_err(StoreError::Flusher)?,
                 db,
                 intake,
                 runs,
@@ -609,6 +656,16 @@ mod tests {
         assert_eq!(id.to_string(), "42-1");
         assert!(RunId { seq: 9, index: 0 }.key() < RunId { seq: 10, index: 0 }.key());
         assert!("42".parse::<RunId>().is_err());
+    }
+
+    #[tokio::test]
+    async fn power_durability_opens_sleds_log_and_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), Durability::Power).unwrap();
+        let accepted = store.accept(vec![alert()], Timestamp::now()).await.unwrap();
+        assert_eq!(accepted.len(), 1);
+        assert_eq!(store.pending_intake().unwrap().len(), 1);
+        store.durable().await.unwrap();
     }
 
     #[tokio::test]
