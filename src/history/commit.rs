@@ -44,7 +44,9 @@ impl GroupCommit {
     /// Starts the flusher thread. With `sync_data`, every flush is followed by an `fdatasync` of
     /// that file (sled's log), so an answer also survives a kernel crash or power loss: sled's
     /// own flush syncs with `sync_file_range`, which neither flushes the disk's write cache nor
-    /// the file's metadata (see [`crate::history::Durability`]).
+    /// the file's metadata (see [`crate::history::Durability`]). A failed `fdatasync` fails every
+    /// later flush too: Linux may report a lost write-back once and then forget it, so a later
+    /// sync that succeeds would not prove the earlier data durable.
     pub fn spawn(db: sled::Db, sync_data: Option<File>) -> std::io::Result<GroupCommit> {
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
@@ -81,6 +83,7 @@ fn flusher(db: sled::Db, sync_data: Option<File>, mut rx: mpsc::UnboundedReceive
     let mut batch: Vec<Job> = Vec::new();
     // The waiters still to answer once the flush is done.
     let mut waiting = Vec::new();
+    let mut sync_failed: Option<Arc<sled::Error>> = None;
     while rx.blocking_recv_many(&mut batch, 4096) > 0 {
         for job in batch.drain(..) {
             let applied = job
@@ -95,16 +98,22 @@ fn flusher(db: sled::Db, sync_data: Option<File>, mut rx: mpsc::UnboundedReceive
                 }
             }
         }
-        let result = db
-            .flush()
-            .map(drop)
-            .and_then(|()| match &sync_data {
-                Some(file) => file.sync_data().map_err(sled::Error::Io),
-                None => Ok(()),
+        let result = db.flush().map(drop).map_err(Arc::new).and_then(|()| {
+            if let Some(e) = &sync_failed {
+                return Err(Arc::clone(e));
+            }
+            let Some(file) = &sync_data else {
+                return Ok(());
+            };
+            file.sync_data().map_err(|e| {
+                let e = Arc::new(sled::Error::Io(e));
+                tracing::error!(error = %e, "fdatasync of the database log failed; every later accept fails too");
+                sync_failed = Some(Arc::clone(&e));
+                e
             })
-            .map_err(Arc::new);
+        });
         if let Err(e) = &result {
-            tracing::error!(error = %e, "sled flush failed");
+            tracing::error!(error = %e, "group commit failed");
         }
         for waiter in waiting.drain(..) {
             let _ = waiter.send(result.clone());
@@ -164,7 +173,10 @@ mod tests {
         assert!(
             matches!(&*err, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::InvalidInput)
         );
-        assert!(commit.durable().await.is_err());
+        assert!(
+            commit.durable().await.is_err(),
+            "a failed sync stays failed"
+        );
 
         // The same database with its own log as the file to sync: answered.
         let log = File::open(dir.path().join("db")).unwrap();
