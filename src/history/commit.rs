@@ -6,7 +6,8 @@
 //! The flusher is a plain thread calling sled's blocking `flush`, not a task awaiting
 //! `flush_async`: `flush_async` hands each flush to sled's I/O pool as one more job, and in
 //! upstream sled 0.34.7 each job woke all seven of the pool's idle threads (the vendored copy
-//! wakes one; `vendor/sled/PATCHED.md`).
+//! wakes one; `vendor/sled/PATCHED.md`). In the vendored copy, `flush` also writes and syncs the
+//! log buffer on this thread instead of waiting for a pool thread to do it.
 //!
 //! The intake's inserts are applied by the flusher too: the intake alone then costs ~20% less CPU
 //! per alert (README, Performance). Accepts arrive on every HTTP worker at once with ascending
