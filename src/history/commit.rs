@@ -99,20 +99,11 @@ fn flusher(db: sled::Db, sync_data: Option<File>, mut rx: mpsc::UnboundedReceive
                 }
             }
         }
-        let result = db.flush().map(drop).map_err(Arc::new).and_then(|()| {
-            if let Some(e) = &sync_failed {
-                return Err(Arc::clone(e));
-            }
-            let Some(file) = &sync_data else {
-                return Ok(());
-            };
-            file.sync_data().map_err(|e| {
-                let e = Arc::new(sled::Error::Io(e));
-                tracing::error!(error = %e, "fdatasync of the database log failed; every later accept fails too");
-                sync_failed = Some(Arc::clone(&e));
-                e
-            })
-        });
+        let result = db
+            .flush()
+            .map(drop)
+            .map_err(Arc::new)
+            .and_then(|()| sync_log(sync_data.as_ref(), &mut sync_failed));
         if let Err(e) = &result {
             tracing::error!(error = %e, "group commit failed");
         }
@@ -123,9 +114,36 @@ fn flusher(db: sled::Db, sync_data: Option<File>, mut rx: mpsc::UnboundedReceive
     tracing::debug!("group commit flusher stopped: no writers left");
 }
 
+/// `fdatasync`s the log, if asked to; once that failed, fails every time (see [`GroupCommit::spawn`]).
+fn sync_log(
+    file: Option<&File>,
+    failed: &mut Option<Arc<sled::Error>>,
+) -> Result<(), Arc<sled::Error>> {
+    if let Some(e) = failed {
+        return Err(Arc::clone(e));
+    }
+    let Some(file) = file else {
+        return Ok(());
+    };
+    file.sync_data().map_err(|e| {
+        let e = Arc::new(sled::Error::Io(e));
+        tracing::error!(error = %e, "fdatasync of the database log failed; every later accept fails too");
+        *failed = Some(Arc::clone(&e));
+        e
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn insert(tree: &sled::Tree, key: u64, value: &[u8]) -> Insert {
+        Insert {
+            tree: tree.clone(),
+            key: key.to_be_bytes(),
+            value: value.to_vec(),
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writers_each_get_their_inserts_applied_in_order_and_flushed() {
@@ -138,13 +156,11 @@ mod tests {
                 let (commit, tree) = (commit.clone(), tree.clone());
                 tokio::spawn(async move {
                     // Two inserts of one key in one call: the second wins.
-                    let insert = |value: &[u8]| Insert {
-                        tree: tree.clone(),
-                        key: i.to_be_bytes(),
-                        value: value.to_vec(),
-                    };
                     commit
-                        .insert_durable(vec![insert(b"first"), insert(b"second")])
+                        .insert_durable(vec![
+                            insert(&tree, i, b"first"),
+                            insert(&tree, i, b"second"),
+                        ])
                         .await
                 })
             })
@@ -165,28 +181,21 @@ mod tests {
         // Linux refuses to sync /dev/null (EINVAL): a stand-in for a disk that fails the sync.
         let unsyncable = File::open("/dev/null").unwrap();
         let commit = GroupCommit::spawn(db.clone(), Some(unsyncable)).unwrap();
-        let insert = Insert {
-            tree: tree.clone(),
-            key: 1u64.to_be_bytes(),
-            value: b"alert".to_vec(),
-        };
-        let err = commit.insert_durable(vec![insert]).await.unwrap_err();
+        let err = commit
+            .insert_durable(vec![insert(&tree, 1, b"alert")])
+            .await
+            .unwrap_err();
         assert!(
             matches!(&*err, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::InvalidInput)
         );
-        assert!(
-            commit.durable().await.is_err(),
-            "a failed sync stays failed"
-        );
+        assert!(commit.durable().await.is_err());
 
         // The same database with its own log as the file to sync: answered.
         let log = File::open(dir.path().join("db")).unwrap();
         let commit = GroupCommit::spawn(db.clone(), Some(log)).unwrap();
-        let insert = Insert {
-            tree,
-            key: 2u64.to_be_bytes(),
-            value: b"alert".to_vec(),
-        };
-        commit.insert_durable(vec![insert]).await.unwrap();
+        commit
+            .insert_durable(vec![insert(&tree, 2, b"alert")])
+            .await
+            .unwrap();
     }
 }

@@ -57,11 +57,9 @@ pub enum Durability {
 impl FromStr for Durability {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "process" => Ok(Durability::Process),
-            "power" => Ok(Durability::Power),
-            _ => Err(format!("durability must be process or power, got {s:?}")),
-        }
+        // serde's names, so the environment and the YAML file accept the same words.
+        serde_json::from_value(serde_json::Value::String(s.to_owned()))
+            .map_err(|_| format!("durability must be process or power, got {s:?}"))
     }
 }
 
