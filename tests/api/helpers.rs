@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -316,11 +317,29 @@ impl Drop for Capture {
 
 /// A free 127.0.0.1 port for programs that cannot report the port they bound.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range: a port found free there cannot be handed to a `bind` on
+    // port 0 or to an outgoing connection before the daemon binds it, as 43517 once was.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    const FIRST: u32 = 10_000;
+    if low <= FIRST + 1_000 {
+        // No room below the range: take what the kernel gives.
+        return StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    // Test binaries run one at a time, but start each at its own offset anyway.
+    let span = low - FIRST;
+    let start = std::process::id().wrapping_mul(7919);
+    (0..span)
+        .map(|_| FIRST + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span)
+        .find(|&port| StdListener::bind(("127.0.0.1", port as u16)).is_ok())
+        .expect("a free port below the ephemeral range") as u16
 }
 
 /// A child process killed when dropped.
