@@ -193,12 +193,7 @@ impl Application {
         let addr = listener.local_addr().map_err(StartupError::Serve)?;
         // Every run, resumed or dispatched, on the runs' own worker thread. It drives its own I/O
         // and timers, so a script on a blocking thread can still wait on them.
-        let runs_runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("reactor-runs")
-            .enable_all()
-            .build()
-            .map_err(StartupError::Runtime)?;
+        let runs_runtime = RunsRuntime::build()?;
         for (run, playbook) in rerun {
             let engine = Arc::clone(&engine);
             runs_runtime
@@ -286,13 +281,46 @@ impl Application {
             tracing::error!(error = %e, "dispatcher task failed");
         }
         // Runs still in flight were recorded as interrupted by the dispatcher; don't wait on them.
-        runs_runtime.shutdown_background();
+        drop(runs_runtime);
         background.wait().await;
         if let Err(e) = store.durable().await {
             tracing::error!(error = %e, "final database flush failed");
         }
         tracing::info!("reactor stopped");
         served.map_err(StartupError::Serve)
+    }
+}
+
+/// The runs' runtime, shut down without waiting for its threads however `run` ends: also when
+/// its future is dropped inside another runtime (aborted, or its test failing), where dropping a
+/// runtime the usual way would block and panic.
+struct RunsRuntime(Option<tokio::runtime::Runtime>);
+
+impl RunsRuntime {
+    fn build() -> Result<RunsRuntime, StartupError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("reactor-runs")
+            .enable_all()
+            .build()
+            .map(|rt| RunsRuntime(Some(rt)))
+            .map_err(StartupError::Runtime)
+    }
+}
+
+impl std::ops::Deref for RunsRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for RunsRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
     }
 }
 

@@ -189,6 +189,15 @@ impl TestApp {
         self.shutdown.cancel();
         let _ = self.handle.await;
     }
+
+    /// Drops the running app's future without a shutdown, as an aborted task or a failing test
+    /// does, and returns how its task ended.
+    pub async fn abort(self) -> tokio::task::JoinError {
+        self.handle.abort();
+        self.handle
+            .await
+            .expect_err("an aborted app does not finish")
+    }
 }
 
 pub async fn get_runs(client: &reqwest::Client, url: &str, token: Option<&str>) -> Vec<Value> {

@@ -255,3 +255,14 @@ async fn the_shipped_disk_playbook_frees_space_under_an_allowed_root() {
     assert!(!old.exists() && fresh.exists());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn dropping_the_running_app_cancels_it_without_a_panic() {
+    let app = TestApp::spawn(|_| {}).await;
+    let answer = app
+        .post_webhook(&payload(&[("ReactorSelfTestOk", "d1")]))
+        .await;
+    assert!(answer.status().is_success());
+    let ended = app.abort().await;
+    assert!(ended.is_cancelled(), "{ended}");
+}
