@@ -78,7 +78,12 @@ async fn main() -> anyhow::Result<()> {
             .flush_every_ms(Some(200))
             .open()?;
         Sink::Raw {
-            commit: GroupCommit::spawn(db.clone(), None)?,
+            commit: GroupCommit::spawn(
+                "ceiling-flush",
+                db.clone(),
+                None,
+                std::time::Duration::ZERO,
+            )?,
             db,
             seq: AtomicU64::new(0),
         }

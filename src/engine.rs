@@ -601,8 +601,9 @@ impl Engine {
                 }) {
                     Started::Done(r) => r,
                     Started::Pending(attempt) => {
-                        // This attempt may act: the run must be on record first.
+                        // This attempt may act: the run must be on record, on disk, first.
                         self.record(&run, &mut unrecorded)?;
+                        self.store.history_durable().await?;
                         attempt.await
                     }
                 };

@@ -1,6 +1,11 @@
 //! Durable state in sled: the intake of accepted alerts (written and flushed before the webhook
 //! answers) and the run history (each step, output, timing and outcome). An intake entry lives
 //! until its runs are recorded, so a crash between the 2xx and the run loses nothing.
+//!
+//! They are two sled databases: the intake in the data directory, the history (runs, guards,
+//! outbox) in its `history/` subdirectory. Each answer waits for a flush of the first only, so
+//! the runs' bytes stay off the accept path; an intake entry is removed only after the history
+//! flush that holds its runs, so the order a single log used to give still holds.
 
 mod commit;
 pub mod retention;
@@ -16,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Alert;
 pub use commit::GroupCommit;
-use commit::Insert;
+use commit::{Insert, Remove};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,8 +54,9 @@ pub enum Durability {
     /// answers: that call flushes neither the disk's write cache nor the file's metadata.
     #[default]
     Process,
-    /// sled's flush, then one `fdatasync` of its log per group commit: also survives a kernel
-    /// crash or power loss, at the cost measured in the README (Performance).
+    /// sled's flush, then one `fdatasync` of its log per group commit (each database's log
+    /// after its own flushes): also survives a kernel crash or power loss, at the cost measured
+    /// in the README (Performance).
     Power,
 }
 
@@ -354,28 +360,49 @@ pub struct Store {
 }
 
 struct Inner {
+    /// The intake's database.
     db: sled::Db,
+    history: sled::Db,
     intake: sled::Tree,
     runs: sled::Tree,
+    /// Flushes `db`: every accept waits for it.
     commit: GroupCommit,
+    /// Flushes `history`, then removes the intake entries whose runs that flush made durable.
+    history_commit: GroupCommit,
     next_seq: AtomicU64,
 }
 
+/// The history database's directory, inside the data directory.
+const HISTORY_DIR: &str = "history";
+/// How long intake removals gather before the history flusher flushes them: under a steady
+/// stream of alerts, one history flush per this interval. Measured in the load benchmark
+/// against 2, 20, 50 and 200 ms (README, Performance).
+const HISTORY_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+
 impl Store {
-    /// Opens (or creates) the database in `dir` and starts its group-commit flusher thread.
+    /// Opens (or creates) the intake's database in `dir` and the history's in `dir/history`, and
+    /// starts a flusher thread for each.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         Store::open_with(dir, Durability::Process)
     }
 
     /// [`Store::open`], with accepts made `durability`-durable before they are answered.
     pub fn open_with(dir: &Path, durability: Durability) -> Result<Store, StoreError> {
+        // The intake holds only the alerts not yet recorded: a small cache does.
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(16 << 20)
+            .flush_every_ms(Some(200))
+            .open()?;
+        let history_dir = dir.join(HISTORY_DIR);
+        let history = sled::Config::new()
+            .path(&history_dir)
             .cache_capacity(64 << 20)
             .flush_every_ms(Some(200))
             .open()?;
+        migrate(&db, &history)?;
         let intake = db.open_tree("intake")?;
-        let runs = db.open_tree("runs")?;
+        let runs = history.open_tree("runs")?;
         let last_intake = intake.last()?.and_then(|(k, _)| {
             k.get(..8)
                 .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
@@ -385,20 +412,26 @@ impl Store {
             .and_then(|(k, _)| RunId::from_key(&k))
             .map(|id| id.seq);
         let next = last_intake.max(last_run).map_or(1, |s| s + 1);
-        let sync_data = match durability {
-            Durability::Process => None,
-            // sled 0.34 keeps its whole log in this one file; its snapshots it syncs itself.
-            Durability::Power => {
-                let path = dir.join("db");
-                let file = std::fs::File::open(&path)
-                    .map_err(|source| StoreError::SyncFile { path, source })?;
-                Some(file)
-            }
-        };
+        let commit = GroupCommit::spawn(
+            "reactor-flush",
+            db.clone(),
+            sync_file(dir, durability)?,
+            std::time::Duration::ZERO,
+        )
+        .map_err(StoreError::Flusher)?;
+        let history_commit = GroupCommit::spawn(
+            "reactor-history",
+            history.clone(),
+            sync_file(&history_dir, durability)?,
+            HISTORY_LINGER,
+        )
+        .map_err(StoreError::Flusher)?;
         Ok(Store {
             inner: Arc::new(Inner {
-                commit: GroupCommit::spawn(db.clone(), sync_data).map_err(StoreError::Flusher)?,
+                commit,
+                history_commit,
                 db,
+                history,
                 intake,
                 runs,
                 next_seq: AtomicU64::new(next),
@@ -453,17 +486,31 @@ impl Store {
         Ok(intakes)
     }
 
-    /// A small write made durable: the watchdog's check that the database still takes writes.
+    /// A small write to each database made durable: the watchdog's check that both still take
+    /// writes.
     pub async fn probe(&self) -> Result<(), StoreError> {
         let now = Timestamp::now().as_millisecond().to_be_bytes();
         self.inner.db.insert("watchdog-probe", &now)?;
+        self.inner.history.insert("watchdog-probe", &now)?;
         self.durable().await
     }
 
-    /// Waits until every earlier write is on disk (group-committed).
+    /// Waits until every earlier write to either database is on disk, and every intake removal
+    /// asked for before is applied and on disk too.
     pub async fn durable(&self) -> Result<(), StoreError> {
+        self.history_durable().await?;
         self.inner
             .commit
+            .durable()
+            .await
+            .map_err(StoreError::Durable)
+    }
+
+    /// Waits until every earlier write to the history (runs, guards, outbox) is on disk: before
+    /// a step that may act, so that a crash finds the run in progress rather than none.
+    pub async fn history_durable(&self) -> Result<(), StoreError> {
+        self.inner
+            .history_commit
             .durable()
             .await
             .map_err(StoreError::Durable)
@@ -481,14 +528,21 @@ impl Store {
             .collect()
     }
 
+    /// Takes the alert accepted as `seq` off the intake once every history write made before
+    /// this call is durable (its runs, written first). Returns without waiting for that.
     pub fn remove_intake(&self, seq: u64) -> Result<(), StoreError> {
-        self.inner.intake.remove(seq.to_be_bytes())?;
-        Ok(())
+        self.inner
+            .history_commit
+            .remove_after_flush(Remove {
+                tree: self.inner.intake.clone(),
+                key: seq.to_be_bytes(),
+            })
+            .map_err(StoreError::Durable)
     }
 
-    /// Another tree of the same database, for the guards and the outbox.
+    /// Another tree of the history database, for the guards and the outbox.
     pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.inner.db.open_tree(name)?)
+        Ok(self.inner.history.open_tree(name)?)
     }
 
     /// Writes an alert's runs, one insert each with run index 0 last: its presence marks the set
@@ -614,10 +668,58 @@ impl Store {
         self.inner.runs.len()
     }
 
-    /// Size of the database on disk, for benchmarks and metrics.
+    /// Size of both databases on disk, for benchmarks and metrics.
     pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        self.inner.db.size_on_disk().unwrap_or(0) + self.inner.history.size_on_disk().unwrap_or(0)
     }
+}
+
+/// The file whose `fdatasync` follows each flush of the database in `dir`, for `power`.
+fn sync_file(dir: &Path, durability: Durability) -> Result<Option<std::fs::File>, StoreError> {
+    match durability {
+        Durability::Process => Ok(None),
+        // sled 0.34 keeps its whole log in this one file; its snapshots it syncs itself.
+        Durability::Power => {
+            let path = dir.join("db");
+            let file = std::fs::File::open(&path)
+                .map_err(|source| StoreError::SyncFile { path, source })?;
+            Ok(Some(file))
+        }
+    }
+}
+
+/// Moves the trees an earlier version kept beside the intake (runs, guards, outbox) into the
+/// history database: copied, the copy flushed, and only then dropped from the first, so a crash
+/// midway leaves both copies and the next start copies again.
+fn migrate(db: &sled::Db, history: &sled::Db) -> Result<(), StoreError> {
+    let names: Vec<sled::IVec> = db
+        .tree_names()
+        .into_iter()
+        .filter(|n| n != &db.name() && &**n != b"intake")
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut entries = 0;
+    for name in &names {
+        let to = history.open_tree(name)?;
+        for kv in db.open_tree(name)?.iter() {
+            let (k, v) = kv?;
+            to.insert(k, v)?;
+            entries += 1;
+        }
+    }
+    history.flush()?;
+    for name in &names {
+        db.drop_tree(name)?;
+    }
+    db.flush()?;
+    tracing::info!(
+        trees = names.len(),
+        entries,
+        "moved the history out of the intake's database into {HISTORY_DIR}/"
+    );
+    Ok(())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
@@ -722,6 +824,87 @@ mod tests {
         assert_eq!(pending[0].seq, 2);
         let next = store.accept(vec![alert()], Timestamp::now()).await.unwrap();
         assert_eq!(next[0].seq, 3, "sequence numbers continue after a restart");
+    }
+
+    /// Opens the store in `dir` once the flusher threads of a dropped one have let go of it.
+    async fn reopen(dir: &Path) -> Store {
+        loop {
+            match Store::open(dir) {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_intake_entry_leaves_only_after_the_history_flush_and_survives_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let seq = store.accept(vec![alert()], Timestamp::now()).await.unwrap()[0].seq;
+        store
+            .put_run(&run(RunId { seq, index: 0 }, "p", Outcome::Succeeded))
+            .unwrap();
+        store.remove_intake(seq).unwrap();
+        store.durable().await.unwrap();
+        assert!(store.pending_intake().unwrap().is_empty());
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert!(store.pending_intake().unwrap().is_empty());
+        assert!(store.get_run(RunId { seq, index: 0 }).unwrap().is_some());
+        assert!(dir.path().join(HISTORY_DIR).join("db").exists());
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_split_moves_its_history_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = RunId { seq: 7, index: 0 };
+        {
+            // What an earlier version left: intake, runs and the outbox in one database.
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let intake = Intake {
+                seq: 8,
+                received_at: Timestamp::now(),
+                alert: alert(),
+                held: false,
+            };
+            db.open_tree("intake")
+                .unwrap()
+                .insert(8u64.to_be_bytes(), serde_json::to_vec(&intake).unwrap())
+                .unwrap();
+            let bytes = serde_json::to_vec(&run(id, "p", Outcome::Running)).unwrap();
+            db.open_tree("runs")
+                .unwrap()
+                .insert(id.key(), bytes)
+                .unwrap();
+            db.open_tree("outbox")
+                .unwrap()
+                .insert("page", "queued")
+                .unwrap();
+            db.flush().unwrap();
+        }
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(
+                store.get_run(id).unwrap().unwrap().outcome,
+                Outcome::Running
+            );
+            assert_eq!(
+                &*store.tree("outbox").unwrap().get("page").unwrap().unwrap(),
+                b"queued"
+            );
+            assert_eq!(store.pending_intake().unwrap()[0].seq, 8);
+            let next = store.accept(vec![alert()], Timestamp::now()).await.unwrap();
+            assert_eq!(next[0].seq, 9);
+        }
+        // The first database keeps only the intake; opening again moves nothing twice.
+        let store = reopen(dir.path()).await;
+        assert_eq!(store.run_count(), 1);
+        assert_eq!(store.pending_intake().unwrap().len(), 2);
+        let names = store.inner.db.tree_names();
+        assert!(
+            names.iter().all(|n| &**n != b"runs" && &**n != b"outbox"),
+            "{names:?}"
+        );
     }
 
     #[tokio::test]
