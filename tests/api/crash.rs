@@ -192,6 +192,56 @@ fn next(seed: &mut u64) -> u64 {
     *seed >> 33
 }
 
+/// Posts one unique alert at a time to reactor on `port` until `stop`, pausing `pause_ms` between
+/// them: alert `i` is named `name(i)` with fingerprint `{prefix}{i:05}`, and pushed onto `accepted`
+/// when answered with 202.
+fn stream_alerts(
+    port: u16,
+    prefix: &'static str,
+    name: fn(u32) -> &'static str,
+    pause_ms: u64,
+    accepted: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = crate::helpers::client();
+        let url = format!("http://127.0.0.1:{port}/webhook/alertmanager");
+        let mut i = 0u32;
+        while !stop.is_cancelled() {
+            let fp = format!("{prefix}{i:05}");
+            let sent = client.post(&url).json(&payload(&[(name(i), &fp)])).send();
+            if let Ok(r) = sent.await {
+                if r.status() == 202 {
+                    accepted.lock().unwrap().push(fp);
+                }
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        }
+    })
+}
+
+/// Kills `reactor` `kills` times, each after a random pause within `ms` milliseconds, and starts
+/// it again each time; returns the last one started.
+async fn sigkill_at_random(
+    served: &Served,
+    mut reactor: crate::helpers::Proc,
+    kills: usize,
+    ms: std::ops::Range<u64>,
+) -> crate::helpers::Proc {
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    for _ in 0..kills {
+        let pause = ms.start + next(&mut seed) % (ms.end - ms.start);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        reactor.kill();
+        reactor = served.start().await;
+    }
+    reactor
+}
+
 #[tokio::test]
 async fn random_sigkills_under_a_stream_lose_nothing_and_page_once() {
     use crate::helpers::{alertmanager_config, Alertmanager, Capture};
@@ -212,45 +262,14 @@ async fn random_sigkills_under_a_stream_lose_nothing_and_page_once() {
     let dir = PlaybookDir::new(&[("playbooks/mixed.yaml", MIXED), ("reactor.yaml", &config)]);
     let root = dir.root.path();
     let served = Served::new(port, root);
-    let mut reactor = served.start().await;
+    let reactor = served.start().await;
 
     // The stream: unique alerts, half of them failing, each remembered when answered with a 2xx.
     let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
-    let sender = {
-        let accepted = accepted.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let client = crate::helpers::client();
-            let url = format!("http://127.0.0.1:{port}/webhook/alertmanager");
-            let mut i = 0u32;
-            while !stop.is_cancelled() {
-                let fp = format!("s{i:05}");
-                let name = if i.is_multiple_of(2) { "Good" } else { "Bad" };
-                if let Ok(r) = client
-                    .post(&url)
-                    .json(&payload(&[(name, &fp)]))
-                    .send()
-                    .await
-                {
-                    if r.status() == 202 {
-                        accepted.lock().unwrap().push(fp);
-                    }
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(200 + next(&mut seed) % 800)).await;
-        reactor.kill();
-        reactor = served.start().await;
-    }
+    let name = |i: u32| if i.is_multiple_of(2) { "Good" } else { "Bad" };
+    let sender = stream_alerts(port, "s", name, 5, accepted.clone(), stop.clone());
+    let _reactor = sigkill_at_random(&served, reactor, 4, 200..1000).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     sender.await.unwrap();
@@ -359,40 +378,15 @@ async fn sigkills_under_a_stream_of_quiet_successes_lose_no_run() {
     let root = dir.root.path();
     let port = free_port();
     let served = Served::new(port, root);
-    let mut reactor = served.start().await;
+    let reactor = served.start().await;
 
     let accepted: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
     let stop = tokio_util::sync::CancellationToken::new();
-    let senders: Vec<_> = (0..4)
-        .map(|s| {
-            let (accepted, stop) = (accepted.clone(), stop.clone());
-            tokio::spawn(async move {
-                let client = crate::helpers::client();
-                let url = format!("http://127.0.0.1:{port}/webhook/alertmanager");
-                let mut i = 0u32;
-                while !stop.is_cancelled() {
-                    let fp = format!("q{s}{i:05}");
-                    let sent = client.post(&url).json(&payload(&[("Good", &fp)])).send();
-                    if let Ok(r) = sent.await {
-                        if r.status() == 202 {
-                            accepted.lock().unwrap().push(fp);
-                        }
-                    }
-                    i += 1;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-        })
+    let senders: Vec<_> = ["q0", "q1", "q2", "q3"]
+        .into_iter()
+        .map(|prefix| stream_alerts(port, prefix, |_| "Good", 2, accepted.clone(), stop.clone()))
         .collect();
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(300 + next(&mut seed) % 500)).await;
-        reactor.kill();
-        reactor = served.start().await;
-    }
+    let _reactor = sigkill_at_random(&served, reactor, 3, 300..800).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     for s in senders {
