@@ -126,7 +126,7 @@ impl Outbox {
             if let Some(fp) = &entry.fingerprint {
                 self.by_alert.insert(index_key(fp, run), &[])?;
             }
-            self.store.durable().await?;
+            self.store.history_durable().await?;
             self.wake.notify_one();
         }
         Ok(added)
@@ -226,7 +226,7 @@ impl Outbox {
             resolved.push(e.run);
         }
         if !resolved.is_empty() {
-            self.store.durable().await?;
+            self.store.history_durable().await?;
             self.wake.notify_one();
         }
         Ok(resolved)
@@ -328,14 +328,14 @@ async fn deliver_due(
                 e.state = EntryState::Resolved;
                 e.resolved_at = Some(clock.now());
                 outbox.put(&e)?;
-                outbox.store.durable().await?;
+                outbox.store.history_durable().await?;
                 outbox.record_on_run(&e, DeliveryStatus::Delivered, clock.now())?;
                 tracing::info!(run_id = %e.run, %alertname, "page resolved in Alertmanager");
             }
             Ok(()) => {
                 e.state = EntryState::Delivered;
                 outbox.put(&e)?;
-                outbox.store.durable().await?;
+                outbox.store.history_durable().await?;
                 outbox.record_on_run(&e, DeliveryStatus::Delivered, clock.now())?;
                 metrics.escalation_result("delivered");
                 tracing::info!(run_id = %e.run, %alertname, attempts = e.attempts, "escalation delivered to Alertmanager");

@@ -506,8 +506,9 @@ impl Store {
             .map_err(StoreError::Durable)
     }
 
-    /// Waits until every earlier write to the history (runs, guards, outbox) is on disk: before
-    /// a step that may act, so that a crash finds the run in progress rather than none.
+    /// Waits until every earlier write to the history (runs, guards, outbox) is on disk: the
+    /// outbox's writes, and a run before a step that may act, so that a crash finds the run in
+    /// progress rather than none.
     pub async fn history_durable(&self) -> Result<(), StoreError> {
         self.inner
             .history_commit
@@ -812,13 +813,7 @@ mod tests {
                 .unwrap();
             store.durable().await.unwrap();
         }
-        // The flusher task lets go of the database a moment after the last handle is dropped.
-        let store = loop {
-            match Store::open(dir.path()) {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-            }
-        };
+        let store = reopen(dir.path()).await;
         let pending = store.pending_intake().unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].seq, 2);
