@@ -28,6 +28,8 @@ use crate::{poller, watchdog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    #[error("invalid setting, refusing to start: {0}")]
+    Config(#[from] crate::config::InvalidSetting),
     #[error("invalid playbooks, refusing to start:\n{0}")]
     Playbooks(#[from] LoadErrors),
     #[error("cannot open the database in {dir}: {source}")]
@@ -92,6 +94,7 @@ impl Application {
         http: reqwest::Client,
         clock: Arc<dyn Clock>,
     ) -> Result<Application, StartupError> {
+        settings.validate()?;
         if !settings.listen.ip().is_loopback() && !settings.auth.enabled() && !settings.insecure {
             return Err(StartupError::Insecure(settings.listen));
         }
@@ -129,7 +132,8 @@ impl Application {
         let engine = Engine::new(
             store.clone(),
             Arc::new(playbooks),
-            Executor::new(Arc::new(rhai), settings.dry_run, kube),
+            Executor::new(Arc::new(rhai), settings.dry_run, kube)
+                .with_max_memory(settings.sandbox.max_memory_bytes),
             Escalator::new(http, settings.alertmanager.clone()),
             clock,
             settings.external_url(bound),
@@ -193,7 +197,7 @@ impl Application {
         let addr = listener.local_addr().map_err(StartupError::Serve)?;
         // Every run, resumed or dispatched, on the runs' own worker thread. It drives its own I/O
         // and timers, so a script on a blocking thread can still wait on them.
-        let runs_runtime = RunsRuntime::build()?;
+        let runs_runtime = RunsRuntime::build(sandbox::thread_stack_size(&settings.sandbox))?;
         for (run, playbook) in rerun {
             let engine = Arc::clone(&engine);
             runs_runtime
@@ -297,9 +301,12 @@ impl Application {
 struct RunsRuntime(Option<tokio::runtime::Runtime>);
 
 impl RunsRuntime {
-    fn build() -> Result<RunsRuntime, StartupError> {
+    /// `stack`: each thread's stack, sized for the deepest script the sandbox allows (scripts
+    /// run on these threads, inline or on the blocking ones).
+    fn build(stack: usize) -> Result<RunsRuntime, StartupError> {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
+            .thread_stack_size(stack)
             .thread_name("reactor-runs")
             .enable_all()
             .build()

@@ -215,6 +215,9 @@ pub struct SandboxLimits {
     pub max_string_size: usize,
     pub max_array_size: usize,
     pub max_map_size: usize,
+    /// Bytes one evaluation may hold at once (strings, arrays, maps, the engine's own), checked
+    /// as it grows: Rhai's size limits apply to each value, not to their sum.
+    pub max_memory_bytes: usize,
 }
 
 impl Default for SandboxLimits {
@@ -226,6 +229,7 @@ impl Default for SandboxLimits {
             max_string_size: 1 << 20,
             max_array_size: 100_000,
             max_map_size: 10_000,
+            max_memory_bytes: 32 << 20,
         }
     }
 }
@@ -333,6 +337,45 @@ pub struct Overrides {
     pub insecure: bool,
 }
 
+/// A setting outside its range: its dotted path and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidSetting {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// The line of the YAML key at dotted `path` (`sandbox.max_call_levels`), found by indentation:
+/// each part of the path must be a key nested under the previous one.
+fn line_of(text: &str, path: &str) -> Option<u64> {
+    let mut parts = path.split('.').peekable();
+    let mut want = parts.next()?;
+    let mut parent_indent: Option<usize> = None;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if parent_indent.is_some_and(|p| indent <= p) {
+            return None; // left the parent's block without finding the key
+        }
+        let is_key = trimmed
+            .strip_prefix(want)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'));
+        if is_key {
+            match parts.next() {
+                None => return Some(i as u64 + 1),
+                Some(next) => {
+                    want = next;
+                    parent_indent = Some(indent);
+                }
+            }
+        }
+    }
+    None
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
@@ -373,7 +416,82 @@ impl Settings {
         };
         s.apply_env(|k| std::env::var(k).ok())?;
         s.apply(overrides);
+        if let Err(e) = s.validate() {
+            let path = file.map_or_else(|| PathBuf::from("settings"), Path::to_owned);
+            let line = file
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .and_then(|text| line_of(&text, e.field));
+            return Err(ConfigError::Parse {
+                path,
+                line,
+                message: e.message,
+            });
+        }
         Ok(s)
+    }
+
+    /// Checks every number against its range in [`crate::bounds`], and the settings that only
+    /// make sense together. `load` calls it; so does `Application::build` for settings made in
+    /// code.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        use crate::bounds::*;
+        let c = |field: &'static str, v: usize, r: Count| {
+            r.check(field, v as u64)
+                .map(drop)
+                .map_err(|message| InvalidSetting { field, message })
+        };
+        let d = |field: &'static str, v: Duration, r: Span| {
+            r.check(field, v)
+                .map(drop)
+                .map_err(|message| InvalidSetting { field, message })
+        };
+        let sb = &self.sandbox;
+        c("sandbox.max_operations", sb.max_operations as usize, SANDBOX_OPERATIONS)?;
+        c("sandbox.max_call_levels", sb.max_call_levels, SANDBOX_CALL_LEVELS)?;
+        c("sandbox.max_expr_depth", sb.max_expr_depth, SANDBOX_EXPR_DEPTH)?;
+        c("sandbox.max_string_size", sb.max_string_size, SANDBOX_STRING_SIZE)?;
+        c("sandbox.max_array_size", sb.max_array_size, SANDBOX_ARRAY_SIZE)?;
+        c("sandbox.max_map_size", sb.max_map_size, SANDBOX_MAP_SIZE)?;
+        c("sandbox.max_memory_bytes", sb.max_memory_bytes, SANDBOX_MEMORY)?;
+        let l = &self.limits;
+        c("limits.max_body_bytes", l.max_body_bytes, MAX_BODY_BYTES)?;
+        c("limits.max_alerts_per_payload", l.max_alerts_per_payload, MAX_ALERTS_PER_PAYLOAD)?;
+        c("limits.max_labels_per_alert", l.max_labels_per_alert, MAX_LABELS_PER_ALERT)?;
+        c("limits.max_label_bytes", l.max_label_bytes, MAX_LABEL_BYTES)?;
+        c("limits.queue_capacity", l.queue_capacity, QUEUE_CAPACITY)?;
+        c("limits.max_concurrent_runs", l.max_concurrent_runs, MAX_CONCURRENT_RUNS)?;
+        d("limits.shutdown_grace", l.shutdown_grace, SHUTDOWN_GRACE)?;
+        if l.max_alerts_per_payload > l.queue_capacity {
+            // A payload that can never fit the queue would be answered 503 forever.
+            return Err(InvalidSetting {
+                field: "limits.max_alerts_per_payload",
+                message: format!(
+                    "limits.max_alerts_per_payload ({}) must not exceed limits.queue_capacity ({})",
+                    l.max_alerts_per_payload, l.queue_capacity
+                ),
+            });
+        }
+        let am = &self.alertmanager;
+        d("alertmanager.timeout", am.timeout, PEER_TIMEOUT)?;
+        d("alertmanager.retry_backoff", am.retry_backoff, RETRY_BACKOFF)?;
+        d("alertmanager.page_ttl", am.page_ttl, PAGE_TTL)?;
+        d("alertmanager.poll_interval", am.poll_interval, POLL_INTERVAL)?;
+        let w = &self.watchdog;
+        d("watchdog.heartbeat_interval", w.heartbeat_interval, WATCHDOG_INTERVAL)?;
+        d("watchdog.stall_after", w.stall_after, WATCHDOG_INTERVAL)?;
+        d("watchdog.stuck_grace", w.stuck_grace, WATCHDOG_INTERVAL)?;
+        d("watchdog.backlog_after", w.backlog_after, WATCHDOG_INTERVAL)?;
+        let h = &self.history;
+        d("history.max_age", h.max_age, HISTORY_MAX_AGE)?;
+        c("history.max_runs", h.max_runs, HISTORY_MAX_RUNS)?;
+        d("history.prune_interval", h.prune_interval, PRUNE_INTERVAL)?;
+        let k = &self.kubernetes;
+        d("kubernetes.request_timeout", k.request_timeout, PEER_TIMEOUT)?;
+        let j = &k.disk_cleanup;
+        d("kubernetes.disk_cleanup.job_deadline", j.job_deadline, JOB_DEADLINE)?;
+        d("kubernetes.disk_cleanup.poll_interval", j.poll_interval, JOB_POLL_INTERVAL)?;
+        d("kubernetes.disk_cleanup.ttl_after_finished", j.ttl_after_finished, JOB_TTL)?;
+        Ok(())
     }
 
     /// `REACTOR_*` variables; `get` is injected so tests need not touch the process environment.

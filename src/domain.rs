@@ -34,9 +34,9 @@ pub struct WirePayload {
 #[serde(rename_all = "camelCase")]
 pub struct WireAlert {
     pub status: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_names")]
     pub labels: Labels,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_names")]
     pub annotations: Labels,
     pub starts_at: String,
     #[serde(default)]
@@ -44,6 +44,32 @@ pub struct WireAlert {
     #[serde(default, rename = "generatorURL")]
     pub generator_url: Option<String>,
     pub fingerprint: String,
+}
+
+/// A label or annotation set in which each name appears once: JSON allows a repeated key, and a
+/// map would keep the last silently, so `{"team":"a","team":"b"}` is refused instead.
+fn unique_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Labels;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object of string names and string values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Labels, A::Error> {
+            let mut out = Labels::new();
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                if out.contains_key(&k) {
+                    let shown: String = k.chars().take(40).collect();
+                    return Err(serde::de::Error::custom(format!(
+                        "the name {shown:?} appears twice in one alert's labels or annotations"
+                    )));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Visitor)
 }
 
 /// Why a payload was refused; every variant becomes a 4xx with this text as the reason.
@@ -192,7 +218,8 @@ pub struct Notification {
 }
 
 impl Notification {
-    /// Refuses alerts with more labels, or longer labels and annotations, than the limits allow.
+    /// Refuses alerts with more labels, or longer labels, annotations (names and values) or
+    /// generator URLs, than the limits allow.
     pub fn check_sizes(&self, max_labels: usize, max_bytes: usize) -> Result<(), PayloadError> {
         for (index, a) in self.alerts.iter().enumerate() {
             let err = |reason: String| Err(PayloadError::Alert { index, reason });
@@ -202,16 +229,23 @@ impl Notification {
                     a.labels.len()
                 ));
             }
+            if a.annotations.len() > max_labels {
+                return err(format!(
+                    "{} annotations; the limit is {max_labels}",
+                    a.annotations.len()
+                ));
+            }
             let long = a
                 .labels
                 .iter()
+                .chain(a.annotations.iter())
                 .flat_map(|(k, v)| [k, v])
-                .chain(a.annotations.values())
+                .chain(a.generator_url.as_ref())
                 .find(|s| s.len() > max_bytes);
             if let Some(s) = long {
                 let start: String = s.chars().take(40).collect();
                 return err(format!(
-                    "a label or annotation of {} bytes ({start:?}…); the limit is {max_bytes}",
+                    "a label, annotation or generatorURL of {} bytes ({start:?}…); the limit is {max_bytes}",
                     s.len()
                 ));
             }
@@ -249,6 +283,36 @@ mod tests {
 
     const FIRING: &str = include_str!("../tests/fixtures/alertmanager-0.25-firing.json");
     const RESOLVED: &str = include_str!("../tests/fixtures/alertmanager-0.25-resolved.json");
+
+    fn one_alert(alert: &str) -> String {
+        format!(r#"{{"version":"4","alerts":[{alert}]}}"#)
+    }
+
+    #[test]
+    fn a_repeated_label_name_is_refused_naming_it() {
+        let body = one_alert(
+            r#"{"status":"firing","labels":{"alertname":"A","tier":"web","tier":"db"},"startsAt":"2026-01-01T00:00:00Z","fingerprint":"f1"}"#,
+        );
+        let e = decode_webhook(body.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("\"tier\" appears twice"), "{e}");
+        let body = one_alert(
+            r#"{"status":"firing","labels":{"alertname":"A"},"annotations":{"x":"1","x":"2"},"startsAt":"2026-01-01T00:00:00Z","fingerprint":"f1"}"#,
+        );
+        assert!(decode_webhook(body.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn annotation_names_and_generator_urls_count_toward_the_size_limit() {
+        let long = "k".repeat(300);
+        for alert in [
+            format!(r#"{{"status":"firing","labels":{{"alertname":"A"}},"annotations":{{"{long}":"v"}},"startsAt":"2026-01-01T00:00:00Z","fingerprint":"f1"}}"#),
+            format!(r#"{{"status":"firing","labels":{{"alertname":"A"}},"generatorURL":"http://x/{long}","startsAt":"2026-01-01T00:00:00Z","fingerprint":"f1"}}"#),
+        ] {
+            let n = decode_webhook(one_alert(&alert).as_bytes()).unwrap();
+            let e = n.check_sizes(10, 256).unwrap_err().to_string();
+            assert!(e.contains("the limit is 256"), "{e}");
+        }
+    }
 
     #[test]
     fn decodes_alertmanager_0_25_firing_payload() {

@@ -6,12 +6,16 @@
 //! Crash semantics (SIGKILL): an accepted alert is in the intake until its decisions are recorded,
 //! so after a restart it is processed normally. A run caught in progress is re-run when its
 //! playbook declares `idempotent: true`; otherwise it is recorded as `interrupted` and escalated
-//! once, so a human looks at it.
+//! once, so a human looks at it. A run admitted beside another run of the same alert that had not
+//! started yet never acted, so it simply runs. A panic while processing an alert fails its runs
+//! and pages, instead of leaving the alert to panic again at every start.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use jiff::Timestamp;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -111,12 +115,74 @@ impl Engine {
         format!("{}/api/v1/runs/{id}", self.external_url)
     }
 
-    /// Handles one accepted alert from intake to recorded outcome.
+    /// Handles one accepted alert from intake to recorded outcome. A panic while doing so fails
+    /// the alert's runs (and pages), instead of leaving the alert in the intake to panic again at
+    /// every start.
     pub async fn process(self: &Arc<Self>, intake: Intake) {
         let seq = intake.seq;
-        if let Err(e) = self.process_inner(intake).await {
+        let processed = AssertUnwindSafe(self.process_inner(intake))
+            .catch_unwind()
+            .await;
+        match processed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.metrics.store_errors.inc();
+                tracing::error!(seq, error = %e, "could not record a run; the alert stays in the intake for the next start");
+            }
+            Err(panic) => self.fail_after_panic(seq, &panic_message(&*panic)).await,
+        }
+    }
+
+    /// Records the runs of the alert accepted as `seq` as failed after processing it panicked,
+    /// and pages: written as they are found, whether the panic came before or after they were
+    /// first recorded.
+    async fn fail_after_panic(&self, seq: u64, panic: &str) {
+        tracing::error!(seq, %panic, "processing an alert panicked; failing its runs");
+        let reason = format!("reactor failed while processing this alert (a bug: {panic})");
+        let stopped = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let before = in_flight.len();
+            in_flight.retain(|id, _| id.seq != seq);
+            before - in_flight.len()
+        };
+        for _ in 0..stopped {
+            self.metrics.in_flight.dec();
+        }
+        let result = async {
+            let now = self.clock.now();
+            let mut failed = Vec::new();
+            if let Some(intake) = self.store.get_intake(seq)? {
+                if !self.store.intake_recorded(seq)? {
+                    let mut run = new_run(seq, 0, intake.received_at, intake.held, intake.alert, None);
+                    settle(&mut run, Outcome::Failed, &reason, now);
+                    failed.push(run);
+                }
+            }
+            for run in self.store.runs_of(seq)? {
+                if matches!(run.outcome, Outcome::Running) {
+                    let mut run = run;
+                    settle(&mut run, Outcome::Failed, &reason, now);
+                    failed.push(run);
+                }
+            }
+            self.store.put_runs(&failed)?;
+            self.store.remove_intake(seq)?;
+            for run in failed {
+                self.metrics
+                    .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
+                let playbook = run
+                    .playbook
+                    .as_deref()
+                    .and_then(|n| self.playbooks.get(n))
+                    .cloned();
+                self.escalate(REMEDIATION_FAILED, run, playbook.as_deref())
+                    .await?;
+            }
+            Ok::<_, StoreError>(())
+        };
+        if let Err(e) = result.await {
             self.metrics.store_errors.inc();
-            tracing::error!(seq, error = %e, "could not record a run; the alert stays in the intake for the next start");
+            tracing::error!(seq, error = %e, "could not record the runs of an alert whose processing panicked");
         }
     }
 
@@ -166,7 +232,8 @@ impl Engine {
                     records.push(run);
                     continue;
                 }
-                run.started_at = Some(now);
+                // `started_at` stays unset until `execute` takes the run up: a run recorded
+                // without it never started, and recovery simply runs it.
                 runnable.push((run, Arc::clone(playbook)));
             }
         }
@@ -297,7 +364,7 @@ impl Engine {
         in_flight
             .iter()
             .filter_map(|(id, f)| {
-                let over = f.started.elapsed().checked_sub(f.budget + grace)?;
+                let over = f.started.elapsed().checked_sub(f.budget.saturating_add(grace))?;
                 Some((*id, over))
             })
             .collect()
@@ -343,6 +410,9 @@ impl Engine {
             );
             self.metrics.in_flight.inc();
             let mut run = run;
+            if run.started_at.is_none() {
+                run.started_at = Some(self.clock.now());
+            }
             if playbook.silence {
                 self.create_silence(&mut run, &playbook).await?;
             }
@@ -396,11 +466,11 @@ impl Engine {
             return Ok(());
         }
         let now = self.clock.now();
-        let span =
-            playbook.time_budget() + playbook.verify.unwrap_or_default() + Duration::from_secs(60);
-        let ends = now
-            .checked_add(jiff::SignedDuration::try_from(span).unwrap_or_default())
-            .unwrap_or(Timestamp::MAX);
+        let span = playbook
+            .time_budget()
+            .saturating_add(playbook.verify.unwrap_or_default())
+            .saturating_add(Duration::from_secs(60));
+        let ends = crate::clock::later(now, span);
         let comment = format!(
             "reactor run {} ({}) is remediating this alert: {}",
             run.id,
@@ -676,9 +746,7 @@ impl Engine {
         } else if let Some(reason) = failure {
             settle(&mut run, Outcome::Failed, &reason, now);
         } else if let Some(within) = playbook.verify {
-            let deadline = now
-                .checked_add(jiff::SignedDuration::try_from(within).unwrap_or_default())
-                .unwrap_or(Timestamp::MAX);
+            let deadline = crate::clock::later(now, within);
             run.outcome = Outcome::Verifying;
             run.verify_deadline = Some(deadline);
             run.note(
@@ -757,9 +825,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Start-up recovery. Runs caught in progress are re-run (idempotent playbooks, returned as
-    /// the second list) or recorded `interrupted` and escalated; accepted alerts without runs are
-    /// returned for processing.
+    /// Start-up recovery. Runs caught in progress are re-run (idempotent playbooks, and runs that
+    /// never started, returned as the second list) or recorded `interrupted` and escalated;
+    /// accepted alerts without runs are returned for processing.
     pub async fn recover(
         self: &Arc<Self>,
     ) -> Result<(Vec<Intake>, Vec<(Run, Arc<Playbook>)>), StoreError> {
@@ -819,6 +887,12 @@ impl Engine {
                 continue;
             }
             match playbook {
+                Some(p) if run.started_at.is_none() => {
+                    // Admitted beside another run of the same alert, and a crash came before its
+                    // turn: it never acted, so it simply runs now.
+                    tracing::info!(run_id = %run.id, "running a run that a restart kept from starting");
+                    rerun.push((run, p));
+                }
                 Some(p) if p.idempotent => {
                     tracing::info!(run_id = %run.id, "re-running a run interrupted by a restart (playbook is idempotent)");
                     run.reason = Some(
@@ -853,11 +927,19 @@ impl Engine {
         Ok((pending, rerun))
     }
 
-    /// Re-runs a recovered run of an idempotent playbook.
+    /// Runs a recovered run: one of an idempotent playbook caught in progress, or one admitted
+    /// that never started.
     pub async fn resume(self: &Arc<Self>, run: Run, playbook: Arc<Playbook>) {
         let id = run.id;
-        if let Err(e) = self.execute(run, playbook, None).await {
-            tracing::error!(run_id = %id, error = %e, "could not record a resumed run");
+        match AssertUnwindSafe(self.execute(run, playbook, None))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(run_id = %id, error = %e, "could not record a resumed run")
+            }
+            Err(panic) => self.fail_after_panic(id.seq, &panic_message(&*panic)).await,
         }
     }
 
@@ -935,6 +1017,15 @@ fn new_run(
         run.note(Timestamp::now(), format!("matched playbook {}", p.name));
     }
     run
+}
+
+/// A panic's message, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 fn settle(run: &mut Run, outcome: Outcome, reason: &str, now: Timestamp) {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -64,12 +64,7 @@ impl Default for BreakerPolicy {
     }
 }
 
-fn plus(t: Timestamp, d: Duration) -> Timestamp {
-    SignedDuration::try_from(d)
-        .ok()
-        .and_then(|d| t.checked_add(d).ok())
-        .unwrap_or(Timestamp::MAX)
-}
+use crate::clock::later as plus;
 
 /// What the guards remember about one target.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -433,10 +428,7 @@ impl Guards {
             let (k, v) = kv?;
             let playbook = k.split(|b| *b == 0).next().unwrap_or(&k);
             let stale_before = match horizon(&String::from_utf8_lossy(playbook)) {
-                Some(h) => {
-                    let h = SignedDuration::try_from(h).unwrap_or(SignedDuration::MAX);
-                    now.checked_sub(h).unwrap_or(Timestamp::MIN)
-                }
+                Some(h) => crate::clock::earlier(now, h),
                 None => claim_cutoff,
             };
             let state: TargetState = serde_json::from_slice(&v).unwrap_or_default();
@@ -498,6 +490,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jiff::SignedDuration;
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + secs).unwrap()

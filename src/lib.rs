@@ -8,9 +8,9 @@
 //! `cli` is the command line; `allocator` is the binary's memory allocator.
 
 pub mod alertmanager;
-#[cfg(feature = "mimalloc")]
 pub mod allocator;
 pub mod app;
+pub mod bounds;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -26,3 +26,8 @@ pub mod poller;
 pub mod routes;
 pub mod telemetry;
 pub mod watchdog;
+
+/// The unit tests count memory per thread as the binary does (the sandbox's memory bound).
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: allocator::Allocator = allocator::Allocator;

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
+
+use crate::clock::later;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -331,10 +333,6 @@ pub fn unhealthy(
     }
 }
 
-fn later(now: Timestamp, d: Duration) -> Timestamp {
-    now.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO))
-        .unwrap_or(Timestamp::MAX)
-}
 
 /// Checks, heartbeats and `ReactorUnhealthy` pages every interval until `shutdown`.
 pub async fn watch(

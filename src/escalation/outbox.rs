@@ -98,7 +98,9 @@ impl Outbox {
     }
 
     /// Stores a page for `run` unless that run already has one; returns whether it was added.
-    /// The page is durable when this returns.
+    /// An entry left under the same run id by a different alert (run ids are never reused, but
+    /// an entry from a data directory that predates that must not swallow a new page) is
+    /// replaced, not taken for this page. The page is durable when this returns.
     pub async fn enqueue(
         &self,
         run: RunId,
@@ -118,10 +120,28 @@ impl Outbox {
             resolved_at: None,
         };
         let bytes = serde_json::to_vec(&entry).expect("outbox entry serializes");
-        let added = self
+        let added = match self
             .tree
-            .compare_and_swap(key(run), None as Option<&[u8]>, Some(bytes))?
-            .is_ok();
+            .compare_and_swap(key(run), None as Option<&[u8]>, Some(bytes.clone()))?
+        {
+            Ok(()) => true,
+            Err(existing) => {
+                let old = existing
+                    .current
+                    .and_then(|v| serde_json::from_slice::<Entry>(&v).ok());
+                let same_alert = old
+                    .as_ref()
+                    .is_some_and(|o| o.fingerprint == entry.fingerprint);
+                if !same_alert {
+                    tracing::warn!(run_id = %run, "an outbox entry of another alert held this run id; replacing it");
+                    if let Some(fp) = old.and_then(|o| o.fingerprint) {
+                        self.by_alert.remove(index_key(&fp, run))?;
+                    }
+                    self.tree.insert(key(run), bytes)?;
+                }
+                !same_alert
+            }
+        };
         if added {
             if let Some(fp) = &entry.fingerprint {
                 self.by_alert.insert(index_key(fp, run), &[])?;
@@ -153,7 +173,7 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Removes settled entries of runs older than `seq` (retention).
+    /// Removes settled entries of runs below `seq` that retention removed (retention).
     pub fn prune_before(&self, seq: u64) -> Result<usize, StoreError> {
         let mut n = 0;
         for kv in self.tree.range(..RunId { seq, index: 0 }.key().to_vec()) {
@@ -161,6 +181,10 @@ impl Outbox {
             let settled = serde_json::from_slice::<Entry>(&v)
                 .ok()
                 .filter(|e| e.state != EntryState::Pending);
+            let settled = match settled {
+                Some(e) if self.store.get_run(e.run)?.is_none() => Some(e),
+                _ => None,
+            };
             if let Some(e) = settled {
                 self.tree.remove(k)?;
                 if let Some(fp) = &e.fingerprint {
@@ -344,10 +368,7 @@ async fn deliver_due(
                 e.last_error = Some(error.clone());
                 if retryable {
                     let delay = backoff(base, e.attempts, MAX_BACKOFF);
-                    e.next_attempt = clock
-                        .now()
-                        .checked_add(jiff::SignedDuration::try_from(delay).unwrap_or_default())
-                        .unwrap_or(Timestamp::MAX);
+                    e.next_attempt = crate::clock::later(clock.now(), delay);
                     next = Some(next.map_or(e.next_attempt, |n| n.min(e.next_attempt)));
                     outbox.put(&e)?;
                     outbox.record_on_run(&e, DeliveryStatus::Pending, clock.now())?;

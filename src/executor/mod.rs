@@ -10,7 +10,7 @@ pub mod sandbox;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rhai::{Dynamic, Scope};
 use serde_json::{Map, Value};
@@ -27,6 +27,8 @@ pub struct Executor {
     engine: Arc<rhai::Engine>,
     global_dry_run: bool,
     kube: Option<kubernetes::Kubernetes>,
+    /// Bytes one evaluation may hold (`sandbox.max_memory_bytes`).
+    max_memory: usize,
 }
 
 /// What one attempt produced.
@@ -67,7 +69,14 @@ impl Executor {
             engine,
             global_dry_run,
             kube,
+            max_memory: sandbox::DEFAULT_MEMORY,
         }
+    }
+
+    /// Bounds the bytes one script evaluation may hold.
+    pub fn with_max_memory(mut self, bytes: usize) -> Self {
+        self.max_memory = bytes;
+        self
     }
 
     pub fn engine(&self) -> &rhai::Engine {
@@ -100,7 +109,7 @@ impl Executor {
             Err(e) => return failed(format!("kubernetes {action}: {e}")),
         };
         let dry_run = a.dry_run.unwrap_or(self.global_dry_run);
-        let deadline = Instant::now() + a.timeout;
+        let deadline = crate::clock::deadline(a.timeout);
         let cancel = a.cancel.unwrap_or_default();
         let mut changes = Vec::new();
         let run = kubernetes::run(
@@ -113,7 +122,7 @@ impl Executor {
         // Each call stops at the deadline itself, so the mutation it was making is recorded;
         // the outer timeout is only a backstop.
         let result = tokio::select! {
-            r = tokio::time::timeout(a.timeout + BACKSTOP_GRACE, run) => match r {
+            r = tokio::time::timeout(a.timeout.saturating_add(BACKSTOP_GRACE), run) => match r {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(format!("kubernetes {action}: {e}")),
                 Err(_) => Err(format!("timed out after {}", humantime::format_duration(a.timeout))),
@@ -139,13 +148,15 @@ impl Executor {
         let timeout = a.timeout;
         let dry_run = a.dry_run.unwrap_or(self.global_dry_run);
         let cancel = a.cancel;
+        let max_memory = self.max_memory;
         let state = move |inline| sandbox::EvalState {
-            deadline: Instant::now() + timeout,
+            deadline: crate::clock::deadline(timeout),
             logs: Vec::new(),
             dry_run,
             cancel: cancel.clone(),
             changes: Vec::new(),
             inline,
+            max_memory,
         };
         let mut scope = Scope::new();
         scope.push_constant("alert", alert);
@@ -172,7 +183,7 @@ impl Executor {
                 });
                 finish(res, st, timeout)
             });
-            match tokio::time::timeout(timeout + BACKSTOP_GRACE, task).await {
+            match tokio::time::timeout(timeout.saturating_add(BACKSTOP_GRACE), task).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(join)) => failed(format!("script evaluation failed: {join}")),
                 Err(_) => failed(format!(
@@ -194,8 +205,9 @@ fn finish(
         Ok(res) => res,
         Err(panic) => return failed(format!("script evaluation panicked: {panic}")),
     };
+    let max_memory = state.max_memory;
     let result = res
-        .map_err(|e| sandbox::describe_error(&e, timeout))
+        .map_err(|e| sandbox::describe_error(&e, timeout, max_memory))
         .and_then(|d| {
             rhai::serde::from_dynamic::<Value>(&d)
                 .map_err(|e| format!("script returned a value that is not data: {e}"))
@@ -340,6 +352,39 @@ mod tests {
             err.contains("operation limit exceeded") || err.contains("timed out"),
             "{err}"
         );
+    }
+
+    /// A script that keeps `n` strings of 256 KiB in as many variables: each is within Rhai's own
+    /// limits (1 MiB a string, 1,000 variables), their sum is not bounded by them.
+    fn hoarder(n: usize) -> String {
+        let mut src = String::from("let s = \"\"; s.pad(262144, 'y');\n");
+        for i in 0..n {
+            src.push_str(&format!("let v{i} = s + {i};\n"));
+        }
+        src.push_str(&format!("{n}"));
+        src
+    }
+
+    #[tokio::test]
+    async fn a_script_that_hoards_memory_is_stopped_with_a_clear_error() {
+        let r = run(
+            &executor(vec![]).with_max_memory(8 << 20),
+            &hoarder(200),
+            serde_json::json!({}),
+            Duration::from_secs(20),
+        )
+        .await;
+        let e = r.result.unwrap_err();
+        assert!(e.contains("sandbox.max_memory_bytes"), "{e}");
+        // Within the limit, the same kind of script runs.
+        let r = run(
+            &executor(vec![]).with_max_memory(64 << 20),
+            &hoarder(20),
+            serde_json::json!({}),
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(r.result, Ok(serde_json::json!(20)));
     }
 
     #[tokio::test]

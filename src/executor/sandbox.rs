@@ -3,13 +3,17 @@
 //! here. Per-evaluation state (wall-clock deadline, captured logs, dry-run flag) lives in a
 //! thread-local, because each evaluation owns its thread for its whole duration.
 //!
+//! Memory: Rhai bounds each string, array and map, not their sum, so the sandbox also bounds the
+//! bytes the evaluating thread holds (counted by [`crate::allocator`]), checked at every
+//! operation: an evaluation that grows past `max_memory_bytes` stops with a clear error.
+//!
 //! An evaluation may first run *inline* on an async worker: then it gets [`INLINE_OPERATIONS`]
 //! operations, and every helper that blocks or acts on the world (`sleep`, `disk_cleanup`, `k8s::`)
 //! refuses before doing anything. Either ends the evaluation with [`NEEDS_THREAD_TOKEN`], which no
 //! script can catch, and the caller evaluates the script again from the start on a blocking
 //! thread. The inline attempt can only have logged, and its logs are dropped.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -34,11 +38,20 @@ pub(crate) struct EvalState {
     pub changes: Vec<Change>,
     /// Evaluating on an async worker: short and side-effect free, or it must move to a thread.
     pub inline: bool,
+    /// Bytes the evaluation may hold (`sandbox.max_memory_bytes`).
+    pub max_memory: usize,
 }
 
 thread_local! {
     static STATE: RefCell<Option<EvalState>> = const { RefCell::new(None) };
+    /// The thread's held bytes (see [`crate::allocator::thread_held`]) past which the running
+    /// evaluation stops; `isize::MAX` when none runs. Apart from `STATE` so that the check at
+    /// every operation is one read.
+    static MEMORY_CEILING: Cell<isize> = const { Cell::new(isize::MAX) };
 }
+
+/// Bytes an evaluation may hold unless the executor is told otherwise.
+pub const DEFAULT_MEMORY: usize = 32 << 20;
 
 /// Installs the state for one evaluation on this thread and returns it when `f` is done. A panic
 /// in `f` (Rhai is not expected to, but the evaluation may run on an async worker) is caught and
@@ -47,13 +60,17 @@ pub(crate) fn with_state<T>(
     state: EvalState,
     f: impl FnOnce() -> T,
 ) -> (Result<T, String>, EvalState) {
+    let ceiling = crate::allocator::thread_held()
+        .saturating_add(isize::try_from(state.max_memory).unwrap_or(isize::MAX));
     STATE.with(|s| *s.borrow_mut() = Some(state));
+    MEMORY_CEILING.with(|c| c.set(ceiling));
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
         p.downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| p.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic without a message".to_owned())
     });
+    MEMORY_CEILING.with(|c| c.set(isize::MAX));
     let state = STATE
         .with(|s| s.borrow_mut().take())
         .expect("eval state installed above");
@@ -126,10 +143,29 @@ fn terminated_by(err: &EvalAltResult, token: &str) -> bool {
 pub(crate) const DEADLINE_TOKEN: &str = "reactor: step deadline exceeded";
 /// The token `on_progress` terminates a script with when its run is cancelled.
 pub(crate) const CANCEL_TOKEN: &str = "reactor: run cancelled";
+/// The token `on_progress` terminates a script with when it holds too much memory.
+pub(crate) const MEMORY_TOKEN: &str = "reactor: memory limit exceeded";
 /// The token an inline evaluation ends with when it must continue on a blocking thread.
 pub(crate) const NEEDS_THREAD_TOKEN: &str = "reactor: needs a blocking thread";
 /// Operations an inline evaluation may take (tens of microseconds) before it moves to a thread.
 pub const INLINE_OPERATIONS: u64 = 2048;
+
+/// Stack a thread that evaluates scripts needs beyond its own work.
+const STACK_BASE: usize = 2 << 20;
+/// Stack one Rhai function-call level takes at most, measured in a debug build (the larger; see
+/// `the_deepest_allowed_recursion_fits_the_stack_it_is_given`), rounded up.
+pub const STACK_PER_CALL_LEVEL: usize = 64 << 10;
+/// Stack one level of expression nesting takes at most, likewise.
+pub const STACK_PER_EXPR_LEVEL: usize = 16 << 10;
+
+/// The stack of the threads scripts run on, for the deepest call and expression nesting
+/// `limits` allow, so that a recursive script fails with Rhai's depth error instead of
+/// overflowing the stack and aborting the process.
+pub fn thread_stack_size(limits: &SandboxLimits) -> usize {
+    STACK_BASE
+        .saturating_add(limits.max_call_levels.saturating_mul(STACK_PER_CALL_LEVEL))
+        .saturating_add(limits.max_expr_depth.saturating_mul(STACK_PER_EXPR_LEVEL))
+}
 
 /// Builds the sandboxed engine. `cleanup_roots` are the directories `disk_cleanup` may touch;
 /// `kube` is the cluster the `k8s::` functions act on (`None`: they fail, not configured).
@@ -153,7 +189,9 @@ pub fn build_engine(
         .set_max_functions(1_000);
     // Checking the clock on every operation would dominate cheap scripts; every 1024 is enough.
     engine.on_progress(|ops| {
-        if ops % 256 != 0 {
+        if crate::allocator::thread_held() > MEMORY_CEILING.with(Cell::get) {
+            Some(Dynamic::from(MEMORY_TOKEN))
+        } else if ops % 256 != 0 {
             None
         } else if ops >= INLINE_OPERATIONS && inline() {
             Some(Dynamic::from(NEEDS_THREAD_TOKEN))
@@ -178,7 +216,7 @@ pub fn build_engine(
         let want = Duration::from_millis(ms.max(0) as u64);
         let left = deadline().map_or(want, |d| d.saturating_duration_since(Instant::now()));
         // Sleep in slices so that a cancelled run does not wait out the whole nap.
-        let until = Instant::now() + want.min(left);
+        let until = crate::clock::deadline(want.min(left));
         while !cancelled() {
             let now = Instant::now();
             if now >= until {
@@ -343,12 +381,15 @@ fn register_disk_cleanup(engine: &mut Engine, roots: Vec<PathBuf>) {
 }
 
 /// Turns an evaluation error into the text a run records.
-pub(crate) fn describe_error(err: &EvalAltResult, timeout: Duration) -> String {
+pub(crate) fn describe_error(err: &EvalAltResult, timeout: Duration, max_memory: usize) -> String {
     match err {
         e if terminated_by(e, DEADLINE_TOKEN) => {
             format!("timed out after {}", humantime::format_duration(timeout))
         }
         e if terminated_by(e, CANCEL_TOKEN) => "cancelled".to_owned(),
+        e if terminated_by(e, MEMORY_TOKEN) => format!(
+            "stopped: the script held more than {max_memory} bytes (sandbox.max_memory_bytes)"
+        ),
         EvalAltResult::ErrorTooManyOperations(pos) => {
             format!("stopped: operation limit exceeded{}", at(*pos))
         }
@@ -367,6 +408,41 @@ fn at(pos: Position) -> String {
 mod tests {
     use super::*;
 
+    /// Runs `src` on a thread with the stack `thread_stack_size` gives for `limits`, as the runs'
+    /// runtime does. An overflow would abort this whole test binary.
+    fn eval_on_sized_thread(limits: SandboxLimits, src: String) -> String {
+        std::thread::Builder::new()
+            .stack_size(thread_stack_size(&limits))
+            .spawn(move || {
+                let engine = build_engine(&limits, vec![], None);
+                match engine.eval::<Dynamic>(&src) {
+                    Ok(v) => format!("ok {v}"),
+                    Err(e) => e.to_string(),
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_deepest_allowed_recursion_fits_the_stack_it_is_given() {
+        let deepest = SandboxLimits {
+            max_call_levels: crate::bounds::SANDBOX_CALL_LEVELS.max as usize,
+            max_expr_depth: crate::bounds::SANDBOX_EXPR_DEPTH.max as usize,
+            max_operations: 0,
+            ..SandboxLimits::default()
+        };
+        let e = eval_on_sized_thread(
+            deepest.clone(),
+            "fn down(n) { let a = [n, n + 1, #{x: n}]; if n == 0 { 0 } else { 1 + down(n - 1) } } down(100000)".into(),
+        );
+        assert!(e.contains("Stack overflow"), "{e}");
+        // Nesting just inside the expression limit parses and runs.
+        let nested = format!("{}1{}", "(".repeat(120), ")".repeat(120));
+        assert_eq!(eval_on_sized_thread(deepest, nested), "ok 1");
+    }
+
     #[test]
     fn a_panic_in_an_evaluation_is_returned_and_the_state_comes_back() {
         let state = EvalState {
@@ -376,6 +452,7 @@ mod tests {
             cancel: None,
             changes: Vec::new(),
             inline: true,
+            max_memory: DEFAULT_MEMORY,
         };
         let (out, st) = with_state(state, || -> () {
             log_line("before".to_owned());

@@ -20,7 +20,7 @@
 
 use std::fs::File;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -56,6 +56,9 @@ pub struct GroupCommit {
     /// Removals for after the next flush. Not sent through `tx`: a message per removal would
     /// wake the lingering flusher once per alert.
     removes: Arc<Mutex<Vec<Remove>>>,
+    /// The first flush that failed. sled keeps an I/O error for the rest of the process (its
+    /// "global error"), so every later flush fails too: only a restart reopens the database.
+    failed: Arc<OnceLock<String>>,
 }
 
 fn closed() -> Arc<sled::Error> {
@@ -83,10 +86,21 @@ impl GroupCommit {
         let (tx, rx) = mpsc::channel();
         let removes = Arc::new(Mutex::new(Vec::new()));
         let queued = Arc::clone(&removes);
+        let failed = Arc::new(OnceLock::new());
+        let failure = Arc::clone(&failed);
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || flusher(db, sync_data, linger, rx, queued))?;
-        Ok(GroupCommit { tx, removes })
+            .spawn(move || flusher(db, sync_data, linger, rx, queued, failure))?;
+        Ok(GroupCommit {
+            tx,
+            removes,
+            failed,
+        })
+    }
+
+    /// Why a flush failed, once one has: from then on the database takes no more writes.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     /// Resolves once everything written before this call is on disk.
@@ -154,6 +168,7 @@ fn flusher(
     linger: Duration,
     rx: mpsc::Receiver<Job>,
     removes: Arc<Mutex<Vec<Remove>>>,
+    failed: Arc<OnceLock<String>>,
 ) {
     // The waiters to answer once the flush is done.
     let mut waiting = Vec::new();
@@ -185,6 +200,7 @@ fn flusher(
                 &mut sync_failed,
                 &mut waiting,
                 removes,
+                &failed,
             );
         }
     }
@@ -198,6 +214,7 @@ fn flush(
     sync_failed: &mut Option<Arc<sled::Error>>,
     waiting: &mut Vec<Waiter>,
     removes: Vec<Remove>,
+    failed: &OnceLock<String>,
 ) {
     let result = db
         .flush()
@@ -212,11 +229,14 @@ fn flush(
                 }
             }
         }
-        Err(e) => tracing::error!(
-            error = %e,
-            dropped_removals = removes.len(),
-            "group commit failed"
-        ),
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                dropped_removals = removes.len(),
+                "group commit failed"
+            );
+            let _ = failed.set(e.to_string());
+        }
     }
     for waiter in waiting.drain(..) {
         let _ = waiter.send(result.clone());
@@ -309,6 +329,8 @@ mod tests {
         failing.remove_after_flush(remove(2)).unwrap();
         assert!(failing.durable().await.is_err());
         assert!(tree.contains_key(2u64.to_be_bytes()).unwrap());
+        assert!(failing.failure().is_some(), "a failed flush is remembered");
+        assert_eq!(commit.failure(), None);
     }
 
     #[tokio::test]

@@ -6,6 +6,11 @@
 //! outbox) in its `history/` subdirectory. Each answer waits for a flush of the first only, so
 //! the runs' bytes stay off the accept path; an intake entry is removed only after the history
 //! flush that holds its runs, so the order a single log used to give still holds.
+//!
+//! Sequence numbers (the first half of a run id) are never reused: the intake database keeps a
+//! mark above every number handed out, reserved in blocks ([`SEQ_BLOCK`]) and written before the
+//! first intake entry that uses the block, so that a restart after the history was pruned empty
+//! does not start again at 1 and meet the old runs' outbox entries.
 
 mod commit;
 pub mod retention;
@@ -14,7 +19,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -370,6 +375,26 @@ struct Inner {
     /// Flushes `history`, then removes the intake entries whose runs that flush made durable.
     history_commit: GroupCommit,
     next_seq: AtomicU64,
+    /// Every sequence number below this is covered by the durable mark (`SEQ_KEY`).
+    reserved: AtomicU64,
+    /// Taken to move the mark, which happens once per [`SEQ_BLOCK`] accepted alerts.
+    reserving: Mutex<()>,
+}
+
+/// The intake database's key for the sequence mark: no number at or above it was handed out.
+const SEQ_KEY: &[u8] = b"next-seq";
+/// Sequence numbers reserved at a time: one small write per this many accepted alerts.
+pub const SEQ_BLOCK: u64 = 1 << 16;
+
+impl Drop for Inner {
+    /// A clean stop leaves the exact next number as the mark, so numbering goes on without a gap;
+    /// after a crash it goes on from the reserved mark.
+    fn drop(&mut self) {
+        let next = self.next_seq.load(Ordering::Acquire);
+        if self.db.insert(SEQ_KEY, &next.to_be_bytes()).is_ok() {
+            let _ = self.db.flush();
+        }
+    }
 }
 
 /// The history database's directory, inside the data directory.
@@ -411,7 +436,16 @@ impl Store {
             .last()?
             .and_then(|(k, _)| RunId::from_key(&k))
             .map(|id| id.seq);
-        let next = last_intake.max(last_run).map_or(1, |s| s + 1);
+        let mark = db
+            .get(SEQ_KEY)?
+            .and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)));
+        let next = last_intake
+            .max(last_run)
+            .map_or(1, |s| s + 1)
+            .max(mark.unwrap_or(1));
+        let reserved = next.saturating_add(SEQ_BLOCK);
+        db.insert(SEQ_KEY, &reserved.to_be_bytes())?;
+        db.flush()?;
         let commit = GroupCommit::spawn(
             "reactor-flush",
             db.clone(),
@@ -435,6 +469,8 @@ impl Store {
                 intake,
                 runs,
                 next_seq: AtomicU64::new(next),
+                reserved: AtomicU64::new(reserved),
+                reserving: Mutex::new(()),
             }),
         })
     }
@@ -460,6 +496,7 @@ impl Store {
     ) -> Result<Vec<Intake>, StoreError> {
         let n = alerts.len() as u64;
         let first = self.inner.next_seq.fetch_add(n, Ordering::Relaxed);
+        self.reserve_through(first + n)?;
         let intakes: Vec<Intake> = alerts
             .into_iter()
             .enumerate()
@@ -484,6 +521,25 @@ impl Store {
             .await
             .map_err(StoreError::Durable)?;
         Ok(intakes)
+    }
+
+    /// Moves the durable sequence mark past `end` when it is not already: written to the intake's
+    /// database before this accept's entries, so the same flush (or an earlier one) carries it.
+    fn reserve_through(&self, end: u64) -> Result<(), StoreError> {
+        if end <= self.inner.reserved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one_at_a_time = self
+            .inner
+            .reserving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if end > self.inner.reserved.load(Ordering::Acquire) {
+            let mark = end.saturating_add(SEQ_BLOCK);
+            self.inner.db.insert(SEQ_KEY, &mark.to_be_bytes())?;
+            self.inner.reserved.store(mark, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// A small write to each database made durable: the watchdog's check that both still take
@@ -515,6 +571,28 @@ impl Store {
             .durable()
             .await
             .map_err(StoreError::Durable)
+    }
+
+    /// Why the store stopped taking writes, once a flush of either database failed (a full disk,
+    /// an I/O error). sled keeps that error until the process restarts, so this never clears:
+    /// `/healthz` fails on it, and a liveness probe restarts reactor, which reopens the
+    /// databases and processes what was accepted.
+    pub fn failure(&self) -> Option<String> {
+        self.inner
+            .commit
+            .failure()
+            .or(self.inner.history_commit.failure())
+            .map(str::to_owned)
+    }
+
+    /// The alert accepted as `seq`, while it is in the intake.
+    pub fn get_intake(&self, seq: u64) -> Result<Option<Intake>, StoreError> {
+        let key = seq.to_be_bytes();
+        self.inner
+            .intake
+            .get(key)?
+            .map(|v| decode(&key, &v))
+            .transpose()
     }
 
     /// Accepted alerts whose runs were never recorded, oldest first.
@@ -563,7 +641,9 @@ impl Store {
     }
 
     /// Retention: removes the oldest runs while there are more than `max_runs` or they were
-    /// received before `cutoff`. Returns how many were removed and the first sequence number kept.
+    /// received before `cutoff`. A run still in progress (running or verifying) is kept and
+    /// stepped over, so one that never ends cannot stop pruning. Returns how many were removed
+    /// and the sequence number below which every run was looked at (the outbox prunes below it).
     pub fn prune_runs(
         &self,
         cutoff: Timestamp,
@@ -571,23 +651,22 @@ impl Store {
     ) -> Result<(usize, u64), StoreError> {
         let mut count = self.inner.runs.len();
         let mut removed = 0;
-        let mut first_kept = 0;
+        let mut looked_below = 0;
         for kv in self.inner.runs.iter() {
             let (k, v) = kv?;
             let run: Run = decode(&k, &v)?;
             if count <= max_runs && run.received_at >= cutoff {
-                first_kept = run.id.seq;
                 break;
             }
-            if run.outcome == Outcome::Running {
-                first_kept = run.id.seq;
-                break;
+            looked_below = looked_below.max(run.id.seq + 1);
+            if matches!(run.outcome, Outcome::Running | Outcome::Verifying) {
+                continue;
             }
             self.inner.runs.remove(&k)?;
             count -= 1;
             removed += 1;
         }
-        Ok((removed, first_kept))
+        Ok((removed, looked_below))
     }
 
     pub fn put_run(&self, run: &Run) -> Result<(), StoreError> {
@@ -620,6 +699,18 @@ impl Store {
             self.inner.runs.remove(k?)?;
         }
         Ok(false)
+    }
+
+    /// The runs of the alert accepted as `seq`.
+    pub fn runs_of(&self, seq: u64) -> Result<Vec<Run>, StoreError> {
+        self.inner
+            .runs
+            .scan_prefix(seq.to_be_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 
     /// Newest first. A full scan in the worst case: call it off the async workers.
@@ -821,6 +912,77 @@ mod tests {
         assert_eq!(next[0].seq, 3, "sequence numbers continue after a restart");
     }
 
+    #[tokio::test]
+    async fn run_ids_are_never_reused_after_the_history_is_pruned_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = {
+            let store = Store::open(dir.path()).unwrap();
+            let seqs: Vec<u64> = store
+                .accept(vec![alert(), alert(), alert()], Timestamp::now())
+                .await
+                .unwrap()
+                .iter()
+                .map(|i| i.seq)
+                .collect();
+            for &seq in &seqs {
+                store
+                    .put_run(&run(RunId { seq, index: 0 }, "p", Outcome::Failed))
+                    .unwrap();
+                store.remove_intake(seq).unwrap();
+            }
+            store.durable().await.unwrap();
+            assert_eq!(store.prune_runs(Timestamp::MAX, 0).unwrap().0, 3);
+            store.durable().await.unwrap();
+            assert!(store.pending_intake().unwrap().is_empty());
+            *seqs.last().unwrap()
+        };
+        let store = reopen(dir.path()).await;
+        assert_eq!(store.run_count(), 0, "pruned empty");
+        let next = store.accept(vec![alert()], Timestamp::now()).await.unwrap();
+        assert!(next[0].seq > used, "{} reuses a number up to {used}", next[0].seq);
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_numbering_goes_on_above_every_number_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Past the first reserved block, so the mark had to move while running.
+        let mut last = 0;
+        for _ in 0..3 {
+            let batch = vec![alert(); 1000];
+            last = store.accept(batch, Timestamp::now()).await.unwrap()[999].seq;
+        }
+        store.inner.next_seq.fetch_add(SEQ_BLOCK, Ordering::Relaxed);
+        let far = store.accept(vec![alert()], Timestamp::now()).await.unwrap()[0].seq;
+        assert!(far > SEQ_BLOCK && far > last);
+        // Every entry processed and gone, so only the mark remembers the numbers.
+        for seq in (1..=last).chain([far]) {
+            store.remove_intake(seq).unwrap();
+        }
+        store.durable().await.unwrap();
+        assert!(store.pending_intake().unwrap().is_empty());
+        // A crash: the mark left is the reserved one, not the exact next number. Copy the
+        // directory while the store is open (what a SIGKILL leaves), then open the copy.
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), copy.path());
+        let reopened = reopen(copy.path()).await;
+        let next = reopened.accept(vec![alert()], Timestamp::now()).await.unwrap()[0].seq;
+        assert!(next > far, "{next} <= {far}");
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
     /// Opens the store in `dir` once the flusher threads of a dropped one have let go of it.
     async fn reopen(dir: &Path) -> Store {
         loop {
@@ -962,5 +1124,25 @@ mod tests {
         let cutoff = now - jiff::SignedDuration::from_hours(12);
         assert_eq!(store.prune_runs(cutoff, 100).unwrap(), (4, 8));
         assert_eq!(store.run_count(), 3);
+    }
+
+    #[tokio::test]
+    async fn pruning_steps_over_a_run_that_never_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Timestamp::now();
+        for seq in 1..=6 {
+            let outcome = match seq {
+                2 => Outcome::Running,
+                3 => Outcome::Verifying,
+                _ => Outcome::Succeeded,
+            };
+            let mut r = run(RunId { seq, index: 0 }, "p", outcome);
+            r.received_at = now - jiff::SignedDuration::from_hours(48);
+            store.put_run(&r).unwrap();
+        }
+        assert_eq!(store.prune_runs(now, 1_000).unwrap(), (4, 7));
+        let left: Vec<u64> = store.all_runs().map(|r| r.unwrap().id.seq).collect();
+        assert_eq!(left, vec![2, 3], "only the runs in progress stay");
     }
 }

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::SignedDuration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HistorySettings;
@@ -40,9 +39,8 @@ pub fn prune_once(
     engine: &Engine,
     settings: &HistorySettings,
 ) -> Result<usize, crate::history::StoreError> {
-    let max_age = SignedDuration::try_from(settings.max_age).unwrap_or(SignedDuration::MAX);
     let now = engine.clock.now();
-    let cutoff = now.checked_sub(max_age).unwrap_or(jiff::Timestamp::MIN);
+    let cutoff = crate::clock::earlier(now, settings.max_age);
     let (removed, first_kept) = engine.store.prune_runs(cutoff, settings.max_runs)?;
     if removed > 0 {
         engine.outbox.prune_before(first_kept)?;

@@ -15,6 +15,7 @@ use super::{
     EscalateSpec, MatchOp, OnResolved, Origin, Param, Playbook, Playbooks, Step, StepAction,
     Template,
 };
+use crate::bounds;
 use crate::domain::AlertStatus;
 use crate::guard::{BreakerPolicy, GuardPolicy};
 
@@ -331,6 +332,12 @@ impl FileCtx<'_> {
                 "steps: expected at least one step",
             ));
         }
+        bounds::STEPS
+            .check("steps", raw.steps.value.len() as u64)
+            .map_err(|m| self.err(Some(raw.steps.referenced.line()), m))?;
+        bounds::PLAYBOOK_MAX_CONCURRENT
+            .check("max_concurrent", raw.max_concurrent as u64)
+            .map_err(|m| self.err(Some(line), m))?;
         let steps = raw
             .steps
             .value
@@ -338,6 +345,17 @@ impl FileCtx<'_> {
             .enumerate()
             .map(|(i, s)| self.step(i, s))
             .collect::<Result<Vec<_>, _>>()?;
+        let budget = steps
+            .iter()
+            .map(|s| {
+                s.timeout
+                    .saturating_mul(s.retries.saturating_add(1))
+                    .saturating_add(s.retry_delay.saturating_mul(s.retries))
+            })
+            .fold(Duration::ZERO, Duration::saturating_add);
+        bounds::PLAYBOOK_BUDGET
+            .check("steps (timeouts × attempts + retry delays)", budget)
+            .map_err(|m| self.err(Some(raw.steps.referenced.line()), m))?;
         let escalate = match raw.escalate {
             None => EscalateSpec::default(),
             Some(e) => {
@@ -361,15 +379,12 @@ impl FileCtx<'_> {
         let verify = match raw.verify {
             None => None,
             Some(v) => Some(
-                humantime::parse_duration(&v.value.resolved_within).map_err(|e| {
-                    self.err(
-                        Some(v.referenced.line()),
-                        format!(
-                            "verify.resolved_within: expected a duration like 5m, got {:?}: {e}",
-                            v.value.resolved_within
-                        ),
-                    )
-                })?,
+                bounds::parse_duration(
+                    "verify.resolved_within",
+                    &v.value.resolved_within,
+                    bounds::VERIFY_WITHIN,
+                )
+                .map_err(|m| self.err(Some(v.referenced.line()), m))?,
             ),
         };
         Ok(Playbook {
@@ -395,21 +410,24 @@ impl FileCtx<'_> {
 
     fn guards(&self, raw: RawGuards, line: u64) -> Result<GuardPolicy, LoadError> {
         let d = GuardPolicy::default();
-        let dur = |field: &str, v: Option<String>, default: Duration| match v {
+        let dur = |field: &str, v: Option<String>, default: Duration, span: bounds::Span| match v {
             None => Ok(default),
-            Some(v) => humantime::parse_duration(&v).map_err(|e| {
-                self.err(
-                    Some(line),
-                    format!("guards.{field}: expected a duration like 10m, got {v:?} ({e})"),
-                )
-            }),
+            Some(v) => bounds::parse_duration(&format!("guards.{field}"), &v, span)
+                .map_err(|m| self.err(Some(line), m)),
+        };
+        let count = |field: &str, v: u32, range: bounds::Count| {
+            range
+                .check(&format!("guards.{field}"), v.into())
+                .map_err(|m| self.err(Some(line), m))
         };
         let breaker = match raw.circuit_breaker {
             None => d.breaker.clone(),
             Some(b) if b.failures == 0 => None,
             Some(b) => {
                 let bd = BreakerPolicy::default();
+                count("circuit_breaker.failures", b.failures, bounds::BREAKER_FAILURES)?;
                 let of_last = b.of_last.unwrap_or(bd.of_last.max(b.failures));
+                count("circuit_breaker.of_last", of_last, bounds::BREAKER_FAILURES)?;
                 if of_last < b.failures {
                     return Err(self.err(
                         Some(line),
@@ -419,18 +437,22 @@ impl FileCtx<'_> {
                 Some(BreakerPolicy {
                     failures: b.failures,
                     of_last,
-                    cooldown: dur("circuit_breaker.cooldown", b.cooldown, bd.cooldown)?,
+                    cooldown: dur(
+                        "circuit_breaker.cooldown",
+                        b.cooldown,
+                        bd.cooldown,
+                        bounds::BREAKER_COOLDOWN,
+                    )?,
                 })
             }
         };
-        let window = dur("window", raw.window, d.window)?;
-        if window.is_zero() {
-            return Err(self.err(Some(line), "guards.window must be greater than zero"));
-        }
+        let window = dur("window", raw.window, d.window, bounds::GUARD_WINDOW)?;
+        let max_attempts = raw.max_attempts.unwrap_or(d.max_attempts);
+        count("max_attempts", max_attempts, bounds::GUARD_MAX_ATTEMPTS)?;
         Ok(GuardPolicy {
             target_labels: raw.target_labels,
-            cooldown: dur("cooldown", raw.cooldown, d.cooldown)?,
-            max_attempts: raw.max_attempts.unwrap_or(d.max_attempts),
+            cooldown: dur("cooldown", raw.cooldown, d.cooldown, bounds::GUARD_COOLDOWN)?,
+            max_attempts,
             window,
             breaker,
         })
@@ -490,21 +512,26 @@ impl FileCtx<'_> {
                 return Err(self.err(line, format!("step {name:?}: expected exactly one of `script` (a file under scripts/), `inline` (Rhai source) or `kubernetes` (an action: restart_pod, rollout_restart, scale_up, disk_cleanup)")));
             }
         };
-        let duration = |field: &str, v: Option<String>, default: Duration| {
-            match v {
+        let duration = |field: &str, v: Option<String>, default: Duration, span| match v {
             None => Ok(default),
-            Some(v) => humantime::parse_duration(&v)
-                .map_err(|e| self.err(line, format!("step {name:?}: {field}: expected a duration like 30s or 5m, got {v:?} ({e})"))),
-        }
+            Some(v) => bounds::parse_duration(field, &v, span)
+                .map_err(|m| self.err(line, format!("step {name:?}: {m}"))),
         };
-        let timeout = duration("timeout", s.timeout, DEFAULT_STEP_TIMEOUT)?;
-        if timeout.is_zero() {
-            return Err(self.err(
-                line,
-                format!("step {name:?}: timeout must be greater than zero"),
-            ));
-        }
-        let retry_delay = duration("retry_delay", s.retry_delay, DEFAULT_RETRY_DELAY)?;
+        let timeout = duration(
+            "timeout",
+            s.timeout,
+            DEFAULT_STEP_TIMEOUT,
+            bounds::STEP_TIMEOUT,
+        )?;
+        let retry_delay = duration(
+            "retry_delay",
+            s.retry_delay,
+            DEFAULT_RETRY_DELAY,
+            bounds::RETRY_DELAY,
+        )?;
+        bounds::STEP_RETRIES
+            .check("retries", s.retries.into())
+            .map_err(|m| self.err(line, format!("step {name:?}: {m}")))?;
         let params = s
             .params
             .into_iter()
@@ -873,7 +900,7 @@ mod tests {
         assert!(e.starts_with("h.yaml:4: guards.window"), "{e}");
     }
 
-    fn load_text(text: &str) {
+    fn load_text(text: &str) -> (Vec<Playbook>, Vec<LoadError>) {
         let engine = build_engine(&SandboxLimits::default(), vec![], None);
         let scripts = HashMap::new();
         let ctx = FileCtx {
@@ -883,14 +910,140 @@ mod tests {
             scripts: &scripts,
             engine: &engine,
         };
-        let _ = ctx.load(&mut Vec::new());
+        let mut errors = Vec::new();
+        let loaded = ctx.load(&mut errors);
+        (loaded, errors)
+    }
+
+    #[test]
+    fn numbers_outside_their_ranges_are_refused_with_the_line_and_range() {
+        let step = |extra: &str| {
+            format!("name: p\nmatch: {{alertname: A}}\nsteps:\n  - name: s\n    inline: '1'\n{extra}")
+        };
+        for (extra, want) in [
+            ("    retries: 4294967295\n", "4:"),
+            ("    timeout: 500000000000y\n", "4:"),
+            ("    timeout: 2d\n", "longer than the longest allowed, 1day"),
+            ("    retry_delay: 1000000000y\n", "4:"),
+            ("    retries: 101\n", "outside the allowed range 0..=100"),
+            ("    timeout: 24h\n    retries: 10\n", "longer than the longest allowed, 7days"),
+        ] {
+            let e = only_error(&[("playbooks/n.yaml", &step(extra))]);
+            assert!(e.starts_with("n.yaml:"), "{e}");
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        let e = only_error(&[(
+            "playbooks/g.yaml",
+            "name: p\nmatch: {alertname: A}\nmax_concurrent: 99999999\nsteps: [{inline: '1'}]\n",
+        )]);
+        assert!(e.starts_with("g.yaml:1:") && e.contains("max_concurrent"), "{e}");
+        let e = only_error(&[(
+            "playbooks/g.yaml",
+            "name: p\nmatch: {alertname: A}\nguards:\n  cooldown: 400d\nsteps: [{inline: '1'}]\n",
+        )]);
+        assert!(e.starts_with("g.yaml:4: guards.cooldown"), "{e}");
+        let e = only_error(&[(
+            "playbooks/v.yaml",
+            "name: p\nmatch: {alertname: A}\nverify: {resolved_within: 9999999999999999h}\nsteps: [{inline: '1'}]\n",
+        )]);
+        assert!(e.starts_with("v.yaml:3: verify.resolved_within"), "{e}");
+        let e = only_error(&[(
+            "playbooks/k.yaml",
+            "name: p\nmatch: {alertname: A}\nsteps:\n  - kubernetes: scale_up\n    params: {namespace: a, kind: deployment, name: w, by: 1, max_replicas: 4000000000}\n",
+        )]);
+        assert!(e.contains("k.yaml:4:") && e.contains("max_replicas"), "{e}");
+    }
+
+    fn edge_number() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::sample::select(vec![
+                "0", "1", "2", "99", "100", "101", "1000", "1001", "10000", "10001",
+                "2147483647", "4294967295", "4294967296", "18446744073709551615",
+                "18446744073709551616", "-1", "1e9",
+            ])
+            .prop_map(str::to_owned),
+            any::<u64>().prop_map(|n| n.to_string()),
+        ]
+    }
+
+    fn edge_duration() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::sample::select(vec![
+                "0s", "1ns", "1ms", "1s", "59s", "1h", "24h", "25h", "7d", "8d", "30d", "31d",
+                "500000000000y", "18446744073709551615s", "99999999999999999999ms", "-1s", "soon",
+            ])
+            .prop_map(str::to_owned),
+            any::<u64>().prop_map(|n| format!("{n}ms")),
+            any::<u32>().prop_map(|n| format!("{n}d")),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Every number a playbook sets, at the edges of its type and range: the playbook loads
+        /// with every number in range, or is refused with the file and line, and what loads runs
+        /// without a panic.
+        #[test]
+        fn playbooks_with_edge_numbers_load_within_bounds_or_are_refused_and_never_panic(
+            n in proptest::collection::vec(edge_number(), 6),
+            d in proptest::collection::vec(edge_duration(), 7),
+        ) {
+            let text = format!(
+                "name: p\nmatch: {{alertname: A}}\nmax_concurrent: {}\nguards:\n  cooldown: {}\n  window: {}\n  max_attempts: {}\n  circuit_breaker: {{failures: {}, of_last: {}, cooldown: {}}}\nverify: {{resolved_within: {}}}\nsteps:\n  - inline: 'params.n'\n    timeout: {}\n    retries: {}\n    retry_delay: {}\n    params: {{n: {}}}\n",
+                n[0], d[0], d[1], n[1], n[2], n[3], d[2], d[3], d[4], n[4], d[5], n[5],
+            );
+            let (loaded, errors) = load_text(&text);
+            for e in &errors {
+                proptest::prop_assert!(e.line.is_some(), "{e}");
+            }
+            for p in loaded {
+                use crate::bounds::*;
+                let s = &p.steps[0];
+                proptest::prop_assert!(STEP_TIMEOUT.check("t", s.timeout).is_ok());
+                proptest::prop_assert!(STEP_RETRIES.check("r", s.retries.into()).is_ok());
+                proptest::prop_assert!(RETRY_DELAY.check("d", s.retry_delay).is_ok());
+                proptest::prop_assert!(PLAYBOOK_BUDGET.check("b", p.time_budget()).is_ok());
+                proptest::prop_assert!(GUARD_WINDOW.check("w", p.guards.window).is_ok());
+                proptest::prop_assert!(GUARD_COOLDOWN.check("c", p.guards.cooldown).is_ok());
+                proptest::prop_assert!(p.verify.is_none_or(|v| VERIFY_WITHIN.check("v", v).is_ok()));
+                let now = jiff::Timestamp::now();
+                let _ = crate::clock::later(now, p.time_budget().saturating_add(p.verify.unwrap_or_default()));
+                let _ = crate::clock::deadline(s.timeout);
+                // The step itself, with its timeout, through the executor.
+                let executor = crate::executor::Executor::new(
+                    Arc::new(build_engine(&SandboxLimits::default(), vec![], None)),
+                    false,
+                    None,
+                );
+                let alert = crate::domain::decode_webhook(
+                    include_str!("../../tests/fixtures/alertmanager-0.25-firing.json").as_bytes(),
+                )
+                .unwrap()
+                .alerts
+                .remove(0);
+                let ctx = super::super::TemplateContext::new(&alert, &p.name);
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let result = rt.block_on(executor.run(crate::executor::Attempt {
+                    action: &s.action,
+                    alert: &alert,
+                    params: super::super::render_params(s, &ctx),
+                    timeout: s.timeout,
+                    dry_run: None,
+                    cancel: None,
+                }));
+                proptest::prop_assert!(result.result.is_ok() || s.timeout < Duration::from_millis(50), "{:?}", result.result);
+            }
+        }
     }
 
     proptest::proptest! {
         /// Fuzzing by property: no file content makes the loader panic.
         #[test]
         fn loader_never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
-            load_text(&text);
+            let _ = load_text(&text);
         }
 
         #[test]
@@ -899,8 +1052,8 @@ mod tests {
             let mut chars: Vec<char> = shipped.chars().collect();
             let i = pos % chars.len();
             chars[i] = c;
-            load_text(&chars.iter().collect::<String>());
-            load_text(&shipped[..shipped.char_indices().nth(i).map_or(0, |(b, _)| b)]);
+            let _ = load_text(&chars.iter().collect::<String>());
+            let _ = load_text(&shipped[..shipped.char_indices().nth(i).map_or(0, |(b, _)| b)]);
         }
     }
 

@@ -48,8 +48,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok", "playbooks": state.playbooks_loaded}))
+/// Alive unless the database failed for good (see [`Store::failure`]): then 503, so that a
+/// liveness probe restarts reactor instead of leaving it answering 500 to every webhook.
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    match state.store.failure() {
+        None => (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "ok", "playbooks": state.playbooks_loaded})),
+        ),
+        Some(failure) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "failed",
+                "detail": format!("the database failed ({failure}) and takes no more writes until reactor restarts"),
+            })),
+        ),
+    }
 }
 
 /// Ready when the database takes writes, playbooks are loaded and every self-check passes

@@ -425,3 +425,135 @@ async fn sigkills_under_a_stream_of_quiet_successes_lose_no_run() {
         accepted.len()
     );
 }
+
+const PAIR: &str = "name: first\nmatch: {alertname: Pair}\nsteps:\n  - name: nap\n    timeout: 30s\n    inline: |\n      sleep(20000);\n      \"rested\"\n---\nname: second\nmatch: {alertname: Pair}\nsteps:\n  - name: quick\n    inline: '\"done\"'\n";
+
+#[tokio::test]
+async fn a_run_that_never_started_simply_runs_after_a_crash() {
+    let dir = PlaybookDir::new(&[("playbooks/pair.yaml", PAIR), ("reactor.yaml", "")]);
+    let root = dir.root.path();
+    let port = free_port();
+    let served = Served::new(port, root);
+    let mut reactor = served.start().await;
+    assert_eq!(post(port, &payload(&[("Pair", "p001")])).await, 202);
+    let client = crate::helpers::client();
+    let url = format!("http://127.0.0.1:{port}/api/v1/runs");
+    // The first playbook's step is under way (its run is recorded before it may act); the
+    // second run, of the same alert, waits its turn.
+    wait_for(Duration::from_secs(10), || async {
+        let runs = get_runs(&client, &url, None).await;
+        runs.iter()
+            .any(|r| r["playbook"] == "first" && r["outcome"] == "running")
+            .then_some(())
+    })
+    .await
+    .expect("the first run started");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reactor.kill();
+
+    let _restarted = served.start().await;
+    let runs = settled_runs(port, 2).await;
+    let of = |name: &str| {
+        runs.iter()
+            .find(|r| r["playbook"] == name)
+            .unwrap_or_else(|| panic!("no run of {name}: {runs:#?}"))
+    };
+    assert_eq!(of("first")["outcome"], "interrupted", "{runs:#?}");
+    let second = of("second");
+    assert_eq!(second["outcome"], "succeeded", "{second:#?}");
+    assert!(
+        second["escalation"].is_null(),
+        "nobody is paged for a run that never started: {second:#?}"
+    );
+}
+
+/// The binary with its files limited to `max_file_bytes` (as a full disk would), writes past it
+/// failing with EFBIG instead of killing it (SIGXFSZ ignored, which `exec` keeps).
+fn spawn_with_file_limit(served: &Served, max_file_bytes: u64) -> crate::helpers::Proc {
+    let log = std::fs::File::create(served.dir.join("reactor.log")).unwrap();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; exec prlimit --fsize={max_file_bytes} -- \"$0\" \"$@\""
+        ))
+        .arg(env!("CARGO_BIN_EXE_reactor"))
+        .args(&served.args)
+        .current_dir(&served.dir)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("reactor starts under prlimit");
+    crate::helpers::Proc { child }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_liveness_and_a_restart_processes_what_was_accepted() {
+    let quick = "name: quick\nmatch: {alertname: Fill}\nsteps:\n  - inline: '\"ok\"'\n";
+    let dir = PlaybookDir::new(&[("playbooks/quick.yaml", quick), ("reactor.yaml", "")]);
+    let root = dir.root.path();
+    let port = free_port();
+    let served = Served::new(port, root);
+    let mut reactor = spawn_with_file_limit(&served, 4 << 20);
+    wait_healthy(port).await;
+    let client = crate::helpers::client();
+    let health = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("http://127.0.0.1:{port}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // Alerts with large annotations until the database's files reach the limit.
+    let big = "x".repeat(8_000);
+    let mut accepted = 0;
+    let mut refused = None;
+    for batch in 0..400 {
+        let fingerprints: Vec<String> = (0..20).map(|i| format!("f{batch:03}x{i:02}")).collect();
+        let alerts: Vec<(&str, &str)> = fingerprints.iter().map(|f| ("Fill", f.as_str())).collect();
+        let mut body = payload(&alerts);
+        for a in body["alerts"].as_array_mut().unwrap() {
+            a["annotations"]["filler"] = big.clone().into();
+        }
+        let status = post(port, &body).await;
+        if status == 202 {
+            accepted += 20;
+        } else {
+            refused = Some(status);
+            break;
+        }
+    }
+    assert_eq!(
+        refused,
+        Some(reqwest::StatusCode::INTERNAL_SERVER_ERROR),
+        "the disk filled after {accepted} alerts"
+    );
+    assert!(accepted > 0);
+    // The database failed for good: liveness says so, so Kubernetes would restart reactor.
+    let failed = wait_for(Duration::from_secs(10), || async {
+        (health("/healthz").await == 503).then_some(())
+    })
+    .await;
+    assert!(failed.is_some(), "/healthz still answers 200 with a dead database");
+    assert_eq!(health("/readyz").await, 503);
+    reactor.kill();
+
+    // Space is back (no limit): a restart serves again and every accepted alert gets its run.
+    let _restarted = served.start().await;
+    assert_eq!(health("/healthz").await, 200);
+    let runs = settled_runs(port, accepted).await;
+    let fingerprints: HashSet<&str> = runs
+        .iter()
+        .map(|r| r["alert"]["fingerprint"].as_str().unwrap())
+        .collect();
+    assert!(
+        fingerprints.len() >= accepted,
+        "{} runs for {accepted} accepted alerts",
+        fingerprints.len()
+    );
+}

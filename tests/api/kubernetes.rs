@@ -860,3 +860,57 @@ async fn a_broken_kubeconfig_is_a_startup_error_naming_the_file() {
         .unwrap()
         .is_none());
 }
+
+#[tokio::test]
+async fn a_label_cannot_turn_off_dry_run_or_leave_its_namespace() {
+    let api = FakeApi::start(vec![
+        deployment("shop", "web", 2),
+        pod("kube-system", "coredns-1", Some(("ReplicaSet", "coredns"))),
+    ])
+    .await;
+    let kube = api.connect(api.settings()).await;
+    let hostile = [
+        (
+            "scale_up",
+            json!({"namespace": "shop", "kind": "Deployment", "name": "web#anchor", "by": 1, "max_replicas": 5}),
+        ),
+        (
+            "scale_up",
+            json!({"namespace": "shop", "kind": "Deployment", "name": "web?dryRun=&x=", "by": 1, "max_replicas": 5}),
+        ),
+        (
+            "rollout_restart",
+            json!({"namespace": "shop", "kind": "Deployment", "name": "web%3Fpretty"}),
+        ),
+        (
+            "restart_pod",
+            json!({"namespace": "shop/./../kube-system", "pod": "coredns-1"}),
+        ),
+        (
+            "restart_pod",
+            json!({"namespace": "shop", "pod": "../../kube-system/pods/coredns-1"}),
+        ),
+        (
+            "restart_pod",
+            json!({"namespace": "..", "pod": "coredns-1"}),
+        ),
+    ];
+    for (action, params) in hostile {
+        let (r, changes) = act(&kube, action, params.clone(), true).await;
+        let e = r.expect_err("refused");
+        assert!(
+            matches!(e, KubeError::InvalidName(_)),
+            "{action} {params}: {e}"
+        );
+        assert!(e.to_string().contains("nothing was sent"), "{e}");
+        assert!(changes.is_empty(), "{changes:?}");
+    }
+    assert!(
+        api.requests().is_empty(),
+        "no request reached the API server: {:?}",
+        api.requests()
+    );
+    let d = api.get(&deployments(), "shop", "web").await;
+    assert_eq!(replicas(&d), 2);
+    assert!(api.get(&pods(), "kube-system", "coredns-1").await.is_some());
+}

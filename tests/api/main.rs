@@ -1,6 +1,10 @@
 //! One integration test binary (zero2prod style): the real app on port 0 with a temporary sled,
 //! the real binary for crash and CLI tests, and the real Alertmanager for end-to-end tests.
 
+/// The binary's allocator, so in-process apps bound a script's memory as the binary does.
+#[global_allocator]
+static ALLOCATOR: reactor::allocator::Allocator = reactor::allocator::Allocator;
+
 mod alertmanager;
 mod cli;
 mod closed_loop;

@@ -15,7 +15,7 @@ use kube::api::{
 };
 use serde_json::{json, Value};
 
-use super::{cleanup_job, Change, KubeError, Kubernetes};
+use super::{cleanup_job, Change, KubeError, Kubernetes, Namespace, ObjectName};
 
 /// The field manager reactor's writes are recorded under.
 const FIELD_MANAGER: &str = "reactor";
@@ -96,11 +96,13 @@ pub enum ScaleBy {
 
 impl ScaleBy {
     pub fn new(by: Option<u32>, factor: Option<f64>) -> Result<ScaleBy, String> {
+        use crate::bounds::{SCALE_BY, SCALE_FACTOR_MAX};
         match (by, factor) {
-            (Some(n), None) if n > 0 => Ok(ScaleBy::Add(n)),
-            (Some(_), None) => Err("by must be at least 1".into()),
-            (None, Some(f)) if f > 1.0 && f.is_finite() => Ok(ScaleBy::Factor(f)),
-            (None, Some(f)) => Err(format!("factor must be greater than 1, got {f}")),
+            (Some(n), None) => SCALE_BY.check("by", n.into()).map(|_| ScaleBy::Add(n)),
+            (None, Some(f)) if f > 1.0 && f <= SCALE_FACTOR_MAX => Ok(ScaleBy::Factor(f)),
+            (None, Some(f)) => Err(format!(
+                "factor must be greater than 1 and at most {SCALE_FACTOR_MAX}, got {f}"
+            )),
             _ => Err("scale_up needs exactly one of `by` or `factor`".into()),
         }
     }
@@ -188,13 +190,17 @@ impl Kubernetes {
                 (w.api_resource(), true)
             }
         };
+        let name = ObjectName::parse("name", name)?;
         let api: Api<DynamicObject> = if namespaced {
-            Api::namespaced_with(self.client.clone(), ns, &ar)
+            let ns = Namespace::parse("namespace", ns)?;
+            Api::namespaced_with(self.client.clone(), ns.as_str(), &ar)
         } else {
             Api::all_with(self.client.clone(), &ar)
         };
         let object = format!("{}/{name}", ar.plural);
-        let obj = self.call("get", &object, deadline, api.get(name)).await?;
+        let obj = self
+            .call("get", &object, deadline, api.get(name.as_str()))
+            .await?;
         serde_json::to_value(obj).map_err(|e| KubeError::Client {
             verb: "get",
             object,
@@ -222,7 +228,7 @@ impl Ctx<'_> {
     async fn patch<K>(
         &mut self,
         api: &Api<K>,
-        name: &str,
+        name: &ObjectName,
         object: &str,
         patch: &Value,
         detail: Value,
@@ -239,7 +245,7 @@ impl Ctx<'_> {
             .call(
                 "patch",
                 object,
-                api.patch(name, &params, &Patch::Merge(patch)),
+                api.patch(name.as_str(), &params, &Patch::Merge(patch)),
             )
             .await;
         self.record(
@@ -279,14 +285,14 @@ impl Ctx<'_> {
     /// refused unless `allow_standalone`: nothing would bring it back.
     pub async fn restart_pod(
         &mut self,
-        ns: &str,
-        name: &str,
+        ns: &Namespace,
+        name: &ObjectName,
         allow_standalone: bool,
     ) -> Result<Value, KubeError> {
         self.kube.check_namespace(ns)?;
-        let api: Api<Pod> = Api::namespaced(self.client(), ns);
+        let api: Api<Pod> = Api::namespaced(self.client(), ns.as_str());
         let object = format!("pods/{name}");
-        let pod = self.call("get", &object, api.get(name)).await?;
+        let pod = self.call("get", &object, api.get(name.as_str())).await?;
         let owner = pod
             .metadata
             .owner_references
@@ -310,13 +316,19 @@ impl Ctx<'_> {
             ..DeleteParams::default()
         };
         let res = self
-            .call("delete", &object, api.delete(name, &params))
+            .call("delete", &object, api.delete(name.as_str(), &params))
             .await;
-        self.record("delete", &object, ns, &res, json!({ "owner": owner }));
+        self.record(
+            "delete",
+            &object,
+            ns.as_str(),
+            &res,
+            json!({ "owner": owner }),
+        );
         res?;
         Ok(json!({
-            "namespace": ns,
-            "pod": name,
+            "namespace": ns.as_str(),
+            "pod": name.as_str(),
             "owner": owner,
             "deleted": !self.dry_run,
             "dry_run": self.dry_run,
@@ -326,15 +338,16 @@ impl Ctx<'_> {
     /// What `kubectl rollout restart` does: stamp the pod template with a restart time.
     pub async fn rollout_restart(
         &mut self,
-        ns: &str,
+        ns: &Namespace,
         kind: &str,
-        name: &str,
+        name: &ObjectName,
     ) -> Result<Value, KubeError> {
         let w = Workload::parse(kind, &["deployment", "statefulset", "daemonset"])
             .map_err(KubeError::Params)?;
         self.kube.check_namespace(ns)?;
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client(), ns, &w.api_resource());
-        let object = w.object(name);
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client(), ns.as_str(), &w.api_resource());
+        let object = w.object(name.as_str());
         let at = jiff::Timestamp::now()
             .strftime("%Y-%m-%dT%H:%M:%SZ")
             .to_string();
@@ -344,7 +357,7 @@ impl Ctx<'_> {
         self.patch(&api, name, &object, &patch, json!({ "restartedAt": at }))
             .await?;
         Ok(json!({
-            "namespace": ns,
+            "namespace": ns.as_str(),
             "object": object,
             "restartedAt": at,
             "dry_run": self.dry_run,
@@ -356,17 +369,18 @@ impl Ctx<'_> {
     /// do not fight. Writes carry the `resourceVersion` read, so a concurrent change conflicts.
     pub async fn scale_up(
         &mut self,
-        ns: &str,
+        ns: &Namespace,
         kind: &str,
-        name: &str,
+        name: &ObjectName,
         by: ScaleBy,
         max_replicas: u32,
     ) -> Result<Value, KubeError> {
         let w = Workload::parse(kind, &["deployment", "statefulset"]).map_err(KubeError::Params)?;
         self.kube.check_namespace(ns)?;
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client(), ns, &w.api_resource());
-        let object = w.object(name);
-        let current = self.call("get", &object, api.get(name)).await?;
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client(), ns.as_str(), &w.api_resource());
+        let object = w.object(name.as_str());
+        let current = self.call("get", &object, api.get(name.as_str())).await?;
         let before = current.data["spec"]["replicas"].as_u64().unwrap_or(1) as u32;
         if before >= max_replicas {
             return Err(KubeError::Refused(format!(
@@ -375,7 +389,7 @@ impl Ctx<'_> {
         }
         let want = by.apply(before).min(max_replicas);
 
-        let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(self.client(), ns);
+        let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(self.client(), ns.as_str());
         let list = self
             .call(
                 "list",
@@ -385,7 +399,7 @@ impl Ctx<'_> {
             .await?;
         let hpa = list.items.into_iter().find(|h| {
             h.spec.as_ref().is_some_and(|s| {
-                s.scale_target_ref.kind == w.kind() && s.scale_target_ref.name == name
+                s.scale_target_ref.kind == w.kind() && s.scale_target_ref.name == name.as_str()
             })
         });
         if let Some(hpa) = hpa {
@@ -399,7 +413,7 @@ impl Ctx<'_> {
         let detail = json!({"replicas": {"before": before, "after": want}});
         self.patch(&api, name, &object, &patch, detail).await?;
         Ok(json!({
-            "namespace": ns,
+            "namespace": ns.as_str(),
             "object": object,
             "replicas_before": before,
             "replicas_after": want,
@@ -410,13 +424,14 @@ impl Ctx<'_> {
 
     async fn raise_hpa_min(
         &mut self,
-        ns: &str,
+        ns: &Namespace,
         target: &str,
         replicas: u32,
         want: u32,
         hpa: HorizontalPodAutoscaler,
     ) -> Result<Value, KubeError> {
-        let hpa_name = hpa.metadata.name.clone().unwrap_or_default();
+        // The API server's own answer, but it goes into a path all the same.
+        let hpa_name = ObjectName::parse("hpa", hpa.metadata.name.as_deref().unwrap_or_default())?;
         let object = format!("horizontalpodautoscalers.autoscaling/{hpa_name}");
         let spec = hpa.spec.unwrap_or_default();
         let hpa_max = spec.max_replicas.max(0) as u32;
@@ -428,7 +443,7 @@ impl Ctx<'_> {
                  (maxReplicas {hpa_max}); raising it to {want} is not within bounds"
             )));
         }
-        let api: Api<HorizontalPodAutoscaler> = Api::namespaced(self.client(), ns);
+        let api: Api<HorizontalPodAutoscaler> = Api::namespaced(self.client(), ns.as_str());
         let patch = json!({
             "metadata": {"resourceVersion": hpa.metadata.resource_version},
             "spec": {"minReplicas": min_after},
@@ -440,9 +455,9 @@ impl Ctx<'_> {
         });
         self.patch(&api, &hpa_name, &object, &patch, detail).await?;
         Ok(json!({
-            "namespace": ns,
+            "namespace": ns.as_str(),
             "object": target,
-            "hpa": hpa_name,
+            "hpa": hpa_name.as_str(),
             "replicas_before": replicas,
             "min_replicas_before": min_before,
             "min_replicas_after": min_after,
@@ -454,14 +469,16 @@ impl Ctx<'_> {
     /// under an allowed host path; waits for it (bounded), records its result and deletes it.
     pub async fn disk_cleanup(
         &mut self,
-        node: &str,
+        node: &ObjectName,
         path: &str,
         glob: &str,
         older_than: &str,
     ) -> Result<Value, KubeError> {
         let settings = self.kube.settings.disk_cleanup.clone();
-        let ns = settings.namespace.as_str();
-        self.kube.check_namespace(ns)?;
+        let namespace = Namespace::parse("kubernetes.disk_cleanup.namespace", &settings.namespace)?;
+        self.kube.check_namespace(&namespace)?;
+        let ns = namespace.as_str();
+        let node = node.as_str();
         let spec = cleanup_job::Spec::new(node, path, glob, older_than, &settings)
             .map_err(KubeError::Params)?;
         // The Job may run until the step's deadline, less one request to delete it.
@@ -500,7 +517,7 @@ impl Ctx<'_> {
             return Ok(summary);
         }
 
-        let until = Instant::now() + active;
+        let until = crate::clock::deadline(active);
         let finished = loop {
             let job = match self.call("get", &object, api.get(&name)).await {
                 Ok(j) => j,

@@ -6,12 +6,14 @@
 
 pub mod actions;
 pub mod cleanup_job;
+pub mod names;
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::KubernetesSettings;
+pub use names::{InvalidName, Namespace, ObjectName};
 
 /// The text a kubernetes step fails with when no cluster is configured.
 pub const NOT_CONFIGURED: &str =
@@ -31,6 +33,9 @@ pub enum KubeError {
     NotConfigured,
     #[error("namespace {0:?} is not allowed (kubernetes.namespaces)")]
     NamespaceDenied(String),
+    /// A name or namespace that is not a valid Kubernetes name: refused before any call.
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
     /// The action's own safety rules said no.
     #[error("refused: {0}")]
     Refused(String),
@@ -129,7 +134,7 @@ impl Kubernetes {
         };
         // Each call is bounded by `request_timeout` in `actions`; the client's own timeouts
         // are a backstop a little later, so a slow API reads as a timeout, not a socket error.
-        let backstop = settings.request_timeout + Duration::from_secs(1);
+        let backstop = settings.request_timeout.saturating_add(Duration::from_secs(1));
         config.connect_timeout = Some(settings.request_timeout);
         config.read_timeout = Some(backstop);
         config.write_timeout = Some(backstop);
@@ -147,12 +152,14 @@ impl Kubernetes {
         &self.settings
     }
 
-    /// Deny wins; an empty allow list allows every namespace not denied.
-    pub fn check_namespace(&self, namespace: &str) -> Result<(), KubeError> {
+    /// Deny wins; an empty allow list allows every namespace not denied. Only a valid
+    /// [`Namespace`] gets here, so the lists compare with what the API server will act on.
+    pub fn check_namespace(&self, namespace: &Namespace) -> Result<(), KubeError> {
+        let namespace = namespace.as_str();
         let ns = &self.settings.namespaces;
         let denied = ns.deny.iter().any(|d| d == namespace);
         let allowed = ns.allow.is_empty() || ns.allow.iter().any(|a| a == namespace);
-        if namespace.is_empty() || denied || !allowed {
+        if denied || !allowed {
             return Err(KubeError::NamespaceDenied(namespace.to_owned()));
         }
         Ok(())
@@ -231,9 +238,7 @@ impl Request {
             } => {
                 actions::Workload::parse(kind, &["deployment", "statefulset"])?;
                 actions::ScaleBy::new(*by, *factor)?;
-                if *max_replicas == 0 {
-                    return Err("max_replicas must be at least 1".into());
-                }
+                crate::bounds::MAX_REPLICAS.check("max_replicas", (*max_replicas).into())?;
             }
             Request::DiskCleanup {
                 older_than, glob, ..
@@ -247,8 +252,9 @@ impl Request {
     }
 }
 
-/// Runs a request against the cluster (or fails with `kubernetes is not configured`). Every
-/// mutation, successful or not, is appended to `changes`; `deadline` is the step's.
+/// Runs a request against the cluster (or fails with `kubernetes is not configured`). Every name
+/// and namespace is checked first ([`names`]): a refused one fails the request before any call.
+/// Every mutation, successful or not, is appended to `changes`; `deadline` is the step's.
 pub async fn run(
     kube: Option<&Kubernetes>,
     request: &Request,
@@ -270,12 +276,20 @@ pub async fn run(
             namespace,
             pod,
             allow_standalone,
-        } => ctx.restart_pod(namespace, pod, *allow_standalone).await,
+        } => {
+            let ns = Namespace::parse("namespace", namespace)?;
+            let pod = ObjectName::parse("pod", pod)?;
+            ctx.restart_pod(&ns, &pod, *allow_standalone).await
+        }
         Request::RolloutRestart {
             namespace,
             kind,
             name,
-        } => ctx.rollout_restart(namespace, kind, name).await,
+        } => {
+            let ns = Namespace::parse("namespace", namespace)?;
+            let name = ObjectName::parse("name", name)?;
+            ctx.rollout_restart(&ns, kind, &name).await
+        }
         Request::ScaleUp {
             namespace,
             kind,
@@ -284,15 +298,20 @@ pub async fn run(
             factor,
             max_replicas,
         } => {
+            let ns = Namespace::parse("namespace", namespace)?;
+            let name = ObjectName::parse("name", name)?;
             let by = actions::ScaleBy::new(*by, *factor).map_err(KubeError::Params)?;
-            ctx.scale_up(namespace, kind, name, by, *max_replicas).await
+            ctx.scale_up(&ns, kind, &name, by, *max_replicas).await
         }
         Request::DiskCleanup {
             node,
             path,
             glob,
             older_than,
-        } => ctx.disk_cleanup(node, path, glob, older_than).await,
+        } => {
+            let node = ObjectName::parse("node", node)?;
+            ctx.disk_cleanup(&node, path, glob, older_than).await
+        }
     }
 }
 
