@@ -143,9 +143,8 @@ impl Span {
 /// Parses a duration such as `30s` or `5m`, naming `field` and the range when it does not parse
 /// or falls outside `span`.
 pub fn parse_duration(field: &str, text: &str, span: Span) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| {
-        format!("{field}: expected a duration like 30s or 5m, got {text:?} ({e})")
-    })?;
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("{field}: expected a duration like 30s or 5m, got {text:?} ({e})"))?;
     span.check(field, d)
 }
 
@@ -163,7 +162,10 @@ mod tests {
         let e = parse_duration("timeout", "400000000000y", STEP_TIMEOUT).unwrap_err();
         assert!(e.starts_with("timeout: "), "{e}");
         let e = parse_duration("timeout", "25h", STEP_TIMEOUT).unwrap_err();
-        assert_eq!(e, "timeout: 1day 1h is longer than the longest allowed, 1day");
+        assert_eq!(
+            e,
+            "timeout: 1day 1h is longer than the longest allowed, 1day"
+        );
         assert!(parse_duration("window", "0s", GUARD_WINDOW)
             .unwrap_err()
             .contains("shorter than the shortest allowed, 1s"));

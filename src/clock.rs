@@ -84,6 +84,9 @@ mod tests {
         assert!(deadline(huge) > Instant::now() + Duration::from_secs(365 * 86_400));
         let t = Timestamp::UNIX_EPOCH;
         assert_eq!(later(t, Duration::from_secs(60)).as_second(), 60);
-        assert_eq!(earlier(later(t, Duration::from_secs(60)), Duration::from_secs(60)), t);
+        assert_eq!(
+            earlier(later(t, Duration::from_secs(60)), Duration::from_secs(60)),
+            t
+        );
     }
 }

@@ -446,20 +446,56 @@ impl Settings {
                 .map_err(|message| InvalidSetting { field, message })
         };
         let sb = &self.sandbox;
-        c("sandbox.max_operations", sb.max_operations as usize, SANDBOX_OPERATIONS)?;
-        c("sandbox.max_call_levels", sb.max_call_levels, SANDBOX_CALL_LEVELS)?;
-        c("sandbox.max_expr_depth", sb.max_expr_depth, SANDBOX_EXPR_DEPTH)?;
-        c("sandbox.max_string_size", sb.max_string_size, SANDBOX_STRING_SIZE)?;
-        c("sandbox.max_array_size", sb.max_array_size, SANDBOX_ARRAY_SIZE)?;
+        c(
+            "sandbox.max_operations",
+            sb.max_operations as usize,
+            SANDBOX_OPERATIONS,
+        )?;
+        c(
+            "sandbox.max_call_levels",
+            sb.max_call_levels,
+            SANDBOX_CALL_LEVELS,
+        )?;
+        c(
+            "sandbox.max_expr_depth",
+            sb.max_expr_depth,
+            SANDBOX_EXPR_DEPTH,
+        )?;
+        c(
+            "sandbox.max_string_size",
+            sb.max_string_size,
+            SANDBOX_STRING_SIZE,
+        )?;
+        c(
+            "sandbox.max_array_size",
+            sb.max_array_size,
+            SANDBOX_ARRAY_SIZE,
+        )?;
         c("sandbox.max_map_size", sb.max_map_size, SANDBOX_MAP_SIZE)?;
-        c("sandbox.max_memory_bytes", sb.max_memory_bytes, SANDBOX_MEMORY)?;
+        c(
+            "sandbox.max_memory_bytes",
+            sb.max_memory_bytes,
+            SANDBOX_MEMORY,
+        )?;
         let l = &self.limits;
         c("limits.max_body_bytes", l.max_body_bytes, MAX_BODY_BYTES)?;
-        c("limits.max_alerts_per_payload", l.max_alerts_per_payload, MAX_ALERTS_PER_PAYLOAD)?;
-        c("limits.max_labels_per_alert", l.max_labels_per_alert, MAX_LABELS_PER_ALERT)?;
+        c(
+            "limits.max_alerts_per_payload",
+            l.max_alerts_per_payload,
+            MAX_ALERTS_PER_PAYLOAD,
+        )?;
+        c(
+            "limits.max_labels_per_alert",
+            l.max_labels_per_alert,
+            MAX_LABELS_PER_ALERT,
+        )?;
         c("limits.max_label_bytes", l.max_label_bytes, MAX_LABEL_BYTES)?;
         c("limits.queue_capacity", l.queue_capacity, QUEUE_CAPACITY)?;
-        c("limits.max_concurrent_runs", l.max_concurrent_runs, MAX_CONCURRENT_RUNS)?;
+        c(
+            "limits.max_concurrent_runs",
+            l.max_concurrent_runs,
+            MAX_CONCURRENT_RUNS,
+        )?;
         d("limits.shutdown_grace", l.shutdown_grace, SHUTDOWN_GRACE)?;
         if l.max_alerts_per_payload > l.queue_capacity {
             // A payload that can never fit the queue would be answered 503 forever.
@@ -473,11 +509,23 @@ impl Settings {
         }
         let am = &self.alertmanager;
         d("alertmanager.timeout", am.timeout, PEER_TIMEOUT)?;
-        d("alertmanager.retry_backoff", am.retry_backoff, RETRY_BACKOFF)?;
+        d(
+            "alertmanager.retry_backoff",
+            am.retry_backoff,
+            RETRY_BACKOFF,
+        )?;
         d("alertmanager.page_ttl", am.page_ttl, PAGE_TTL)?;
-        d("alertmanager.poll_interval", am.poll_interval, POLL_INTERVAL)?;
+        d(
+            "alertmanager.poll_interval",
+            am.poll_interval,
+            POLL_INTERVAL,
+        )?;
         let w = &self.watchdog;
-        d("watchdog.heartbeat_interval", w.heartbeat_interval, WATCHDOG_INTERVAL)?;
+        d(
+            "watchdog.heartbeat_interval",
+            w.heartbeat_interval,
+            WATCHDOG_INTERVAL,
+        )?;
         d("watchdog.stall_after", w.stall_after, WATCHDOG_INTERVAL)?;
         d("watchdog.stuck_grace", w.stuck_grace, WATCHDOG_INTERVAL)?;
         d("watchdog.backlog_after", w.backlog_after, WATCHDOG_INTERVAL)?;
@@ -486,11 +534,27 @@ impl Settings {
         c("history.max_runs", h.max_runs, HISTORY_MAX_RUNS)?;
         d("history.prune_interval", h.prune_interval, PRUNE_INTERVAL)?;
         let k = &self.kubernetes;
-        d("kubernetes.request_timeout", k.request_timeout, PEER_TIMEOUT)?;
+        d(
+            "kubernetes.request_timeout",
+            k.request_timeout,
+            PEER_TIMEOUT,
+        )?;
         let j = &k.disk_cleanup;
-        d("kubernetes.disk_cleanup.job_deadline", j.job_deadline, JOB_DEADLINE)?;
-        d("kubernetes.disk_cleanup.poll_interval", j.poll_interval, JOB_POLL_INTERVAL)?;
-        d("kubernetes.disk_cleanup.ttl_after_finished", j.ttl_after_finished, JOB_TTL)?;
+        d(
+            "kubernetes.disk_cleanup.job_deadline",
+            j.job_deadline,
+            JOB_DEADLINE,
+        )?;
+        d(
+            "kubernetes.disk_cleanup.poll_interval",
+            j.poll_interval,
+            JOB_POLL_INTERVAL,
+        )?;
+        d(
+            "kubernetes.disk_cleanup.ttl_after_finished",
+            j.ttl_after_finished,
+            JOB_TTL,
+        )?;
         Ok(())
     }
 

@@ -305,8 +305,12 @@ mod tests {
     fn annotation_names_and_generator_urls_count_toward_the_size_limit() {
         let long = "k".repeat(300);
         for alert in [
-            format!(r#"{{"status":"firing","labels":{{"alertname":"A"}},"annotations":{{"{long}":"v"}},"startsAt":"2026-01-01T00:00:00Z","fingerprint":"f1"}}"#),
-            format!(r#"{{"status":"firing","labels":{{"alertname":"A"}},"generatorURL":"http://x/{long}","startsAt":"2026-01-01T00:00:00Z","fingerprint":"f1"}}"#),
+            format!(
+                r#"{{"status":"firing","labels":{{"alertname":"A"}},"annotations":{{"{long}":"v"}},"startsAt":"2026-01-01T00:00:00Z","fingerprint":"f1"}}"#
+            ),
+            format!(
+                r#"{{"status":"firing","labels":{{"alertname":"A"}},"generatorURL":"http://x/{long}","startsAt":"2026-01-01T00:00:00Z","fingerprint":"f1"}}"#
+            ),
         ] {
             let n = decode_webhook(one_alert(&alert).as_bytes()).unwrap();
             let e = n.check_sizes(10, 256).unwrap_err().to_string();

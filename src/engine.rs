@@ -153,7 +153,8 @@ impl Engine {
             let mut failed = Vec::new();
             if let Some(intake) = self.store.get_intake(seq)? {
                 if !self.store.intake_recorded(seq)? {
-                    let mut run = new_run(seq, 0, intake.received_at, intake.held, intake.alert, None);
+                    let mut run =
+                        new_run(seq, 0, intake.received_at, intake.held, intake.alert, None);
                     settle(&mut run, Outcome::Failed, &reason, now);
                     failed.push(run);
                 }
@@ -364,7 +365,10 @@ impl Engine {
         in_flight
             .iter()
             .filter_map(|(id, f)| {
-                let over = f.started.elapsed().checked_sub(f.budget.saturating_add(grace))?;
+                let over = f
+                    .started
+                    .elapsed()
+                    .checked_sub(f.budget.saturating_add(grace))?;
                 Some((*id, over))
             })
             .collect()

@@ -333,7 +333,6 @@ pub fn unhealthy(
     }
 }
 
-
 /// Checks, heartbeats and `ReactorUnhealthy` pages every interval until `shutdown`.
 pub async fn watch(
     engine: Arc<Engine>,

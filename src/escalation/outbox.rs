@@ -120,10 +120,11 @@ impl Outbox {
             resolved_at: None,
         };
         let bytes = serde_json::to_vec(&entry).expect("outbox entry serializes");
-        let added = match self
-            .tree
-            .compare_and_swap(key(run), None as Option<&[u8]>, Some(bytes.clone()))?
-        {
+        let added = match self.tree.compare_and_swap(
+            key(run),
+            None as Option<&[u8]>,
+            Some(bytes.clone()),
+        )? {
             Ok(()) => true,
             Err(existing) => {
                 let old = existing

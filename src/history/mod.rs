@@ -939,7 +939,11 @@ mod tests {
         let store = reopen(dir.path()).await;
         assert_eq!(store.run_count(), 0, "pruned empty");
         let next = store.accept(vec![alert()], Timestamp::now()).await.unwrap();
-        assert!(next[0].seq > used, "{} reuses a number up to {used}", next[0].seq);
+        assert!(
+            next[0].seq > used,
+            "{} reuses a number up to {used}",
+            next[0].seq
+        );
     }
 
     #[tokio::test]
@@ -966,7 +970,11 @@ mod tests {
         let copy = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), copy.path());
         let reopened = reopen(copy.path()).await;
-        let next = reopened.accept(vec![alert()], Timestamp::now()).await.unwrap()[0].seq;
+        let next = reopened
+            .accept(vec![alert()], Timestamp::now())
+            .await
+            .unwrap()[0]
+            .seq;
         assert!(next > far, "{next} <= {far}");
     }
 

@@ -425,7 +425,11 @@ impl FileCtx<'_> {
             Some(b) if b.failures == 0 => None,
             Some(b) => {
                 let bd = BreakerPolicy::default();
-                count("circuit_breaker.failures", b.failures, bounds::BREAKER_FAILURES)?;
+                count(
+                    "circuit_breaker.failures",
+                    b.failures,
+                    bounds::BREAKER_FAILURES,
+                )?;
                 let of_last = b.of_last.unwrap_or(bd.of_last.max(b.failures));
                 count("circuit_breaker.of_last", of_last, bounds::BREAKER_FAILURES)?;
                 if of_last < b.failures {
@@ -918,7 +922,9 @@ mod tests {
     #[test]
     fn numbers_outside_their_ranges_are_refused_with_the_line_and_range() {
         let step = |extra: &str| {
-            format!("name: p\nmatch: {{alertname: A}}\nsteps:\n  - name: s\n    inline: '1'\n{extra}")
+            format!(
+                "name: p\nmatch: {{alertname: A}}\nsteps:\n  - name: s\n    inline: '1'\n{extra}"
+            )
         };
         for (extra, want) in [
             ("    retries: 4294967295\n", "4:"),
@@ -926,7 +932,10 @@ mod tests {
             ("    timeout: 2d\n", "longer than the longest allowed, 1day"),
             ("    retry_delay: 1000000000y\n", "4:"),
             ("    retries: 101\n", "outside the allowed range 0..=100"),
-            ("    timeout: 24h\n    retries: 10\n", "longer than the longest allowed, 7days"),
+            (
+                "    timeout: 24h\n    retries: 10\n",
+                "longer than the longest allowed, 7days",
+            ),
         ] {
             let e = only_error(&[("playbooks/n.yaml", &step(extra))]);
             assert!(e.starts_with("n.yaml:"), "{e}");
@@ -936,7 +945,10 @@ mod tests {
             "playbooks/g.yaml",
             "name: p\nmatch: {alertname: A}\nmax_concurrent: 99999999\nsteps: [{inline: '1'}]\n",
         )]);
-        assert!(e.starts_with("g.yaml:1:") && e.contains("max_concurrent"), "{e}");
+        assert!(
+            e.starts_with("g.yaml:1:") && e.contains("max_concurrent"),
+            "{e}"
+        );
         let e = only_error(&[(
             "playbooks/g.yaml",
             "name: p\nmatch: {alertname: A}\nguards:\n  cooldown: 400d\nsteps: [{inline: '1'}]\n",
@@ -958,9 +970,23 @@ mod tests {
         use proptest::prelude::*;
         prop_oneof![
             proptest::sample::select(vec![
-                "0", "1", "2", "99", "100", "101", "1000", "1001", "10000", "10001",
-                "2147483647", "4294967295", "4294967296", "18446744073709551615",
-                "18446744073709551616", "-1", "1e9",
+                "0",
+                "1",
+                "2",
+                "99",
+                "100",
+                "101",
+                "1000",
+                "1001",
+                "10000",
+                "10001",
+                "2147483647",
+                "4294967295",
+                "4294967296",
+                "18446744073709551615",
+                "18446744073709551616",
+                "-1",
+                "1e9",
             ])
             .prop_map(str::to_owned),
             any::<u64>().prop_map(|n| n.to_string()),
@@ -971,8 +997,23 @@ mod tests {
         use proptest::prelude::*;
         prop_oneof![
             proptest::sample::select(vec![
-                "0s", "1ns", "1ms", "1s", "59s", "1h", "24h", "25h", "7d", "8d", "30d", "31d",
-                "500000000000y", "18446744073709551615s", "99999999999999999999ms", "-1s", "soon",
+                "0s",
+                "1ns",
+                "1ms",
+                "1s",
+                "59s",
+                "1h",
+                "24h",
+                "25h",
+                "7d",
+                "8d",
+                "30d",
+                "31d",
+                "500000000000y",
+                "18446744073709551615s",
+                "99999999999999999999ms",
+                "-1s",
+                "soon",
             ])
             .prop_map(str::to_owned),
             any::<u64>().prop_map(|n| format!("{n}ms")),

@@ -539,7 +539,10 @@ async fn a_full_disk_fails_liveness_and_a_restart_processes_what_was_accepted() 
         (health("/healthz").await == 503).then_some(())
     })
     .await;
-    assert!(failed.is_some(), "/healthz still answers 200 with a dead database");
+    assert!(
+        failed.is_some(),
+        "/healthz still answers 200 with a dead database"
+    );
     assert_eq!(health("/readyz").await, 503);
     reactor.kill();
 

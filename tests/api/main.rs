@@ -11,6 +11,7 @@ mod closed_loop;
 mod crash;
 mod fake_kube;
 mod guards;
+mod hardening;
 mod helpers;
 mod kubernetes;
 mod router;

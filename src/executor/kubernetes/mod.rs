@@ -134,7 +134,9 @@ impl Kubernetes {
         };
         // Each call is bounded by `request_timeout` in `actions`; the client's own timeouts
         // are a backstop a little later, so a slow API reads as a timeout, not a socket error.
-        let backstop = settings.request_timeout.saturating_add(Duration::from_secs(1));
+        let backstop = settings
+            .request_timeout
+            .saturating_add(Duration::from_secs(1));
         config.connect_timeout = Some(settings.request_timeout);
         config.read_timeout = Some(backstop);
         config.write_timeout = Some(backstop);

@@ -119,7 +119,13 @@ mod tests {
 
     #[test]
     fn ordinary_names_pass() {
-        for n in ["web", "web-7d9c-abcde", "a", "0", "ip-10-0-1-2.eu-west-1.compute.internal"] {
+        for n in [
+            "web",
+            "web-7d9c-abcde",
+            "a",
+            "0",
+            "ip-10-0-1-2.eu-west-1.compute.internal",
+        ] {
             assert_eq!(ObjectName::parse("name", n).unwrap().as_str(), n);
         }
         for n in ["default", "shop-2", "x"] {
@@ -130,13 +136,30 @@ mod tests {
     #[test]
     fn names_that_would_change_the_request_are_refused() {
         for n in [
-            "api%23", "cart?dryRun=", "a/b", "..", ".", "", "Web", "web ", "-web", "web-",
-            "a..b", "caf\u{e9}", "web\n", "x;y",
+            "api%23",
+            "cart?dryRun=",
+            "a/b",
+            "..",
+            ".",
+            "",
+            "Web",
+            "web ",
+            "-web",
+            "web-",
+            "a..b",
+            "caf\u{e9}",
+            "web\n",
+            "x;y",
         ] {
             let e = ObjectName::parse("name", n).unwrap_err();
             assert_eq!(e.field, "name", "{n:?}");
         }
-        for n in ["shop/../kube-system", "shop.prod", "kube_system", &"n".repeat(64)] {
+        for n in [
+            "shop/../kube-system",
+            "shop.prod",
+            "kube_system",
+            &"n".repeat(64),
+        ] {
             assert!(Namespace::parse("namespace", n).is_err(), "{n:?}");
         }
         assert!(ObjectName::parse("pod", &"p".repeat(254)).is_err());
