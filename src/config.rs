@@ -738,6 +738,46 @@ mod tests {
     }
 
     #[test]
+    fn numbers_outside_their_ranges_are_refused_with_the_line_and_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("reactor.yaml");
+        let load = |text: &str| {
+            std::fs::write(&f, text).unwrap();
+            Settings::load(Some(&f), &Overrides::default()).map(drop)
+        };
+        let e = load(
+            "listen: 127.0.0.1:1000\nsandbox:\n  max_operations: 10\n  max_call_levels: 600\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.ends_with(
+                "reactor.yaml:4: sandbox.max_call_levels: 600 is outside the allowed range 1..=256"
+            ),
+            "{e}"
+        );
+        let e =
+            load("limits:\n  queue_capacity: 10\nwatchdog:\n  heartbeat_interval: 500000000000y\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("reactor.yaml:"), "{e}");
+        let e = load("alertmanager:\n  page_ttl: 99999d\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reactor.yaml:2: alertmanager.page_ttl"), "{e}");
+        // A payload the queue could never hold would be answered 503 forever.
+        let e = load("limits:\n  queue_capacity: 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_alerts_per_payload (1000) must not exceed limits.queue_capacity (10)"),
+            "{e}"
+        );
+        assert!(load("limits:\n  queue_capacity: 10\n  max_alerts_per_payload: 10\n").is_ok());
+        assert!(Settings::default().validate().is_ok());
+    }
+
+    #[test]
     fn unknown_keys_are_errors_with_a_line() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("reactor.yaml");

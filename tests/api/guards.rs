@@ -139,6 +139,7 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_accepted() {
         s.playbooks_dir = dir.playbooks();
         s.scripts_dir = dir.scripts();
         s.limits.queue_capacity = 2;
+        s.limits.max_alerts_per_payload = 2;
         s.limits.max_concurrent_runs = 1;
     })
     .await;
