@@ -90,6 +90,17 @@ impl PostableSilence {
     }
 }
 
+/// Whether Alertmanager accepts `name` as a label or annotation name. Alertmanager before 0.27
+/// (Debian's is 0.25), and later ones unless UTF-8 names are enabled, validate with Prometheus'
+/// classic charset and answer 400 to the whole alert otherwise.
+pub fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// A failed call: whether retrying can help, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{reason}")]
@@ -197,5 +208,20 @@ impl AlertmanagerApi {
         let query: Vec<(&str, &str)> = filter.iter().map(|m| ("filter", m.as_str())).collect();
         self.send_json(Method::GET, "/api/v2/alerts", |r| r.query(&query))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_names_follow_the_classic_prometheus_charset() {
+        for ok in ["a", "_", "__name", "Team_2"] {
+            assert!(valid_label_name(ok), "{ok}");
+        }
+        for bad in ["", "has space", "9lives", "dash-ed", "ünï", "a.b"] {
+            assert!(!valid_label_name(bad), "{bad}");
+        }
     }
 }

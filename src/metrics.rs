@@ -116,7 +116,14 @@ impl Default for Metrics {
         );
         let in_flight = Gauge::default();
         registry.register("in_flight_runs", "Runs executing now", in_flight.clone());
-        let escalations = Family::default();
+        let escalations = Family::<ResultLabels, Counter>::default();
+        // Both results exported from the start: Prometheus' `increase()` cannot see the first
+        // rejection of a series that appears at 1 (ReactorEscalationRejected watches it).
+        for result in ["delivered", "rejected"] {
+            let _ = escalations.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+        }
         registry.register(
             "escalations",
             "Pages by delivery result (delivered, rejected)",
@@ -157,7 +164,7 @@ impl Default for Metrics {
         let self_check_failing = Family::default();
         registry.register(
             "self_check_failing",
-            "1 while a self-check fails (dispatcher, stuck_runs, storage, escalation_backlog)",
+            "1 while a self-check fails (dispatcher, stuck_runs, storage, escalation_backlog, escalation_rejected)",
             self_check_failing.clone(),
         );
         let held_alerts = Counter::default();

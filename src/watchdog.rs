@@ -1,8 +1,9 @@
 //! Making a broken reactor loud. The watchdog runs the self-checks every heartbeat interval:
 //! a wedged dispatcher (accepted alerts waiting with no run starting), runs stuck past their
-//! deadline, database writes failing, and pages stuck in the outbox. It keeps the latest report
-//! for `/readyz`, posts one `ReactorUnhealthy` alert per failing check into Alertmanager and
-//! resolves it when the check passes again.
+//! deadline, database writes failing, pages stuck in the outbox, and pages Alertmanager refused
+//! (nobody was paged for those runs). It keeps the latest report for `/readyz`, posts one
+//! `ReactorUnhealthy` alert per failing check into Alertmanager and resolves it when the check
+//! passes again.
 //!
 //! It also posts `ReactorHeartbeat` with `endsAt = now + 3 × interval`. The shipped Alertmanager
 //! config inhibits the humans' copy of auto-remediation alerts while that heartbeat is alive, so
@@ -25,10 +26,19 @@ use crate::alertmanager::{AlertmanagerApi, PostableAlert};
 use crate::config::WatchdogSettings;
 use crate::domain::Labels;
 use crate::engine::Engine;
+use crate::escalation::outbox::Entry;
 use crate::metrics::{CheckLabels, Metrics};
 
 pub const REACTOR_HEARTBEAT: &str = "ReactorHeartbeat";
 pub const REACTOR_UNHEALTHY: &str = "ReactorUnhealthy";
+
+/// How long a page Alertmanager refused keeps `escalation_rejected` failing: long enough for the
+/// `ReactorUnhealthy` page to reach someone, as long as the shipped `ReactorEscalationRejected`
+/// rule's window, and short enough that one refusal does not hold `/readyz` at 503 for a day.
+pub const REJECTED_PAGE_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Refused pages a self-check's detail names; the count covers the rest.
+const REJECTED_PAGES_NAMED: usize = 3;
 
 /// The self-checks, in report order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -38,14 +48,16 @@ pub enum Check {
     StuckRuns,
     Storage,
     EscalationBacklog,
+    EscalationRejected,
 }
 
 impl Check {
-    pub const ALL: [Check; 4] = [
+    pub const ALL: [Check; 5] = [
         Check::Dispatcher,
         Check::StuckRuns,
         Check::Storage,
         Check::EscalationBacklog,
+        Check::EscalationRejected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,13 +66,15 @@ impl Check {
             Check::StuckRuns => "stuck_runs",
             Check::Storage => "storage",
             Check::EscalationBacklog => "escalation_backlog",
+            Check::EscalationRejected => "escalation_rejected",
         }
     }
 
     /// Whether a failure means alerts are not being remediated, so the heartbeat is withheld and
-    /// the humans get the original alerts. An escalation backlog does not stop remediation.
+    /// the humans get the original alerts. Pages that wait or were refused do not stop
+    /// remediation.
     pub fn stops_remediation(self) -> bool {
-        !matches!(self, Check::EscalationBacklog)
+        !matches!(self, Check::EscalationBacklog | Check::EscalationRejected)
     }
 }
 
@@ -238,29 +252,21 @@ pub async fn run_checks(
     put(Check::Storage, storage);
 
     let now = engine.clock.now();
-    let backlog = match engine.outbox.pending() {
-        Err(e) => Some(format!("cannot read the escalation outbox: {e}")),
-        Ok(pending) => {
-            let oldest = pending.iter().min_by_key(|e| e.created);
-            let age = oldest
-                .map(|e| now.duration_since(e.created).unsigned_abs())
-                .unwrap_or_default();
-            engine.metrics.escalations_pending.set(pending.len() as i64);
-            engine
-                .metrics
-                .escalation_oldest_pending_age
-                .set(age.as_secs_f64());
-            oldest.filter(|_| age >= settings.backlog_after).map(|e| {
-                format!(
-                    "{} page(s) not accepted by Alertmanager, the oldest for {}s: {}",
-                    pending.len(),
-                    age.as_secs(),
-                    e.last_error.as_deref().unwrap_or("not attempted yet")
-                )
-            })
+    let rejected_since = now
+        .checked_sub(SignedDuration::try_from(REJECTED_PAGE_WINDOW).unwrap_or_default())
+        .unwrap_or(Timestamp::MIN);
+    let (backlog, rejected) = match engine.outbox.unsettled(rejected_since) {
+        Err(e) => {
+            let failure = format!("cannot read the escalation outbox: {e}");
+            (Some(failure.clone()), Some(failure))
         }
+        Ok(unsettled) => (
+            escalation_backlog(engine, settings, &unsettled.pending, now),
+            escalation_rejected(unsettled.rejected),
+        ),
     };
     put(Check::EscalationBacklog, backlog);
+    put(Check::EscalationRejected, rejected);
 
     for (check, result) in &report {
         engine
@@ -272,6 +278,57 @@ pub async fn run_checks(
             .set(i64::from(!result.ok));
     }
     report
+}
+
+/// Pages waiting longer than `backlog_after`; updates the outbox gauges on the way.
+fn escalation_backlog(
+    engine: &Engine,
+    settings: &WatchdogSettings,
+    pending: &[Entry],
+    now: Timestamp,
+) -> Option<String> {
+    let oldest = pending.iter().min_by_key(|e| e.created);
+    let age = oldest
+        .map(|e| now.duration_since(e.created).unsigned_abs())
+        .unwrap_or_default();
+    engine.metrics.escalations_pending.set(pending.len() as i64);
+    engine
+        .metrics
+        .escalation_oldest_pending_age
+        .set(age.as_secs_f64());
+    oldest.filter(|_| age >= settings.backlog_after).map(|e| {
+        format!(
+            "{} page(s) not accepted by Alertmanager, the oldest for {}s: {}",
+            pending.len(),
+            age.as_secs(),
+            e.last_error.as_deref().unwrap_or("not attempted yet")
+        )
+    })
+}
+
+/// Pages Alertmanager refused within [`REJECTED_PAGE_WINDOW`], newest first, naming their runs.
+fn escalation_rejected(mut rejected: Vec<Entry>) -> Option<String> {
+    if rejected.is_empty() {
+        return None;
+    }
+    rejected.sort_by_key(|e| std::cmp::Reverse(e.next_attempt));
+    let named: Vec<String> = rejected
+        .iter()
+        .take(REJECTED_PAGES_NAMED)
+        .map(|e| {
+            format!(
+                "run {}: {}",
+                e.run,
+                e.last_error.as_deref().unwrap_or("refused")
+            )
+        })
+        .collect();
+    Some(format!(
+        "Alertmanager refused {} page(s) in the last {}, so nobody was paged for those failed runs; {}",
+        rejected.len(),
+        humantime::format_duration(REJECTED_PAGE_WINDOW),
+        named.join("; ")
+    ))
 }
 
 /// Builds the heartbeat, alive for three intervals.

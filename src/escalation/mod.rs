@@ -5,7 +5,8 @@
 //! team, namespace, etc. keeps working) with `alertname` moved to `original_alertname` and
 //! `severity` to `original_severity`, plus `alertname="RemediationFailed"`, the configured
 //! `severity` and `playbook`. The run id lives in annotations, not labels, so repeated failures for
-//! the same target update one page instead of raising a storm of them.
+//! the same target update one page instead of raising a storm of them. Labels whose names
+//! Alertmanager refuses move to the `invalid_labels` annotation, so the page is still accepted.
 //!
 //! Pages are not sent from the run: they go through the durable [`outbox`], which retries until
 //! Alertmanager accepts them, across restarts and outages.
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::alertmanager::AlertmanagerApi;
+use crate::alertmanager::{valid_label_name, AlertmanagerApi};
 use crate::config::AlertmanagerSettings;
 use crate::domain::Labels;
 use crate::history::Run;
@@ -25,6 +26,9 @@ use crate::playbook::{Playbook, TemplateContext};
 
 pub const REMEDIATION_FAILED: &str = "RemediationFailed";
 pub const REMEDIATION_LOOP: &str = "RemediationLoop";
+/// Annotation of a page carrying the alert's labels whose names Alertmanager refuses, as a JSON
+/// object of name to value.
+pub const INVALID_LABELS: &str = "invalid_labels";
 
 pub use crate::alertmanager::PostableAlert;
 
@@ -102,6 +106,12 @@ impl Escalator {
                 labels.insert(format!("original_{name}"), v);
             }
         }
+        // Alertmanager refuses a whole alert for one label name outside `[a-zA-Z_][a-zA-Z0-9_]*`,
+        // and an alert posted to reactor's webhook can carry any name: those labels travel in one
+        // annotation, exactly as they were, so the page is accepted and nothing is lost.
+        let (mut labels, invalid): (Labels, Labels) = labels
+            .into_iter()
+            .partition(|(name, _)| valid_label_name(name));
         let severity = spec
             .and_then(|s| s.severity.clone())
             .unwrap_or_else(|| self.settings().severity.clone());
@@ -146,6 +156,10 @@ impl Escalator {
         if let Some(src) = run.alert.annotations.get("summary") {
             annotations.insert("original_summary".into(), src.clone());
         }
+        if !invalid.is_empty() {
+            let json = serde_json::to_string(&invalid).expect("a string map serializes");
+            annotations.insert(INVALID_LABELS.into(), json);
+        }
         let ttl = jiff::SignedDuration::try_from(self.settings().page_ttl)
             .unwrap_or(jiff::SignedDuration::from_hours(24));
         PostableAlert {
@@ -153,7 +167,13 @@ impl Escalator {
             annotations,
             starts_at: now,
             ends_at: now.checked_add(ttl).unwrap_or(now),
-            generator_url: run_url.into(),
+            // Alertmanager answers 422 to a generatorURL that is not a URI; `run_url` is also
+            // in the annotations.
+            generator_url: if reqwest::Url::parse(run_url).is_ok() {
+                run_url.into()
+            } else {
+                String::new()
+            },
         }
     }
 
@@ -259,6 +279,58 @@ mod tests {
         );
         assert_eq!(page.generator_url, "http://r/api/v1/runs/7-0");
         assert_eq!(page.ends_at.as_second(), 24 * 3600);
+    }
+
+    #[test]
+    fn labels_alertmanager_refuses_travel_in_an_annotation() {
+        let esc = escalator();
+        let mut run = failed_run();
+        for (name, value) in [
+            ("has space", "1"),
+            ("9lives", "2"),
+            ("dash-ed", "3"),
+            ("", "4"),
+        ] {
+            run.alert.labels.insert(name.into(), value.into());
+        }
+        let page = esc.page_for(
+            REMEDIATION_FAILED,
+            &run,
+            None,
+            "not a url",
+            Timestamp::now(),
+        );
+        assert!(
+            page.labels.keys().all(|n| valid_label_name(n)),
+            "{:?}",
+            page.labels
+        );
+        assert!(page.annotations.keys().all(|n| valid_label_name(n)));
+        assert_eq!(page.labels["instance"], "curl-test", "valid labels stay");
+        let moved: Labels = serde_json::from_str(&page.annotations[INVALID_LABELS]).unwrap();
+        assert_eq!(
+            moved,
+            Labels::from([
+                ("".into(), "4".into()),
+                ("9lives".into(), "2".into()),
+                ("dash-ed".into(), "3".into()),
+                ("has space".into(), "1".into()),
+            ])
+        );
+        assert_eq!(
+            page.generator_url, "",
+            "Alertmanager answers 422 to a non-URI"
+        );
+        assert_eq!(page.annotations["run_url"], "not a url");
+
+        let clean = esc.page_for(
+            REMEDIATION_FAILED,
+            &failed_run(),
+            None,
+            "http://r/x",
+            Timestamp::now(),
+        );
+        assert!(!clean.annotations.contains_key(INVALID_LABELS));
     }
 
     #[tokio::test]

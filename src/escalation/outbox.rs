@@ -28,7 +28,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub enum EntryState {
     Pending,
     Delivered,
-    /// Alertmanager refused it for good (4xx other than 429); retrying cannot help.
+    /// Alertmanager refused it for good (4xx other than 429); retrying cannot help. Nobody was
+    /// paged, so the watchdog's `escalation_rejected` check fails for a while; `next_attempt`
+    /// holds when it was refused.
     Rejected,
     /// The problem is fixed: the page is to be re-posted with `endsAt` = now.
     Resolving,
@@ -74,6 +76,13 @@ impl Entry {
             resolved_at: self.resolved_at,
         }
     }
+}
+
+/// What [`Outbox::unsettled`] found.
+#[derive(Debug, Default)]
+pub struct Unsettled {
+    pub pending: Vec<Entry>,
+    pub rejected: Vec<Entry>,
 }
 
 /// The outbox's sled tree plus a wake-up for the sender.
@@ -169,6 +178,24 @@ impl Outbox {
                 if matches!(e.state, EntryState::Pending | EntryState::Resolving) {
                     out.push(e);
                 }
+            }
+        }
+        Ok(out)
+    }
+
+    /// In one pass over the outbox: the entries still waiting for Alertmanager, and those it
+    /// refused at or after `rejected_since`.
+    pub fn unsettled(&self, rejected_since: Timestamp) -> Result<Unsettled, StoreError> {
+        let mut out = Unsettled::default();
+        for kv in self.tree.iter() {
+            let (_, v) = kv?;
+            let Ok(e) = serde_json::from_slice::<Entry>(&v) else {
+                continue;
+            };
+            match e.state {
+                EntryState::Pending | EntryState::Resolving => out.pending.push(e),
+                EntryState::Rejected if e.next_attempt >= rejected_since => out.rejected.push(e),
+                _ => {}
             }
         }
         Ok(out)
@@ -381,13 +408,53 @@ async fn deliver_due(
                     tracing::error!(run_id = %e.run, %alertname, %error, "Alertmanager refused to resolve the page");
                 } else {
                     e.state = EntryState::Rejected;
+                    e.next_attempt = clock.now();
                     outbox.put(&e)?;
                     outbox.record_on_run(&e, DeliveryStatus::Failed, clock.now())?;
                     metrics.escalation_result("rejected");
-                    tracing::error!(run_id = %e.run, %alertname, %error, "Alertmanager rejected the escalation: nobody was paged");
+                    tracing::error!(run_id = %e.run, %alertname, %error, "Alertmanager rejected the escalation: nobody was paged; the escalation_rejected self-check fails");
                 }
             }
         }
     }
     Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An entry as stored, built from its JSON so that it names only the fields this test needs.
+    fn entry(seq: u64, state: &str, at: Timestamp) -> Entry {
+        serde_json::from_value(serde_json::json!({
+            "run": format!("{seq}-0"),
+            "page": {"labels": {"alertname": "RemediationFailed"}, "annotations": {},
+                     "startsAt": at, "endsAt": at, "generatorURL": ""},
+            "state": state,
+            "attempts": 1,
+            "created": at,
+            "nextAttempt": at,
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_pages_refused_within_the_window_count_as_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let outbox = Outbox::open(&store).unwrap();
+        let t = |s| Timestamp::from_second(s).unwrap();
+        outbox.put(&entry(1, "rejected", t(1_000))).unwrap();
+        outbox.put(&entry(2, "rejected", t(5_000))).unwrap();
+        outbox.put(&entry(3, "pending", t(100))).unwrap();
+        outbox.put(&entry(4, "delivered", t(5_000))).unwrap();
+        let found = outbox.unsettled(t(2_000)).unwrap();
+        let seqs = |entries: &[Entry]| entries.iter().map(|e| e.run.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(&found.rejected),
+            [2],
+            "run 1 was refused before the window"
+        );
+        assert_eq!(seqs(&found.pending), [3]);
+    }
 }

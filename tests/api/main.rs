@@ -14,6 +14,7 @@ mod guards;
 mod hardening;
 mod helpers;
 mod kubernetes;
+mod pages;
 mod router;
 mod watchdog;
 mod webhook;
