@@ -132,12 +132,18 @@ impl Default for HistorySettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AlertmanagerSettings {
     /// Alertmanager base URL escalations are posted to (`<url>/api/v2/alerts`). Unset: failures are
-    /// recorded and logged, but nobody is paged.
+    /// recorded and logged, but nobody is paged. Credentials written into it
+    /// (`http://user:pass@host`) are moved to `basic_auth` when the settings are validated, so the
+    /// URL that is requested, logged and recorded on runs carries none.
     pub url: Option<String>,
+    /// HTTP basic authentication on every call (Alertmanager's `http_config.basic_auth`).
+    pub basic_auth: Option<ClientBasicAuth>,
+    /// An `Authorization` header on every call (Alertmanager's `http_config.authorization`).
+    pub authorization: Option<ClientAuthorization>,
     /// Severity label of the pages reactor raises: the highest your routing knows.
     pub severity: String,
     /// How long a page stays firing in Alertmanager unless resolved earlier.
@@ -160,6 +166,8 @@ impl Default for AlertmanagerSettings {
     fn default() -> Self {
         AlertmanagerSettings {
             url: None,
+            basic_auth: None,
+            authorization: None,
             severity: "critical".into(),
             page_ttl: Duration::from_secs(24 * 3600),
             timeout: Duration::from_secs(10),
@@ -168,6 +176,235 @@ impl Default for AlertmanagerSettings {
             poll_filter: vec![r#"remediation="auto""#.into()],
         }
     }
+}
+
+/// Written by hand so that no credential in `url` reaches a log through `{:?}`.
+impl std::fmt::Debug for AlertmanagerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertmanagerSettings")
+            .field("url", &self.url.as_deref().map(redact_userinfo))
+            .field("basic_auth", &self.basic_auth)
+            .field("authorization", &self.authorization)
+            .field("severity", &self.severity)
+            .field("page_ttl", &self.page_ttl)
+            .field("timeout", &self.timeout)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("poll_interval", &self.poll_interval)
+            .field("poll_filter", &self.poll_filter)
+            .finish()
+    }
+}
+
+impl AlertmanagerSettings {
+    /// Checks the URL and the credentials, and moves credentials written into the URL to
+    /// `basic_auth`. Errors name the setting and never print a secret.
+    pub fn validated(mut self) -> Result<AlertmanagerSettings, ConfigError> {
+        if let Some(raw) = self.url.take() {
+            let mut url = reqwest::Url::parse(&raw).map_err(|e| {
+                invalid(
+                    "alertmanager.url",
+                    format!("not a URL: {}: {e}", redact_userinfo(&raw)),
+                )
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+                return Err(invalid(
+                    "alertmanager.url",
+                    format!(
+                        "expected http://HOST[:PORT] or https://…, got {}",
+                        redact_userinfo(&raw)
+                    ),
+                ));
+            }
+            if url.username().is_empty() && url.password().is_none() {
+                self.url = Some(raw);
+            } else {
+                if self.basic_auth.is_some() || self.authorization.is_some() {
+                    return Err(invalid(
+                        "alertmanager.url",
+                        "carries credentials while alertmanager.basic_auth or \
+                         alertmanager.authorization is set: keep one"
+                            .into(),
+                    ));
+                }
+                self.basic_auth = Some(ClientBasicAuth {
+                    username: percent_decode(url.username()),
+                    password: url.password().map(|p| Secret::new(percent_decode(p))),
+                    password_file: None,
+                });
+                // Cannot fail: the URL has a host, checked above.
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                let mut clean = url.to_string();
+                if !raw.ends_with('/') && url.path() == "/" {
+                    clean.pop();
+                }
+                self.url = Some(clean);
+            }
+        }
+        if self.basic_auth.is_some() && self.authorization.is_some() {
+            return Err(invalid(
+                "alertmanager.authorization",
+                "set alertmanager.basic_auth or alertmanager.authorization, not both".into(),
+            ));
+        }
+        if let Some(b) = &self.basic_auth {
+            if b.password.is_some() && b.password_file.is_some() {
+                return Err(invalid(
+                    "alertmanager.basic_auth",
+                    "set password or password_file, not both".into(),
+                ));
+            }
+            if b.username.contains(':') || b.username.chars().any(char::is_control) {
+                return Err(invalid(
+                    "alertmanager.basic_auth.username",
+                    "must not contain ':' or control characters".into(),
+                ));
+            }
+        }
+        if let Some(a) = &self.authorization {
+            if a.credentials.is_some() && a.credentials_file.is_some() {
+                return Err(invalid(
+                    "alertmanager.authorization",
+                    "set credentials or credentials_file, not both".into(),
+                ));
+            }
+            if a.scheme.eq_ignore_ascii_case("basic") {
+                return Err(invalid(
+                    "alertmanager.authorization.type",
+                    "use alertmanager.basic_auth for basic authentication".into(),
+                ));
+            }
+            let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if a.scheme.is_empty() || !a.scheme.chars().all(token) {
+                return Err(invalid(
+                    "alertmanager.authorization.type",
+                    format!("expected a scheme like Bearer, got {:?}", a.scheme),
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// `REACTOR_ALERTMANAGER_{USERNAME,PASSWORD}` (basic auth) and `REACTOR_ALERTMANAGER_TOKEN`
+    /// (a bearer token): secrets from a Kubernetes Secret through the environment. Empty is unset.
+    fn apply_env(&mut self, get: &impl Fn(&str) -> Option<String>) {
+        let get = |k| get(k).filter(|v| !v.is_empty());
+        if let Some(v) = get("REACTOR_ALERTMANAGER_USERNAME") {
+            self.basic_auth
+                .get_or_insert_with(Default::default)
+                .username = v;
+        }
+        if let Some(v) = get("REACTOR_ALERTMANAGER_PASSWORD") {
+            let basic = self.basic_auth.get_or_insert_with(Default::default);
+            basic.password = Some(Secret::new(v));
+            basic.password_file = None;
+        }
+        if let Some(v) = get("REACTOR_ALERTMANAGER_TOKEN") {
+            let auth = self.authorization.get_or_insert_with(Default::default);
+            auth.credentials = Some(Secret::new(v));
+            auth.credentials_file = None;
+        }
+    }
+}
+
+/// A credential from the configuration file or the environment. `Debug` and `Display` print
+/// `<redacted>`, so settings can be printed whole; [`Secret::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Basic authentication toward Alertmanager, as in its own `http_config.basic_auth`.
+/// `password_file` is read on every request, so a rotated file takes effect without a restart.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientBasicAuth {
+    pub username: String,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+}
+
+/// An `Authorization: <type> <credentials>` header toward Alertmanager, as in its own
+/// `http_config.authorization`. `credentials_file` is read on every request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientAuthorization {
+    #[serde(rename = "type")]
+    pub scheme: String,
+    pub credentials: Option<Secret>,
+    pub credentials_file: Option<PathBuf>,
+}
+
+impl Default for ClientAuthorization {
+    fn default() -> Self {
+        ClientAuthorization {
+            scheme: "Bearer".into(),
+            credentials: None,
+            credentials_file: None,
+        }
+    }
+}
+
+/// `url` with any `user:password@` replaced by `<redacted>@`, for messages. Works on strings that
+/// do not parse as URLs too, since those are the ones error messages print.
+pub fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let authority_len = url[start..]
+        .find(['/', '?', '#'])
+        .unwrap_or(url.len() - start);
+    match url[start..start + authority_len].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &url[..start], &url[start + at..]).into(),
+        None => url.into(),
+    }
+}
+
+/// Decodes `%XX` escapes of a URL's userinfo, as clients do before sending basic credentials.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i..i + 3) {
+            Some([b'%', h, l]) => (*h as char).to_digit(16).zip((*l as char).to_digit(16)),
+            _ => None,
+        };
+        match escaped {
+            Some((h, l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn invalid(field: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid { field, message }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -391,6 +628,11 @@ pub enum ConfigError {
     },
     #[error("environment variable {name}: {message}")]
     Env { name: &'static str, message: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl Settings {
@@ -416,6 +658,7 @@ impl Settings {
         };
         s.apply_env(|k| std::env::var(k).ok())?;
         s.apply(overrides);
+        s.alertmanager = std::mem::take(&mut s.alertmanager).validated()?;
         if let Err(e) = s.validate() {
             let path = file.map_or_else(|| PathBuf::from("settings"), Path::to_owned);
             let line = file
@@ -583,6 +826,7 @@ impl Settings {
         if let Some(v) = get("REACTOR_ALERTMANAGER_URL") {
             self.alertmanager.url = Some(v);
         }
+        self.alertmanager.apply_env(&get);
         if let Some(v) = get("REACTOR_AUTH_TOKEN") {
             self.auth.bearer_token = Some(v).filter(|t| !t.is_empty());
         }
@@ -784,5 +1028,186 @@ mod tests {
         std::fs::write(&f, "listen: 127.0.0.1:1000\nlistne: x\n").unwrap();
         let e = Settings::load(Some(&f), &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("reactor.yaml:2:"), "{e}");
+    }
+
+    #[test]
+    fn credentials_in_the_alertmanager_url_move_to_basic_auth() {
+        let s = AlertmanagerSettings {
+            url: Some("http://am%40corp:p%3Ass@127.0.0.1:9093".into()),
+            ..AlertmanagerSettings::default()
+        }
+        .validated()
+        .unwrap();
+        assert_eq!(s.url.as_deref(), Some("http://127.0.0.1:9093"));
+        let basic = s.basic_auth.as_ref().unwrap();
+        assert_eq!(basic.username, "am@corp");
+        assert_eq!(basic.password.as_ref().unwrap().expose(), "p:ss");
+        let printed = format!("{s:?}");
+        assert!(
+            !printed.contains("p:ss") && !printed.contains("p%3Ass"),
+            "{printed}"
+        );
+        assert!(printed.contains("<redacted>"), "{printed}");
+
+        let plain = AlertmanagerSettings {
+            url: Some("https://am.example:9093/prefix/".into()),
+            ..AlertmanagerSettings::default()
+        }
+        .validated()
+        .unwrap();
+        assert_eq!(
+            plain.url.as_deref(),
+            Some("https://am.example:9093/prefix/")
+        );
+        assert!(plain.basic_auth.is_none());
+    }
+
+    #[test]
+    fn loaded_settings_print_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("reactor.yaml");
+        std::fs::write(&f, "alertmanager:\n  url: http://u:918273645@am:9093\n").unwrap();
+        let s = Settings::load(Some(&f), &Overrides::default()).unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("918273645"), "{printed}");
+        std::fs::write(
+            &f,
+            "alertmanager:\n  basic_auth:\n    username: u\n    password: 918273645\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&f), &Overrides::default()).unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("918273645"), "{printed}");
+    }
+
+    #[test]
+    fn settings_debug_never_prints_a_secret() {
+        let s = AlertmanagerSettings {
+            url: Some("http://u:url-secret@am:9093".into()),
+            authorization: Some(ClientAuthorization {
+                credentials: Some(Secret::new("token-secret")),
+                ..ClientAuthorization::default()
+            }),
+            basic_auth: Some(ClientBasicAuth {
+                username: "u".into(),
+                password: Some(Secret::new("basic-secret")),
+                password_file: None,
+            }),
+            ..AlertmanagerSettings::default()
+        };
+        let printed = format!("{s:?} {}", Secret::new("display-secret"));
+        for secret in [
+            "url-secret",
+            "token-secret",
+            "basic-secret",
+            "display-secret",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+    }
+
+    #[test]
+    fn userinfo_is_redacted_even_from_strings_that_are_not_urls() {
+        assert_eq!(
+            redact_userinfo("http://u:p@h:1/x@y"),
+            "http://<redacted>@h:1/x@y"
+        );
+        assert_eq!(redact_userinfo("u:p@h:1"), "<redacted>@h:1");
+        assert_eq!(redact_userinfo("http://h:1/a@b"), "http://h:1/a@b");
+        assert_eq!(redact_userinfo("http://a:b c@h"), "http://<redacted>@h");
+    }
+
+    #[test]
+    fn conflicting_or_invalid_alertmanager_settings_are_errors_naming_the_field() {
+        let err = |s: AlertmanagerSettings| s.validated().unwrap_err().to_string();
+        let with_url = |url: &str| AlertmanagerSettings {
+            url: Some(url.into()),
+            ..AlertmanagerSettings::default()
+        };
+        let e = err(with_url("http://u:hunter2@am:9093 x"));
+        assert!(e.starts_with("alertmanager.url: not a URL"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err(with_url("ftp://am"));
+        assert!(e.starts_with("alertmanager.url: expected http"), "{e}");
+        let e = err(AlertmanagerSettings {
+            basic_auth: Some(ClientBasicAuth::default()),
+            ..with_url("http://u:hunter2@am:9093")
+        });
+        assert!(
+            e.starts_with("alertmanager.url: carries credentials"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err(AlertmanagerSettings {
+            basic_auth: Some(ClientBasicAuth::default()),
+            authorization: Some(ClientAuthorization::default()),
+            ..AlertmanagerSettings::default()
+        });
+        assert!(e.starts_with("alertmanager.authorization: set"), "{e}");
+        let e = err(AlertmanagerSettings {
+            basic_auth: Some(ClientBasicAuth {
+                password: Some(Secret::new("a")),
+                password_file: Some("/f".into()),
+                ..ClientBasicAuth::default()
+            }),
+            ..AlertmanagerSettings::default()
+        });
+        assert!(
+            e.starts_with("alertmanager.basic_auth: set password or"),
+            "{e}"
+        );
+        let e = err(AlertmanagerSettings {
+            authorization: Some(ClientAuthorization {
+                scheme: "Basic".into(),
+                ..ClientAuthorization::default()
+            }),
+            ..AlertmanagerSettings::default()
+        });
+        assert!(e.starts_with("alertmanager.authorization.type"), "{e}");
+    }
+
+    #[test]
+    fn alertmanager_credentials_load_from_the_file_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("reactor.yaml");
+        std::fs::write(
+            &f,
+            "alertmanager:\n  url: http://am:9093\n  basic_auth:\n    username: reactor\n    password_file: /run/secrets/am\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&f), &Overrides::default()).unwrap();
+        let basic = s.alertmanager.basic_auth.as_ref().unwrap();
+        assert_eq!(basic.username, "reactor");
+        assert_eq!(
+            basic.password_file.as_deref(),
+            Some(Path::new("/run/secrets/am"))
+        );
+        std::fs::write(
+            &f,
+            "alertmanager:\n  authorization:\n    credentials_file: /t\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&f), &Overrides::default()).unwrap();
+        assert_eq!(
+            s.alertmanager.authorization.as_ref().unwrap().scheme,
+            "Bearer"
+        );
+
+        let mut s = Settings::default();
+        s.apply_env(|k| match k {
+            "REACTOR_ALERTMANAGER_USERNAME" => Some("env-user".into()),
+            "REACTOR_ALERTMANAGER_PASSWORD" => Some("env-pass".into()),
+            _ => None,
+        })
+        .unwrap();
+        let basic = s.alertmanager.basic_auth.as_ref().unwrap();
+        assert_eq!(basic.username, "env-user");
+        assert_eq!(basic.password.as_ref().unwrap().expose(), "env-pass");
+        let mut s = Settings::default();
+        s.apply_env(|k| (k == "REACTOR_ALERTMANAGER_TOKEN").then(|| "env-token".to_owned()))
+            .unwrap();
+        let auth = s.alertmanager.authorization.as_ref().unwrap();
+        assert_eq!(auth.credentials.as_ref().unwrap().expose(), "env-token");
+        assert_eq!(auth.scheme, "Bearer");
     }
 }

@@ -1,16 +1,21 @@
 //! Pages that must reach a human: a page for an alert whose label names Alertmanager refuses is
-//! still accepted by the real Alertmanager, and a page Alertmanager refuses anyway makes reactor
-//! report itself unhealthy.
+//! still accepted by the real Alertmanager, a page Alertmanager refuses anyway makes reactor report
+//! itself unhealthy, and credentials for Alertmanager are sent on every call but never shown in a
+//! run or a log line.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
+use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::helpers::{alertmanager_config, client, serve_local, wait_for, Stack, TestApp};
+use crate::helpers::{
+    alertmanager_config, client, free_port, get_runs, serve_local, spawn_binary, wait_for,
+    wait_healthy, PlaybookDir, Stack, TestApp,
+};
 
 const TOKEN: &str = "pages-token";
 
@@ -32,6 +37,15 @@ fn alert_with_labels(alertname: &str, labels: &[(&str, &str)]) -> Value {
         "endsAt": "0001-01-01T00:00:00Z",
         "fingerprint": "0a0b0c0d0e0f1011",
     }]})
+}
+
+/// A port on 127.0.0.1 with nothing listening.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
@@ -173,4 +187,140 @@ async fn a_refused_page_makes_reactor_report_itself_unhealthy() {
     assert!(metrics.contains("reactor_self_check_failing{check=\"escalation_rejected\"} 1"));
     app.stop().await;
     stop.cancel();
+}
+
+#[tokio::test]
+async fn a_password_in_the_alertmanager_url_never_reaches_runs_or_logs() {
+    let secret = format!(
+        "pw-{}-{}",
+        std::process::id(),
+        jiff::Timestamp::now().as_nanosecond()
+    );
+    let dead = closed_port();
+    let am_url = format!("http://someuser:{secret}@127.0.0.1:{dead}");
+    let body = alert_with_labels("ReactorSelfTestFail", &[("instance", "leak-host")]);
+    let has_error = |r: &[Value]| r.len() == 1 && r[0]["escalation"]["lastError"].is_string();
+
+    // In process, the URL set directly in the settings.
+    let app = TestApp::spawn(|s| s.alertmanager.url = Some(am_url.clone())).await;
+    assert_eq!(app.post_webhook(&body).await.status(), 202);
+    let runs = app
+        .wait_for_runs("", Duration::from_secs(20), has_error)
+        .await;
+    let error = runs[0]["escalation"]["lastError"].as_str().unwrap();
+    assert!(error.contains(&format!("127.0.0.1:{dead}")), "{error}");
+    let all = serde_json::to_string(&runs).unwrap();
+    assert!(
+        !all.contains(&secret),
+        "the password is in /api/v1/runs: {all}"
+    );
+    app.stop().await;
+
+    // The binary, the URL from its config file: neither the runs nor its log show the password.
+    let dir = PlaybookDir::new(&[(
+        "playbooks/selftest.yaml",
+        include_str!("../../playbooks/selftest.yaml"),
+    )]);
+    let port = free_port();
+    let config = dir.binary_config(
+        port,
+        TOKEN,
+        &format!("alertmanager:\n  url: {am_url}\n  retry_backoff: 50ms\n"),
+    );
+    let _reactor = spawn_binary(&["--config", config.to_str().unwrap(), "serve"], dir.path());
+    wait_healthy(port).await;
+    let r = client()
+        .post(format!("http://127.0.0.1:{port}/webhook/alertmanager"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let url = format!("http://127.0.0.1:{port}/api/v1/runs");
+    let runs = wait_for(Duration::from_secs(20), || async {
+        let runs = get_runs(&client(), &url, Some(TOKEN)).await;
+        Some(runs).filter(|r| has_error(r) && r[0]["escalation"]["attempts"].as_u64() >= Some(2))
+    })
+    .await
+    .expect("the binary records a failed delivery");
+    assert!(!serde_json::to_string(&runs).unwrap().contains(&secret));
+    let log = std::fs::read_to_string(dir.path().join("reactor.log")).unwrap();
+    assert!(
+        log.contains("escalation not delivered yet") && log.contains(&format!("127.0.0.1:{dead}")),
+        "the WARN line names the URL:\n{log}"
+    );
+    assert!(!log.contains(&secret), "the password is in the log:\n{log}");
+}
+
+/// An Alertmanager stand-in recording the `Authorization` header of every request.
+async fn recording_alertmanager() -> (
+    String,
+    Arc<Mutex<Vec<Option<String>>>>,
+    tokio_util::sync::CancellationToken,
+) {
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let record = seen.clone();
+    let app = Router::new().route(
+        "/api/v2/alerts",
+        post(move |headers: HeaderMap| {
+            let record = record.clone();
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap_or("<not text>").to_owned());
+                record.lock().unwrap().push(auth);
+                ""
+            }
+        })
+        .get(|| async { "[]" }),
+    );
+    let (addr, stop) = serve_local(app).await;
+    (format!("127.0.0.1:{}", addr.port()), seen, stop)
+}
+
+#[tokio::test]
+async fn alertmanager_gets_basic_auth_from_the_url_and_from_a_password_file() {
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("someuser:f1le-or-url-secret")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("am-password");
+    std::fs::write(&password_file, "f1le-or-url-secret\n").unwrap();
+
+    for from_file in [false, true] {
+        let (host, seen, stop) = recording_alertmanager().await;
+        let password_file = password_file.clone();
+        let app = TestApp::spawn(|s| {
+            s.watchdog.heartbeat_interval = Duration::from_millis(100);
+            if from_file {
+                s.alertmanager.url = Some(format!("http://{host}"));
+                s.alertmanager.basic_auth = Some(reactor::config::ClientBasicAuth {
+                    username: "someuser".into(),
+                    password: None,
+                    password_file: Some(password_file),
+                });
+            } else {
+                s.alertmanager.url = Some(format!("http://someuser:f1le-or-url-secret@{host}"));
+            }
+        })
+        .await;
+        // The heartbeat is posted at once and then every interval.
+        let auth = wait_for(Duration::from_secs(10), || async {
+            let seen = seen.lock().unwrap();
+            (seen.len() >= 2).then(|| seen.clone())
+        })
+        .await
+        .expect("reactor posts its heartbeat");
+        for a in auth {
+            assert_eq!(
+                a.as_deref(),
+                Some(expected.as_str()),
+                "from_file: {from_file}"
+            );
+        }
+        app.stop().await;
+        stop.cancel();
+    }
 }
