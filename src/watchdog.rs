@@ -252,9 +252,7 @@ pub async fn run_checks(
     put(Check::Storage, storage);
 
     let now = engine.clock.now();
-    let rejected_since = now
-        .checked_sub(SignedDuration::try_from(REJECTED_PAGE_WINDOW).unwrap_or_default())
-        .unwrap_or(Timestamp::MIN);
+    let rejected_since = crate::clock::earlier(now, REJECTED_PAGE_WINDOW);
     let (backlog, rejected) = match engine.outbox.unsettled(rejected_since) {
         Err(e) => {
             let failure = format!("cannot read the escalation outbox: {e}");
