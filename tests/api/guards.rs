@@ -41,14 +41,7 @@ async fn fifty_repeats_of_one_firing_alert_make_one_run() {
         .iter()
         .filter(|r| r["outcome"] == "deduplicated")
         .all(|r| r["reason"] == format!("repeat delivery of run {original}")));
-    let metrics = crate::helpers::client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for line in [
         "reactor_alerts_received_total{status=\"firing\"} 50",
         "reactor_deduplicated_deliveries_total{status=\"firing\"} 49",

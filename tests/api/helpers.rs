@@ -171,6 +171,15 @@ impl TestApp {
         .await
     }
 
+    /// The `/metrics` exposition.
+    pub async fn metrics(&self) -> String {
+        let mut req = self.client.get(self.url("/metrics"));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap().text().await.unwrap()
+    }
+
     /// Polls the run list until `done` holds for it.
     pub async fn wait_for_runs(
         &self,

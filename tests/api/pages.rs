@@ -172,14 +172,7 @@ async fn a_refused_page_makes_reactor_report_itself_unhealthy() {
         report["checks"]["escalation_rejected"]["ok"], false,
         "{report}"
     );
-    let metrics = client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("reactor_escalations_total{result=\"rejected\"} 1"),
         "{metrics}"
