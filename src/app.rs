@@ -23,7 +23,7 @@ use crate::executor::{sandbox, Executor};
 use crate::history::retention;
 use crate::history::{Store, StoreError};
 use crate::playbook::{self, LoadErrors};
-use crate::routes::{router, AppState};
+use crate::routes::{router, serve, AppState};
 use crate::{poller, watchdog};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,8 @@ impl Application {
             return Err(StartupError::Insecure(settings.listen));
         }
         install_crypto_provider();
+        // Before anything opens files: the connection cap is taken below this limit.
+        serve::raise_nofile_limit();
         let kube = Kubernetes::connect(&settings.kubernetes).await?;
         match &kube {
             Some(_) => {
@@ -261,6 +263,7 @@ impl Application {
             });
         }
         let store = state.store.clone();
+        let limits = settings.limits.clone();
         let dispatcher = runs_runtime.spawn({
             let shutdown = shutdown.clone();
             async move {
@@ -277,9 +280,7 @@ impl Application {
             }
         });
         tracing::info!(%addr, "reactor listening");
-        let served = axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await;
+        serve::serve(listener, router(state), &limits, shutdown.clone()).await;
         shutdown.cancel();
         if let Err(e) = dispatcher.await {
             tracing::error!(error = %e, "dispatcher task failed");
@@ -291,7 +292,7 @@ impl Application {
             tracing::error!(error = %e, "final database flush failed");
         }
         tracing::info!("reactor stopped");
-        served.map_err(StartupError::Serve)
+        Ok(())
     }
 }
 

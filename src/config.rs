@@ -422,9 +422,27 @@ pub struct Limits {
     pub queue_capacity: usize,
     /// Runs executing at once.
     pub max_concurrent_runs: usize,
-    /// On SIGTERM, how long in-flight runs may finish before the process exits anyway.
+    /// On SIGTERM, how long in-flight runs may finish before the process exits anyway; open
+    /// HTTP connections get as long to finish their requests.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// Open HTTP connections at most; also kept 128 below the file-descriptor limit. At the cap
+    /// the connection idle longest is closed to make room, or, with none idle, new connections
+    /// wait in the listen backlog.
+    pub max_connections: usize,
+    /// From a request's first byte to the end of its headers; slower, the connection is closed.
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in progress (new, or kept alive after one) that sends nothing
+    /// for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Reading a whole webhook body; slower is 408 and the connection is closed.
+    #[serde(deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
+    /// Webhook bodies being received at once, in bytes, all connections together; a body that
+    /// does not fit is 503 with Retry-After (Alertmanager retries it).
+    pub max_buffered_body_bytes: usize,
 }
 
 impl Default for Limits {
@@ -437,6 +455,11 @@ impl Default for Limits {
             queue_capacity: 10_000,
             max_concurrent_runs: 64,
             shutdown_grace: Duration::from_secs(10),
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(30),
+            max_buffered_body_bytes: 64 << 20,
         }
     }
 }

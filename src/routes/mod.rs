@@ -1,8 +1,11 @@
 //! The HTTP surface: the Alertmanager webhook receiver, the run history API and health. Handlers
 //! are thin: they authenticate, decode at the edge, and hand over to the store and the engine.
 //! Every refusal is a JSON `{"error": reason}` with the status Alertmanager and curl users expect.
+//! `serve` is the listener the router runs behind, `connection` one connection's deadlines.
 
+mod connection;
 mod runs;
+pub mod serve;
 mod webhook;
 
 use std::sync::Arc;
