@@ -1,8 +1,10 @@
 //! The HTTP surface: the Alertmanager webhook receiver, the run history API and health. Handlers
 //! are thin: they authenticate, decode at the edge, and hand over to the store and the engine.
 //! Every refusal is a JSON `{"error": reason}` with the status Alertmanager and curl users expect.
-//! `serve` is the listener the router runs behind, `connection` one connection's deadlines.
+//! `serve` is the listener the router runs behind, `connection` one connection's deadlines, `body`
+//! the bounded reading of a request body.
 
+mod body;
 mod connection;
 mod runs;
 pub mod serve;
@@ -15,7 +17,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use subtle::ConstantTimeEq;
 
 use crate::config::{AuthSettings, Limits};
@@ -35,7 +37,8 @@ pub struct AppState {
     pub health: Arc<crate::watchdog::Health>,
 }
 
-/// The full router. Everything but `/healthz` sits behind the bearer token when one is configured.
+/// The full router. Everything but `/healthz` and `/readyz` sits behind the credentials when
+/// some are configured; they are checked before a body is read.
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/webhook/alertmanager", post(webhook::receive))
@@ -48,6 +51,9 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(Extension(body::BodyBudget::new(
+            state.limits.max_buffered_body_bytes,
+        )))
         .with_state(state)
 }
 

@@ -1,13 +1,13 @@
 //! `POST /webhook/alertmanager`: decode, reserve queue space, record durably, answer, then hand
 //! the alerts to the engine. The answer never waits for a remediation.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::Json;
+use axum::{Extension, Json};
 use jiff::Timestamp;
 
+use super::body::{read_body, BodyBudget};
 use super::{ApiError, AppState};
 use crate::domain::decode_webhook;
 
@@ -16,8 +16,9 @@ const RETRY_AFTER_SECS: u32 = 5;
 
 pub async fn receive(
     State(state): State<AppState>,
+    Extension(budget): Extension<BodyBudget>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -30,7 +31,7 @@ pub async fn receive(
             "expected Content-Type: application/json",
         ));
     }
-    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let body = read_body(body, &state.limits, &budget).await?;
     let notification =
         decode_webhook(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     notification
