@@ -11,6 +11,7 @@ pub mod serve;
 mod webhook;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .layer(Extension(body::BodyBudget::new(
             state.limits.max_buffered_body_bytes,
         )))
+        .layer(Extension(Arc::new(CachedProbe::new(READY_PROBE_INTERVAL))))
         .with_state(state)
 }
 
@@ -75,16 +77,28 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
     }
 }
 
+/// How long a database probe's result answers `/readyz`: the probe is a durable write, and
+/// `/readyz` needs no credentials.
+const READY_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Ready when the database takes writes, playbooks are loaded and every self-check passes
 /// (503 otherwise), with each check's detail.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+async fn readyz(
+    State(state): State<AppState>,
+    Extension(probe): Extension<Arc<CachedProbe>>,
+) -> (StatusCode, Json<serde_json::Value>) {
     let report = state.health.report();
-    let database =
-        match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.probe()).await {
-            Ok(Ok(())) => serde_json::json!({"ok": true}),
-            Ok(Err(e)) => serde_json::json!({"ok": false, "detail": e.to_string()}),
-            Err(_) => serde_json::json!({"ok": false, "detail": "write not durable within 2s"}),
-        };
+    let database = probe
+        .get(|| async {
+            match tokio::time::timeout(Duration::from_secs(2), state.store.probe()).await {
+                Ok(Ok(())) => serde_json::json!({"ok": true}),
+                Ok(Err(e)) => serde_json::json!({"ok": false, "detail": e.to_string()}),
+                Err(_) => {
+                    serde_json::json!({"ok": false, "detail": "write not durable within 2s"})
+                }
+            }
+        })
+        .await;
     let mut checks = serde_json::Map::new();
     checks.insert("database".into(), database);
     checks.insert(
@@ -114,6 +128,39 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
         status,
         Json(serde_json::json!({"ready": ready, "checks": checks})),
     )
+}
+
+/// A check's result, reused for `interval` after the check started: however many callers, at
+/// most one check runs per interval, and callers arriving during a check wait for its result.
+struct CachedProbe {
+    interval: Duration,
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, serde_json::Value)>>,
+}
+
+impl CachedProbe {
+    fn new(interval: Duration) -> CachedProbe {
+        CachedProbe {
+            interval,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn get<F, Fut>(&self, check: F) -> serde_json::Value
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = serde_json::Value>,
+    {
+        let mut last = self.last.lock().await;
+        if let Some((at, result)) = &*last {
+            if at.elapsed() < self.interval {
+                return result.clone();
+            }
+        }
+        let started = tokio::time::Instant::now();
+        let result = check().await;
+        *last = Some((started, result.clone()));
+        result
+    }
 }
 
 /// The `Authorization` header values that `auth` accepts.
@@ -208,5 +255,47 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readiness_checks_share_one_probe_per_interval() {
+        let interval = Duration::from_millis(300);
+        let probe = Arc::new(CachedProbe::new(interval));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let check = |probe: Arc<CachedProbe>, probes: Arc<AtomicUsize>| async move {
+            probe
+                .get(|| async {
+                    probes.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    serde_json::json!({"ok": true})
+                })
+                .await
+        };
+        let callers: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(check(Arc::clone(&probe), Arc::clone(&probes))))
+            .collect();
+        for caller in callers {
+            assert_eq!(caller.await.unwrap(), serde_json::json!({"ok": true}));
+        }
+        check(Arc::clone(&probe), Arc::clone(&probes)).await;
+        assert_eq!(
+            probes.load(Ordering::SeqCst),
+            1,
+            "one probe answers the interval"
+        );
+        tokio::time::sleep(interval).await;
+        check(Arc::clone(&probe), Arc::clone(&probes)).await;
+        assert_eq!(
+            probes.load(Ordering::SeqCst),
+            2,
+            "a new interval probes again"
+        );
     }
 }
