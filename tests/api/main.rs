@@ -16,5 +16,6 @@ mod helpers;
 mod kubernetes;
 mod pages;
 mod router;
+mod soak;
 mod watchdog;
 mod webhook;
