@@ -675,3 +675,28 @@ async fn unfinished_bodies_do_not_grow_memory_without_bound() {
     .await
     .expect("finishes within 60 s");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_closes_idle_connections_at_once_and_slow_ones_after_the_grace() {
+    let app = TestApp::spawn(|s| s.limits.shutdown_grace = Duration::from_secs(1)).await;
+    let stop = CancellationToken::new();
+    let holding = Holding {
+        idle: 5,
+        headers: 5,
+        bodies: 0,
+    };
+    let held = hold_connections(app.addr, holding, &stop);
+    assert_eq!(held.connected(Duration::from_secs(5)).await, 10);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), app.stop())
+        .await
+        .expect("the app stops though clients are still sending headers");
+    let took = started.elapsed();
+    assert!(
+        between(took, 900, 3_000),
+        "stopped after the 1 s grace: {took:?}"
+    );
+    stop.cancel();
+    assert_eq!(held.still_open().await, 0);
+}
