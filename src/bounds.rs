@@ -75,6 +75,12 @@ pub const MAX_LABEL_BYTES: Count = count(1, 1 << 20);
 pub const QUEUE_CAPACITY: Count = count(1, 10_000_000);
 pub const MAX_CONCURRENT_RUNS: Count = count(1, 100_000);
 pub const SHUTDOWN_GRACE: Span = secs(0, HOUR);
+pub const MAX_CONNECTIONS: Count = count(1, 1_000_000);
+pub const CONNECTION_TIMEOUT: Span = Span {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(HOUR),
+};
+pub const BUFFERED_BODY_BYTES: Count = count(1 << 10, 16 << 30);
 
 // Configuration: peers and background tasks.
 pub const PEER_TIMEOUT: Span = Span {

@@ -762,6 +762,33 @@ impl Settings {
             l.max_concurrent_runs,
             MAX_CONCURRENT_RUNS,
         )?;
+        c("limits.max_connections", l.max_connections, MAX_CONNECTIONS)?;
+        d(
+            "limits.header_read_timeout",
+            l.header_read_timeout,
+            CONNECTION_TIMEOUT,
+        )?;
+        d("limits.idle_timeout", l.idle_timeout, CONNECTION_TIMEOUT)?;
+        d(
+            "limits.body_read_timeout",
+            l.body_read_timeout,
+            CONNECTION_TIMEOUT,
+        )?;
+        c(
+            "limits.max_buffered_body_bytes",
+            l.max_buffered_body_bytes,
+            BUFFERED_BODY_BYTES,
+        )?;
+        if l.max_buffered_body_bytes < l.max_body_bytes {
+            // A body the budget could never hold would be answered 503 forever.
+            return Err(InvalidSetting {
+                field: "limits.max_buffered_body_bytes",
+                message: format!(
+                    "limits.max_buffered_body_bytes ({}) must be at least limits.max_body_bytes ({})",
+                    l.max_buffered_body_bytes, l.max_body_bytes
+                ),
+            });
+        }
         d("limits.shutdown_grace", l.shutdown_grace, SHUTDOWN_GRACE)?;
         if l.max_alerts_per_payload > l.queue_capacity {
             // A payload that can never fit the queue would be answered 503 forever.

@@ -81,8 +81,8 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
 /// `/readyz` needs no credentials.
 const READY_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Ready when the database takes writes, playbooks are loaded and every self-check passes
-/// (503 otherwise), with each check's detail.
+/// Ready when the database takes writes, playbooks are loaded and every self-check that stops
+/// remediation passes (503 otherwise), with every check's detail.
 async fn readyz(
     State(state): State<AppState>,
     Extension(probe): Extension<Arc<CachedProbe>>,
@@ -112,13 +112,15 @@ async fn readyz(
             serde_json::json!({"ok": false, "detail": "self-checks have not run yet"}),
         );
     }
+    // Not ready only when alerts cannot be taken and run. A check about pages (one waiting, one
+    // refused) is in the answer and pages the humans, but taking reactor out of its Service
+    // would stop the remediation that still works.
+    let mut ready = checks.values().all(|c| c["ok"] == true);
     for (check, result) in report {
-        checks.insert(
-            check.as_str().into(),
-            serde_json::to_value(result).unwrap_or_default(),
-        );
+        let result = serde_json::to_value(result).unwrap_or_default();
+        ready &= result["ok"] == true || !check.stops_remediation();
+        checks.insert(check.as_str().into(), result);
     }
-    let ready = checks.values().all(|c| c["ok"] == true);
     let status = if ready {
         StatusCode::OK
     } else {

@@ -439,6 +439,7 @@ async fn a_spent_body_budget_is_503_with_retry_after() {
     let app = TestApp::spawn(|s| {
         s.auth.bearer_token = Some(TOKEN.into());
         s.limits.max_buffered_body_bytes = 1 << 20;
+        s.limits.max_body_bytes = 1 << 20;
     })
     .await;
     // A client holding most of the budget: it declared 800 KiB and sends them slowly.
