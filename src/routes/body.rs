@@ -70,44 +70,47 @@ pub async fn read_body(
         }
         buf.reserve_exact(declared);
     }
-    let mut body = body;
-    loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "request body not received within limits.body_read_timeout ({:?})",
-                        limits.body_read_timeout
-                    ),
-                ))
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                return Err(ApiError::new(
+    // One deadline for the whole body, not one timer per frame.
+    let read = async {
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     format!("cannot read the request body: {e}"),
-                ))
+                )
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            let len = buf.len() + data.len();
+            if len > max {
+                return Err(too_large(max));
             }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
-        let len = buf.len() + data.len();
-        if len > max {
-            return Err(too_large(max));
-        }
-        if len > buf.capacity() {
-            // Grow as Vec would, but with the budget paying for the capacity first.
-            let capacity = len.max(buf.capacity() * 2).min(max);
-            if let Err(refused) = share.grow_to(capacity) {
-                discard(body, deadline, max - len).await;
-                return Err(refused);
+            if len > buf.capacity() {
+                // Grow as Vec would, but with the budget paying for the capacity first.
+                let capacity = len.max(buf.capacity() * 2).min(max);
+                if let Err(refused) = share.grow_to(capacity) {
+                    discard(body, deadline, max - len).await;
+                    return Err(refused);
+                }
+                buf.reserve_exact(capacity - buf.len());
             }
-            buf.reserve_exact(capacity - buf.len());
+            buf.extend_from_slice(&data);
         }
-        buf.extend_from_slice(&data);
+        Ok(())
+    };
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(read) => read?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within limits.body_read_timeout ({:?})",
+                    limits.body_read_timeout
+                ),
+            ))
+        }
     }
     Ok(BufferedBody {
         bytes: Bytes::from(buf),

@@ -1,17 +1,19 @@
 //! One HTTP connection's clock. hyper's own header timer starts when it begins waiting for a
 //! request, so it cannot tell a keep-alive connection at rest from a client sending its headers a
 //! byte at a time; here the connection's IO and its service share an [`Activity`] instead: the IO
-//! sees bytes, the service sees requests start and end. From that, a connection with no request
-//! in progress that sends nothing for `idle_timeout` is closed, a request's headers must arrive
-//! within `header_read_timeout` of its first byte, and a response the client stops reading for
-//! `idle_timeout` is abandoned. The listener closes the longest-idle connection when it is full.
+//! sees bytes, the service sees requests start and end, and each move notes the time. The
+//! listener's sweep ([`super::serve`]) closes a connection with no request in progress that sent
+//! nothing for `idle_timeout`, one whose request headers took longer than `header_read_timeout`
+//! from their first byte, and one whose response the client has not read for `idle_timeout`; and
+//! it closes the longest-idle connection when the listener is full. No timer is armed per
+//! request: the hot path only stores the phase and the time.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -20,7 +22,6 @@ use hyper::service::Service;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 /// How long a connection may stay silent, and how long a request's headers may take.
@@ -59,8 +60,8 @@ impl Phase {
 #[derive(Debug)]
 pub struct Activity {
     phase: AtomicU8,
-    /// When the connection last became idle, in milliseconds since `epoch`.
-    idle_since_ms: AtomicU64,
+    /// When the connection entered its phase, in milliseconds since `epoch`.
+    since_ms: AtomicU64,
     epoch: Instant,
     close: CancellationToken,
 }
@@ -70,7 +71,7 @@ impl Activity {
     pub fn new(epoch: Instant) -> Arc<Activity> {
         Arc::new(Activity {
             phase: AtomicU8::new(Phase::Idle as u8),
-            idle_since_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
+            since_ms: AtomicU64::new(millis_since(epoch)),
             epoch,
             close: CancellationToken::new(),
         })
@@ -82,26 +83,45 @@ impl Activity {
 
     /// The service's moves, into `Busy` and `Responding`.
     fn set(&self, phase: Phase) {
+        self.since_ms
+            .store(millis_since(self.epoch), Ordering::Release);
         self.phase.store(phase as u8, Ordering::Release);
     }
 
-    /// Moves `from` to `to` unless the other side moved the phase first; true if it moved.
-    fn advance(&self, from: Phase, to: Phase) -> bool {
-        let moved = self
+    /// Moves `from` to `to` unless the other side moved the phase first.
+    fn advance(&self, from: Phase, to: Phase) {
+        if self
             .phase
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if moved && to == Phase::Idle {
-            let ms = self.epoch.elapsed().as_millis() as u64;
-            self.idle_since_ms.store(ms, Ordering::Release);
+            .is_ok()
+        {
+            self.since_ms
+                .store(millis_since(self.epoch), Ordering::Release);
         }
-        moved
     }
 
     /// Since when this connection has been idle, when it is and has not been closed already.
     pub fn idle_since(&self) -> Option<u64> {
         (self.phase() == Phase::Idle && !self.close.is_cancelled())
-            .then(|| self.idle_since_ms.load(Ordering::Acquire))
+            .then(|| self.since_ms.load(Ordering::Acquire))
+    }
+
+    /// Which deadline this connection has passed at `now_ms` (milliseconds since its epoch), if
+    /// any: silent while idle, headers too slow, or a response the client does not read. A
+    /// request being handled has its own deadline (the body's), so it is never overdue here.
+    pub fn overdue(&self, now_ms: u64, timeouts: &Timeouts) -> Option<&'static str> {
+        let phase = self.phase();
+        let age = now_ms.saturating_sub(self.since_ms.load(Ordering::Acquire));
+        let (limit, why) = match phase {
+            Phase::Idle => (timeouts.idle, "idle_timeout: no request on this connection"),
+            Phase::Head => (
+                timeouts.header_read,
+                "header_read_timeout: request headers incomplete",
+            ),
+            Phase::Responding => (timeouts.idle, "idle_timeout: the client reads nothing"),
+            Phase::Busy => return None,
+        };
+        (u128::from(age) > limit.as_millis()).then_some(why)
     }
 
     /// Asks the connection's task to drop it.
@@ -114,121 +134,49 @@ impl Activity {
     }
 }
 
-/// The socket with the connection's deadlines: reads fail with `TimedOut` when the connection
-/// stays silent while idle or its headers take too long; writes when the client reads nothing.
-pub struct TimedIo {
+/// Milliseconds from `epoch` to now.
+pub fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The socket, telling the connection's [`Activity`] when a request's first byte arrives and
+/// when its response is on the wire.
+pub struct TrackedIo {
     stream: TcpStream,
     activity: Arc<Activity>,
-    timeouts: Timeouts,
-    read_deadline: Option<(Phase, Pin<Box<Sleep>>)>,
-    write_deadline: Option<Pin<Box<Sleep>>>,
 }
 
-impl TimedIo {
-    pub fn new(stream: TcpStream, activity: Arc<Activity>, timeouts: Timeouts) -> TimedIo {
-        TimedIo {
-            stream,
-            activity,
-            timeouts,
-            read_deadline: None,
-            write_deadline: None,
-        }
-    }
-
-    /// The read deadline for `phase`, started now unless one for that phase is running.
-    fn read_deadline(&mut self, phase: Phase) -> &mut Pin<Box<Sleep>> {
-        let limit = match phase {
-            Phase::Head => self.timeouts.header_read,
-            _ => self.timeouts.idle,
-        };
-        if self.read_deadline.as_ref().map(|(p, _)| *p) != Some(phase) {
-            self.read_deadline = Some((phase, Box::pin(tokio::time::sleep(limit))));
-        }
-        &mut self.read_deadline.as_mut().expect("set above").1
+impl TrackedIo {
+    pub fn new(stream: TcpStream, activity: Arc<Activity>) -> TrackedIo {
+        TrackedIo { stream, activity }
     }
 }
 
-fn timed_out(what: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, what)
-}
-
-impl AsyncRead for TimedIo {
+impl AsyncRead for TrackedIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let phase = this.activity.phase();
         let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    match phase {
-                        // A request begins: its headers are due within header_read_timeout.
-                        Phase::Idle => {
-                            if this.activity.advance(Phase::Idle, Phase::Head) {
-                                this.read_deadline(Phase::Head);
-                            }
-                        }
-                        // Trickled bytes do not extend the headers' deadline.
-                        Phase::Head => {}
-                        Phase::Busy | Phase::Responding => this.read_deadline = None,
-                    }
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => match phase {
-                // The body's deadline is the handler's; a response being written is the
-                // write side's.
-                Phase::Busy | Phase::Responding => {
-                    this.read_deadline = None;
-                    Poll::Pending
-                }
-                Phase::Idle | Phase::Head => {
-                    ready!(this.read_deadline(phase).as_mut().poll(cx));
-                    Poll::Ready(Err(timed_out(if phase == Phase::Idle {
-                        "idle_timeout: no request on this connection"
-                    } else {
-                        "header_read_timeout: request headers incomplete"
-                    })))
-                }
-            },
+        let res = Pin::new(&mut this.stream).poll_read(cx, buf);
+        // A request begins: its headers are due within header_read_timeout. Trickled bytes do
+        // not move the phase again, so they do not extend that deadline.
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.advance(Phase::Idle, Phase::Head);
         }
+        res
     }
 }
 
-impl TimedIo {
-    /// Passes a write's outcome through, failing it when no byte could be written for
-    /// `idle_timeout`: a client that stops reading cannot hold the connection.
-    fn watch_write<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        res: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if res.is_ready() {
-            self.write_deadline = None;
-            return res;
-        }
-        let idle = self.timeouts.idle;
-        let deadline = self
-            .write_deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-        ready!(deadline.as_mut().poll(cx));
-        Poll::Ready(Err(timed_out("idle_timeout: the client reads nothing")))
-    }
-}
-
-impl AsyncWrite for TimedIo {
+impl AsyncWrite for TrackedIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.watch_write(cx, res)
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -236,9 +184,7 @@ impl AsyncWrite for TimedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.watch_write(cx, res)
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -249,14 +195,11 @@ impl AsyncWrite for TimedIo {
         let this = self.get_mut();
         let res = Pin::new(&mut this.stream).poll_flush(cx);
         // hyper flushes its socket only once its own buffer is written out: the response is on
-        // the wire, so the connection is at rest until the next request. hyper may have polled
-        // the read side already in this turn, without a deadline: have it poll again.
+        // the wire, so the connection is at rest until the next request.
         if let Poll::Ready(Ok(())) = res {
-            if this.activity.advance(Phase::Responding, Phase::Idle) {
-                cx.waker().wake_by_ref();
-            }
+            this.activity.advance(Phase::Responding, Phase::Idle);
         }
-        this.watch_write(cx, res)
+        res
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

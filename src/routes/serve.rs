@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::connection::{Activity, TimedIo, Timeouts, TrackedService};
+use super::connection::{millis_since, Activity, Timeouts, TrackedIo, TrackedService};
 use crate::config::Limits;
 
 /// File descriptors kept out of the connection cap: sled's files, the runs' runtime, the
@@ -106,6 +106,8 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(cap));
     let tracker = TaskTracker::new();
     let abandon = CancellationToken::new();
+    let sweeping = CancellationToken::new();
+    let sweeper = tokio::spawn(sweep(Arc::clone(&open), timeouts, sweeping.clone()));
     let mut full = FullEpisode::default();
     let mut accept_failing = false;
     loop {
@@ -153,7 +155,6 @@ pub async fn serve(
             stream,
             router.clone(),
             Arc::clone(&activity),
-            timeouts,
             shutdown.clone(),
             abandon.clone(),
         );
@@ -177,6 +178,28 @@ pub async fn serve(
         );
         abandon.cancel();
         tracker.wait().await;
+    }
+    sweeping.cancel();
+    let _ = sweeper.await;
+}
+
+/// How often the sweep looks for connections past their deadlines: a tenth of the shorter
+/// deadline, between 10 and 250 ms, so a deadline is kept to within a tenth or a quarter second.
+fn sweep_every(timeouts: &Timeouts) -> Duration {
+    (timeouts.idle.min(timeouts.header_read) / 10)
+        .clamp(Duration::from_millis(10), Duration::from_millis(250))
+}
+
+/// Closes connections past their deadlines (see [`Activity::overdue`]) until `stop`. One timer
+/// for all connections, instead of one per request on the hot path.
+async fn sweep(open: Arc<Connections>, timeouts: Timeouts, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(sweep_every(&timeouts));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => open.close_overdue(&timeouts),
+        }
     }
 }
 
@@ -216,11 +239,10 @@ async fn serve_connection(
     stream: TcpStream,
     router: Router,
     activity: Arc<Activity>,
-    timeouts: Timeouts,
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
-    let io = TokioIo::new(TimedIo::new(stream, Arc::clone(&activity), timeouts));
+    let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&activity)));
     let connection = http.serve_connection(io, TrackedService::new(router, Arc::clone(&activity)));
     let mut connection = std::pin::pin!(connection);
     let ended = tokio::select! {
@@ -275,6 +297,17 @@ impl Connections {
 
     fn remove(&self, id: u64) {
         self.lock().remove(&id);
+    }
+
+    /// Closes every connection past one of its deadlines.
+    fn close_overdue(&self, timeouts: &Timeouts) {
+        let now = millis_since(self.epoch);
+        for activity in self.lock().values() {
+            if let Some(why) = activity.overdue(now, timeouts) {
+                tracing::debug!(reason = why, "closing a connection");
+                activity.close();
+            }
+        }
     }
 
     /// Closes the connection idle longest; false when none is idle.
