@@ -9,6 +9,7 @@ mod alertmanager;
 mod cli;
 mod closed_loop;
 mod crash;
+mod docs;
 mod fake_kube;
 mod guards;
 mod hardening;
