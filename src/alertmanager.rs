@@ -363,7 +363,7 @@ mod tests {
     }
 
     fn api(settings: AlertmanagerSettings) -> AlertmanagerApi {
-        crate::app::install_crypto_provider();
+        crate::tls::install_crypto_provider();
         AlertmanagerApi::new(reqwest::Client::new(), settings)
     }
 

@@ -4,7 +4,7 @@
 //!
 //! Runs execute on a runtime of their own, one worker thread beside the HTTP workers: sharing the
 //! workers, each run's task queued behind (and ahead of) the accepts; apart, reactor took ~25%
-//! less CPU per alert and 17–41% more alerts/s on two cores (README, Performance).
+//! less CPU per alert and 17–41% more alerts/s on two cores (the load benchmark, docs/performance.md).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +20,6 @@ use crate::engine::{dispatch, Engine};
 use crate::escalation::{outbox, Escalator};
 use crate::executor::kubernetes::Kubernetes;
 use crate::executor::{sandbox, Executor};
-use crate::history::retention;
 use crate::history::{Store, StoreError};
 use crate::playbook::{self, LoadErrors};
 use crate::routes::{router, serve, AppState};
@@ -51,11 +50,7 @@ pub enum StartupError {
     Insecure(SocketAddr),
 }
 
-/// Installs rustls' ring provider process-wide. Test builds carry two TLS backends, so rustls
-/// cannot pick one by itself; calling this twice is harmless.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use crate::tls::install_crypto_provider;
 
 /// Builds the sandboxed Rhai engine from settings; shared by `serve`, `check` and `test`
 /// (which pass no cluster: `k8s::` calls then fail as not configured).
@@ -243,8 +238,15 @@ impl Application {
                 shutdown.clone(),
             ));
         }
-        background.spawn(retention::prune_loop(
-            Arc::clone(&engine),
+        let retention = crate::retention::Retention {
+            store: engine.store.clone(),
+            outbox: engine.outbox.clone(),
+            guards: engine.guards.clone(),
+            clock: Arc::clone(&engine.clock),
+            playbooks: Arc::clone(&engine.playbooks),
+        };
+        background.spawn(crate::retention::prune_loop(
+            retention,
             settings.history.clone(),
             shutdown.clone(),
         ));

@@ -4,13 +4,36 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::history::Durability;
+/// What an accepted alert survives once the webhook has answered 2xx (setting `durability`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// sled's flush: the log is written and synced with `sync_file_range`. Survives reactor
+    /// being killed or crashing. A kernel crash or power loss may lose the last few seconds of
+    /// answers: that call flushes neither the disk's write cache nor the file's metadata.
+    #[default]
+    Process,
+    /// sled's flush, then one `fdatasync` of its log per group commit (each database's log
+    /// after its own flushes): also survives a kernel crash or power loss, at the cost measured
+    /// with the load benchmark (docs/performance.md).
+    Power,
+}
 
-/// All of reactor's settings. See the README's configuration reference.
+impl FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // serde's names, so the environment and the YAML file accept the same words.
+        serde_json::from_value(serde_json::Value::String(s.to_owned()))
+            .map_err(|_| format!("durability must be process or power, got {s:?}"))
+    }
+}
+
+/// All of reactor's settings. See docs/operations.md, Configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -81,7 +104,7 @@ pub struct BasicAuth {
     pub password: String,
 }
 
-/// Self-checks, the heartbeat and `ReactorUnhealthy`. See the README's "When reactor itself
+/// Self-checks, the heartbeat and `ReactorUnhealthy`. See docs/operations.md, "When reactor itself
 /// breaks".
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]

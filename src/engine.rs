@@ -28,12 +28,12 @@ use crate::escalation::outbox::Outbox;
 use crate::escalation::{Escalator, REMEDIATION_FAILED, REMEDIATION_LOOP};
 use crate::executor::{Attempt, Executor, Started};
 use crate::guard::{Admission, BreakerDecision, Guards, TargetDecision};
+use crate::health::Health;
 use crate::history::{
     DeliveryStatus, EscalationRecord, Intake, Outcome, Run, RunId, StepRecord, Store, StoreError,
 };
 use crate::metrics::{Metrics, StatusLabels};
 use crate::playbook::{render_params, OnResolved, Playbook, Playbooks, TemplateContext};
-use crate::watchdog::Health;
 
 /// A run in progress, for cancellation and for the shutdown drain.
 struct InFlight {

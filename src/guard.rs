@@ -21,50 +21,8 @@ use serde::{Deserialize, Serialize};
 use crate::domain::Alert;
 use crate::history::{RunId, Store, StoreError};
 
-/// A playbook's guard settings (see the README's playbook reference).
-#[derive(Debug, Clone, PartialEq)]
-pub struct GuardPolicy {
-    /// Labels that identify the target; `None` means all of the alert's labels.
-    pub target_labels: Option<Vec<String>>,
-    /// No new run for the same target within this long after the last one started.
-    pub cooldown: Duration,
-    /// At most this many runs per target per `window`; 0 disables the limit.
-    pub max_attempts: u32,
-    pub window: Duration,
-    pub breaker: Option<BreakerPolicy>,
-}
-
-impl Default for GuardPolicy {
-    fn default() -> Self {
-        GuardPolicy {
-            target_labels: None,
-            cooldown: Duration::ZERO,
-            max_attempts: 3,
-            window: Duration::from_secs(3600),
-            breaker: Some(BreakerPolicy::default()),
-        }
-    }
-}
-
-/// Open the breaker when `failures` of the last `of_last` runs failed; try again after `cooldown`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BreakerPolicy {
-    pub failures: u32,
-    pub of_last: u32,
-    pub cooldown: Duration,
-}
-
-impl Default for BreakerPolicy {
-    fn default() -> Self {
-        BreakerPolicy {
-            failures: 5,
-            of_last: 10,
-            cooldown: Duration::from_secs(600),
-        }
-    }
-}
-
 use crate::clock::later as plus;
+pub use crate::playbook::{BreakerPolicy, GuardPolicy};
 
 /// What the guards remember about one target.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

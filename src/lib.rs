@@ -19,12 +19,15 @@ pub mod engine;
 pub mod escalation;
 pub mod executor;
 pub mod guard;
+pub mod health;
 pub mod history;
 pub mod metrics;
 pub mod playbook;
 pub mod poller;
+pub mod retention;
 pub mod routes;
 pub mod telemetry;
+pub mod tls;
 pub mod watchdog;
 
 /// The unit tests count memory per thread as the binary does (the sandbox's memory bound).

@@ -217,7 +217,7 @@ mod tests {
     use crate::history::{Outcome, RunId, StepRecord};
 
     fn escalator() -> Escalator {
-        crate::app::install_crypto_provider();
+        crate::tls::install_crypto_provider();
         Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default())
     }
 

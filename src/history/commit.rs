@@ -10,7 +10,7 @@
 //! log buffer on this thread instead of waiting for a pool thread to do it.
 //!
 //! The intake's inserts are applied by the flusher too: the intake alone then costs ~20% less CPU
-//! per alert (README, Performance). Accepts arrive on every HTTP worker at once with ascending
+//! per alert (the load benchmark, docs/performance.md). Accepts arrive on every HTTP worker at once with ascending
 //! keys, so inserted where they arrive they race for the tree's last leaf (sled retries a lost
 //! compare-and-swap); one thread applying them just before its flush never races.
 //!

@@ -13,7 +13,6 @@
 //! does not start again at 1 and meet the old runs' outbox entries.
 
 mod commit;
-pub mod retention;
 
 use std::fmt;
 use std::path::Path;
@@ -24,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::Durability;
 use crate::domain::Alert;
 pub use commit::GroupCommit;
 use commit::{Insert, Remove};
@@ -50,28 +50,22 @@ pub enum StoreError {
     },
 }
 
-/// What an accepted alert survives once the webhook has answered 2xx (setting `durability`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// sled's flush: the log is written and synced with `sync_file_range`. Survives reactor
-    /// being killed or crashing. A kernel crash or power loss may lose the last few seconds of
-    /// answers: that call flushes neither the disk's write cache nor the file's metadata.
-    #[default]
-    Process,
-    /// sled's flush, then one `fdatasync` of its log per group commit (each database's log
-    /// after its own flushes): also survives a kernel crash or power loss, at the cost measured
-    /// in the README (Performance).
-    Power,
-}
-
-impl FromStr for Durability {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        // serde's names, so the environment and the YAML file accept the same words.
-        serde_json::from_value(serde_json::Value::String(s.to_owned()))
-            .map_err(|_| format!("durability must be process or power, got {s:?}"))
-    }
+/// One call that changed (or, in a dry run, would have changed) the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Change {
+    /// `delete`, `patch` or `create`.
+    pub verb: String,
+    /// `pods/web-7d9c-abcde`, `deployments.apps/web`, …
+    pub object: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub dry_run: bool,
+    /// `ok`, or the error.
+    pub result: String,
+    /// What changed: replicas before and after, the annotation set, …
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
 }
 
 /// A run's identity: the alert's intake sequence number and the index of the matching playbook.
@@ -151,7 +145,7 @@ pub enum Outcome {
     Succeeded,
     Failed,
     Skipped,
-    /// The process stopped while the run was in progress; see the README for what follows.
+    /// The process stopped while the run was in progress; see docs/operations.md for what follows.
     Interrupted,
     /// A repeat delivery of an alert another run already handles; `reason` names that run.
     Deduplicated,
@@ -207,7 +201,7 @@ pub struct StepRecord {
     pub logs: Vec<String>,
     /// Kubernetes mutations: object, verb, dry run and result of each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub changes: Vec<crate::executor::kubernetes::Change>,
+    pub changes: Vec<Change>,
 }
 
 /// Whether the humans were told.
@@ -401,7 +395,7 @@ impl Drop for Inner {
 const HISTORY_DIR: &str = "history";
 /// How long intake removals gather before the history flusher flushes them: under a steady
 /// stream of alerts, one history flush per this interval. Measured in the load benchmark
-/// against 2, 20, 50 and 200 ms (README, Performance).
+/// against 2, 20, 50 and 200 ms (the load benchmark, docs/performance.md).
 const HISTORY_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl Store {

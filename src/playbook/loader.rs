@@ -11,13 +11,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use super::{BreakerPolicy, GuardPolicy};
 use super::{
     EscalateSpec, MatchOp, OnResolved, Origin, Param, Playbook, Playbooks, Step, StepAction,
     Template,
 };
 use crate::bounds;
 use crate::domain::AlertStatus;
-use crate::guard::{BreakerPolicy, GuardPolicy};
 
 /// Timeout of a step that does not set one.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -500,14 +500,12 @@ impl FileCtx<'_> {
             (None, Some(inline), None) => self.inline_script(&inline)?,
             (None, None, Some(action)) => {
                 let params = s.params.clone().into_iter().collect();
-                crate::executor::kubernetes::Request::parse(&action.value, params).map_err(
-                    |e| {
-                        self.err(
-                            Some(action.referenced.line()),
-                            format!("step {name:?}: kubernetes {}: {e}", action.value),
-                        )
-                    },
-                )?;
+                super::kubernetes::Request::parse(&action.value, params).map_err(|e| {
+                    self.err(
+                        Some(action.referenced.line()),
+                        format!("step {name:?}: kubernetes {}: {e}", action.value),
+                    )
+                })?;
                 StepAction::Kubernetes {
                     action: action.value,
                 }

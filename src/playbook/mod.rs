@@ -2,6 +2,7 @@
 //! validated [`Playbook`] model and the [`Playbooks`] index that picks the playbooks for an alert;
 //! [`loader`] turns YAML files into it, [`matcher`] and [`template`] are its building blocks.
 
+pub mod kubernetes;
 pub mod loader;
 pub mod matcher;
 pub mod template;
@@ -12,10 +13,52 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::{Alert, AlertStatus};
-use crate::guard::GuardPolicy;
 pub use loader::{load_dir, LoadError, LoadErrors};
 pub use matcher::{parse_matchers, LabelMatcher, MatchOp};
 pub use template::{Template, TemplateContext};
+
+/// A playbook's guard settings (see docs/playbooks.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardPolicy {
+    /// Labels that identify the target; `None` means all of the alert's labels.
+    pub target_labels: Option<Vec<String>>,
+    /// No new run for the same target within this long after the last one started.
+    pub cooldown: Duration,
+    /// At most this many runs per target per `window`; 0 disables the limit.
+    pub max_attempts: u32,
+    pub window: Duration,
+    pub breaker: Option<BreakerPolicy>,
+}
+
+impl Default for GuardPolicy {
+    fn default() -> Self {
+        GuardPolicy {
+            target_labels: None,
+            cooldown: Duration::ZERO,
+            max_attempts: 3,
+            window: Duration::from_secs(3600),
+            breaker: Some(BreakerPolicy::default()),
+        }
+    }
+}
+
+/// Open the breaker when `failures` of the last `of_last` runs failed; try again after `cooldown`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerPolicy {
+    pub failures: u32,
+    pub of_last: u32,
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            failures: 5,
+            of_last: 10,
+            cooldown: Duration::from_secs(600),
+        }
+    }
+}
 
 /// Where a playbook was defined, for messages and `reactor test`.
 #[derive(Debug, Clone, PartialEq)]

@@ -35,7 +35,7 @@ pub struct AppState {
     pub credentials: Arc<[String]>,
     pub playbooks_loaded: usize,
     pub metrics: Arc<crate::metrics::Metrics>,
-    pub health: Arc<crate::watchdog::Health>,
+    pub health: Arc<crate::health::Health>,
 }
 
 /// The full router. Everything but `/healthz` and `/readyz` sits behind the credentials when

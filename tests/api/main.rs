@@ -18,5 +18,6 @@ mod kubernetes;
 mod pages;
 mod router;
 mod soak;
+mod structure;
 mod watchdog;
 mod webhook;

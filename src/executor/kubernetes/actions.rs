@@ -16,6 +16,7 @@ use kube::api::{
 use serde_json::{json, Value};
 
 use super::{cleanup_job, Change, KubeError, Kubernetes, Namespace, ObjectName};
+pub use crate::playbook::kubernetes::{ScaleBy, Workload};
 
 /// The field manager reactor's writes are recorded under.
 const FIELD_MANAGER: &str = "reactor";
@@ -30,49 +31,7 @@ pub struct Ctx<'a> {
     pub changes: &'a mut Vec<Change>,
 }
 
-/// The workload kinds actions address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Workload {
-    Deployment,
-    StatefulSet,
-    DaemonSet,
-}
-
 impl Workload {
-    /// Parses a kind case-insensitively (`Deployment`, `deployment`, `deployments`), accepting
-    /// only the `allowed` ones.
-    pub fn parse(kind: &str, allowed: &[&str]) -> Result<Workload, String> {
-        let k = kind.to_ascii_lowercase();
-        let k = k.strip_suffix('s').unwrap_or(&k);
-        let w = match k {
-            "deployment" => Workload::Deployment,
-            "statefulset" => Workload::StatefulSet,
-            "daemonset" => Workload::DaemonSet,
-            _ => return Err(format!("kind {kind:?}: expected one of {allowed:?}")),
-        };
-        if !allowed.contains(&w.singular()) {
-            return Err(format!("kind {kind:?}: expected one of {allowed:?}"));
-        }
-        Ok(w)
-    }
-
-    fn singular(self) -> &'static str {
-        match self {
-            Workload::Deployment => "deployment",
-            Workload::StatefulSet => "statefulset",
-            Workload::DaemonSet => "daemonset",
-        }
-    }
-
-    /// The `Kind` as the API spells it (an HPA's `scaleTargetRef.kind`).
-    fn kind(self) -> &'static str {
-        match self {
-            Workload::Deployment => "Deployment",
-            Workload::StatefulSet => "StatefulSet",
-            Workload::DaemonSet => "DaemonSet",
-        }
-    }
-
     fn api_resource(self) -> ApiResource {
         use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
         match self {
@@ -84,38 +43,6 @@ impl Workload {
 
     fn object(self, name: &str) -> String {
         format!("{}s.apps/{name}", self.singular())
-    }
-}
-
-/// How far `scale_up` raises replicas.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ScaleBy {
-    Add(u32),
-    Factor(f64),
-}
-
-impl ScaleBy {
-    pub fn new(by: Option<u32>, factor: Option<f64>) -> Result<ScaleBy, String> {
-        use crate::bounds::{SCALE_BY, SCALE_FACTOR_MAX};
-        match (by, factor) {
-            (Some(n), None) => SCALE_BY.check("by", n.into()).map(|_| ScaleBy::Add(n)),
-            (None, Some(f)) if f > 1.0 && f <= SCALE_FACTOR_MAX => Ok(ScaleBy::Factor(f)),
-            (None, Some(f)) => Err(format!(
-                "factor must be greater than 1 and at most {SCALE_FACTOR_MAX}, got {f}"
-            )),
-            _ => Err("scale_up needs exactly one of `by` or `factor`".into()),
-        }
-    }
-
-    /// The wanted replica count before the bound; always more than `current`.
-    pub fn apply(self, current: u32) -> u32 {
-        match self {
-            ScaleBy::Add(n) => current.saturating_add(n),
-            ScaleBy::Factor(f) => {
-                let scaled = (f64::from(current) * f).ceil().min(f64::from(u32::MAX)) as u32;
-                scaled.max(current.saturating_add(1))
-            }
-        }
     }
 }
 
@@ -554,36 +481,5 @@ impl Ctx<'_> {
                 "cleanup job {name} on node {node} failed: {reason}"
             ))),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scale_by_always_raises() {
-        assert_eq!(ScaleBy::Add(2).apply(3), 5);
-        assert_eq!(ScaleBy::Factor(1.5).apply(3), 5);
-        assert_eq!(ScaleBy::Factor(1.1).apply(1), 2, "at least one more");
-        assert_eq!(ScaleBy::Factor(2.0).apply(0), 1);
-        assert!(ScaleBy::new(Some(0), None).is_err());
-        assert!(ScaleBy::new(None, Some(1.0)).is_err());
-        assert!(ScaleBy::new(None, None).is_err());
-    }
-
-    #[test]
-    fn kinds_parse_loosely_but_only_the_allowed_ones() {
-        let all = ["deployment", "statefulset", "daemonset"];
-        assert_eq!(
-            Workload::parse("Deployment", &all),
-            Ok(Workload::Deployment)
-        );
-        assert_eq!(
-            Workload::parse("statefulsets", &all),
-            Ok(Workload::StatefulSet)
-        );
-        assert!(Workload::parse("DaemonSet", &all[..2]).is_err());
-        assert!(Workload::parse("ReplicaSet", &all).is_err());
     }
 }

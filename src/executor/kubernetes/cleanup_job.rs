@@ -25,25 +25,7 @@ pub struct Spec {
     ttl: Duration,
 }
 
-/// `older_than` as a duration (`7d`, `12h`); at least a minute, since `find -mmin` counts minutes.
-pub fn parse_age(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("older_than: expected a duration like 7d or 12h, got {s:?}: {e}"))?;
-    if d < Duration::from_secs(60) {
-        return Err(format!("older_than: at least 1m, got {s:?}"));
-    }
-    Ok(d)
-}
-
-/// A file-name glob (`*.gz`), matched by `find -name`: no path separators, not empty.
-pub fn check_glob(glob: &str) -> Result<(), String> {
-    if glob.is_empty() || glob.contains('/') || glob.contains('\0') {
-        return Err(format!(
-            "glob: expected a file-name pattern such as \"*.gz\" (no '/'), got {glob:?}"
-        ));
-    }
-    Ok(())
-}
+pub use crate::playbook::kubernetes::{check_glob, parse_age};
 
 /// `path` made absolute and free of `.`/`..`, if it lies under one of `allowed`.
 fn allowed_path(path: &str, allowed: &[PathBuf]) -> Result<String, String> {

@@ -10,9 +10,9 @@ pub mod names;
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::KubernetesSettings;
+pub use crate::history::Change;
+pub use crate::playbook::kubernetes::{Request, ACTIONS};
 pub use names::{InvalidName, Namespace, ObjectName};
 
 /// The text a kubernetes step fails with when no cluster is configured.
@@ -71,24 +71,6 @@ pub enum ConnectError {
     InCluster(String),
     #[error("kubernetes client: {0}")]
     Client(String),
-}
-
-/// One call that changed (or, in a dry run, would have changed) the cluster.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Change {
-    /// `delete`, `patch` or `create`.
-    pub verb: String,
-    /// `pods/web-7d9c-abcde`, `deployments.apps/web`, …
-    pub object: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub namespace: String,
-    pub dry_run: bool,
-    /// `ok`, or the error.
-    pub result: String,
-    /// What changed: replicas before and after, the annotation set, …
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub detail: serde_json::Value,
 }
 
 impl Kubernetes {
@@ -168,92 +150,6 @@ impl Kubernetes {
     }
 }
 
-/// A kubernetes step's request, from its rendered `params` plus the `kubernetes:` action name.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    RestartPod {
-        namespace: String,
-        pod: String,
-        #[serde(default)]
-        allow_standalone: bool,
-    },
-    RolloutRestart {
-        namespace: String,
-        kind: String,
-        name: String,
-    },
-    ScaleUp {
-        namespace: String,
-        kind: String,
-        name: String,
-        #[serde(default)]
-        by: Option<u32>,
-        #[serde(default)]
-        factor: Option<f64>,
-        max_replicas: u32,
-    },
-    DiskCleanup {
-        node: String,
-        path: String,
-        glob: String,
-        older_than: String,
-    },
-}
-
-/// The action names a `kubernetes:` step accepts.
-pub const ACTIONS: &[&str] = &["restart_pod", "rollout_restart", "scale_up", "disk_cleanup"];
-
-impl Request {
-    /// Builds the request from an action name and parameters, checking everything that does not
-    /// depend on the alert (kinds, bounds, durations). Used at load time with unrendered
-    /// templates and again at run time with the rendered values.
-    pub fn parse(
-        action: &str,
-        params: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Request, String> {
-        let mut obj = params;
-        obj.insert("action".into(), action.into());
-        let req: Request = serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| {
-            let e = e.to_string();
-            if e.starts_with("unknown variant") {
-                format!("unknown kubernetes action {action:?}: expected one of {ACTIONS:?}")
-            } else {
-                e
-            }
-        })?;
-        req.validate()?;
-        Ok(req)
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        match self {
-            Request::RolloutRestart { kind, .. } => {
-                actions::Workload::parse(kind, &["deployment", "statefulset", "daemonset"])?;
-            }
-            Request::ScaleUp {
-                kind,
-                by,
-                factor,
-                max_replicas,
-                ..
-            } => {
-                actions::Workload::parse(kind, &["deployment", "statefulset"])?;
-                actions::ScaleBy::new(*by, *factor)?;
-                crate::bounds::MAX_REPLICAS.check("max_replicas", (*max_replicas).into())?;
-            }
-            Request::DiskCleanup {
-                older_than, glob, ..
-            } => {
-                cleanup_job::parse_age(older_than)?;
-                cleanup_job::check_glob(glob)?;
-            }
-            Request::RestartPod { .. } => {}
-        }
-        Ok(())
-    }
-}
-
 /// Runs a request against the cluster (or fails with `kubernetes is not configured`). Every name
 /// and namespace is checked first ([`names`]): a refused one fails the request before any call.
 /// Every mutation, successful or not, is appended to `changes`; `deadline` is the step's.
@@ -314,65 +210,5 @@ pub async fn run(
             let node = ObjectName::parse("node", node)?;
             ctx.disk_cleanup(&node, path, glob, older_than).await
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
-        match v {
-            serde_json::Value::Object(m) => m,
-            _ => panic!(),
-        }
-    }
-
-    #[test]
-    fn requests_are_checked_before_any_call() {
-        let ok = Request::parse(
-            "scale_up",
-            params(
-                serde_json::json!({"namespace": "{{ labels.namespace }}", "kind": "Deployment", "name": "web", "by": 2, "max_replicas": 10}),
-            ),
-        );
-        assert!(ok.is_ok(), "{ok:?}");
-        let e = Request::parse("reboot_node", params(serde_json::json!({}))).unwrap_err();
-        assert!(
-            e.contains("unknown kubernetes action \"reboot_node\""),
-            "{e}"
-        );
-        let e = Request::parse(
-            "scale_up",
-            params(
-                serde_json::json!({"namespace": "a", "kind": "deployment", "name": "w", "by": 1}),
-            ),
-        )
-        .unwrap_err();
-        assert!(e.contains("missing field `max_replicas`"), "{e}");
-        let e = Request::parse(
-            "scale_up",
-            params(serde_json::json!({"namespace": "a", "kind": "daemonset", "name": "w", "by": 1, "max_replicas": 3})),
-        )
-        .unwrap_err();
-        assert!(e.contains("daemonset"), "{e}");
-        let e = Request::parse(
-            "scale_up",
-            params(serde_json::json!({"namespace": "a", "kind": "deployment", "name": "w", "by": 1, "factor": 2.0, "max_replicas": 3})),
-        )
-        .unwrap_err();
-        assert!(e.contains("exactly one of `by` or `factor`"), "{e}");
-        let e = Request::parse(
-            "restart_pod",
-            params(serde_json::json!({"namespace": "a", "pod": "p", "force": true})),
-        )
-        .unwrap_err();
-        assert!(e.contains("unknown field `force`"), "{e}");
-        let e = Request::parse(
-            "disk_cleanup",
-            params(serde_json::json!({"node": "n", "path": "/var/log", "glob": "*.gz", "older_than": "soon"})),
-        )
-        .unwrap_err();
-        assert!(e.contains("older_than"), "{e}");
     }
 }

@@ -8,12 +8,27 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::config::HistorySettings;
-use crate::engine::Engine;
+use crate::escalation::outbox::Outbox;
+use crate::guard::Guards;
+use crate::history::{Store, StoreError};
+use crate::playbook::Playbooks;
+
+/// What pruning touches: the history, the outbox and guard records that follow the runs, the
+/// clock, and the playbooks (whose guard windows say how long a target record matters).
+#[derive(Clone)]
+pub struct Retention {
+    pub store: Store,
+    pub outbox: Outbox,
+    pub guards: Guards,
+    pub clock: Arc<dyn Clock>,
+    pub playbooks: Arc<Playbooks>,
+}
 
 /// Prunes every `prune_interval` until `shutdown`.
 pub async fn prune_loop(
-    engine: Arc<Engine>,
+    retention: Retention,
     settings: HistorySettings,
     shutdown: CancellationToken,
 ) {
@@ -22,9 +37,9 @@ pub async fn prune_loop(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(settings.prune_interval) => {},
         }
-        let engine = Arc::clone(&engine);
+        let r = retention.clone();
         let s = settings.clone();
-        let result = tokio::task::spawn_blocking(move || prune_once(&engine, &s)).await;
+        let result = tokio::task::spawn_blocking(move || prune_once(&r, &s)).await;
         match result {
             Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned old history"),
             Ok(Ok(_)) => {}
@@ -35,10 +50,7 @@ pub async fn prune_loop(
 }
 
 /// One pruning pass; returns how many runs were removed.
-pub fn prune_once(
-    engine: &Engine,
-    settings: &HistorySettings,
-) -> Result<usize, crate::history::StoreError> {
+pub fn prune_once(engine: &Retention, settings: &HistorySettings) -> Result<usize, StoreError> {
     let now = engine.clock.now();
     let cutoff = crate::clock::earlier(now, settings.max_age);
     let (removed, first_kept) = engine.store.prune_runs(cutoff, settings.max_runs)?;
