@@ -7,8 +7,10 @@ COPY vendor vendor
 COPY .cargo .cargo
 COPY src src
 COPY tests tests
-# Cargo.toml declares the micro-benchmark target; cargo will not read the manifest without it.
+# Cargo.toml declares the micro-benchmark target and the workspace member bench/ (the load
+# benchmark, not built here); cargo will not read the manifest without them.
 COPY benches benches
+COPY bench bench
 RUN cargo build --release --locked --bin reactor
 
 FROM debian:bookworm-slim

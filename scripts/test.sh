@@ -17,9 +17,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# sled's global-lock switch (see clippy.toml) is a lint, not a test: deny it before the tests run.
+# sled's global-lock switch (see clippy.toml) is a lint, not a test: deny it before the tests run,
+# in reactor and in its benchmark (bench/: reactor-bench, the durable_ceiling example).
 if cargo clippy --version >/dev/null 2>&1; then
-  cargo clippy --locked -j2 --lib --bins --examples -q -- -A clippy::all -D clippy::disallowed_methods
+  cargo clippy --locked -j2 --workspace --lib --bins --examples -q -- -A clippy::all -D clippy::disallowed_methods
 else
   echo "cargo clippy is not installed: skipping the check for sled batches and transactions" >&2
 fi
@@ -27,10 +28,12 @@ fi
 cargo check --locked -j2 --bin reactor --no-default-features -q
 
 # No doctests: the library has none, and their empty run would be the last result line.
+# `--workspace`: reactor's targets and the benchmark's (built, so a change to reactor's API that
+# breaks them fails here).
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --locked -j2 --lib --bins --tests --examples "$@" 2>&1 | tee "$log"
+cargo test --locked -j2 --workspace --lib --bins --tests --examples "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 awk '/^test result:/ { p += $4; f += $6 } END { printf "reactor: %d passed, %d failed\n", p, f }' "$log"

@@ -6,8 +6,10 @@
 //! With `--ceiling`, it first drives the reference server with the same load and reports
 //! reactor's rate as a share of it.
 //!
-//! Run it with `scripts/bench.sh` (builds release first) or
-//! `cargo run --release --bin reactor-bench -- --connections 16 --duration 20s`.
+//! It lives in the workspace member `bench/`, so its load-generator crates (hyper's client,
+//! anyhow, tempfile) are not the service's dependencies. Run it with `scripts/bench.sh` (builds
+//! both release binaries first) or, after `cargo build --release --bin reactor`,
+//! `cargo run --release -p reactor-bench -- --connections 16 --duration 20s`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

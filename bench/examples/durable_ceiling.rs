@@ -8,7 +8,7 @@
 //! the load benchmark drives it like reactor; its history check then fails, as nothing runs:
 //!
 //! ```sh
-//! cargo build --release --example durable_ceiling --bin reactor-bench
+//! cargo build --release -p reactor-bench --example durable_ceiling --bin reactor-bench
 //! target/release/reactor-bench --reactor target/release/examples/durable_ceiling --drain-timeout 1s
 //! ```
 
