@@ -272,9 +272,36 @@ impl Engine {
         Ok(())
     }
 
+    /// Decides whether `run` may remediate, as [`Engine::guarded`] does; a corrupt guard record
+    /// refuses the run (skipped, counted, paged) instead of resetting the target's guards.
+    fn admit(
+        &self,
+        run: &mut Run,
+        playbook: &Arc<Playbook>,
+        now: Timestamp,
+        pages: &mut Vec<Page>,
+    ) -> Result<bool, StoreError> {
+        match self.guarded(run, playbook, now, pages) {
+            Err(StoreError::Corrupt { key, source }) => {
+                self.metrics.store_errors.inc();
+                self.metrics.guard_tripped(&playbook.name, "corrupt_record");
+                tracing::error!(run_id = %run.id, %key, error = %source, "a guard record is corrupt; refusing to remediate");
+                let reason = format!("guard record {key} is corrupt ({source}); not remediating until it is repaired or removed");
+                settle(run, Outcome::Skipped, &reason, now);
+                pages.push(Page {
+                    alertname: REMEDIATION_FAILED,
+                    run: run.clone(),
+                    playbook: Some(Arc::clone(playbook)),
+                });
+                Ok(false)
+            }
+            other => other,
+        }
+    }
+
     /// Decides whether `run` may remediate. When not, settles it with the reason (and may queue a
     /// page); when it may, the guards have recorded the attempt.
-    fn admit(
+    fn guarded(
         &self,
         run: &mut Run,
         playbook: &Arc<Playbook>,

@@ -329,10 +329,10 @@ impl Guards {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if !states.contains_key(playbook) {
-            let stored = self.breakers.get(playbook)?;
-            let state = stored
-                .and_then(|v| serde_json::from_slice(&v).ok())
-                .unwrap_or_default();
+            let state = match self.breakers.get(playbook)? {
+                Some(v) => decode_record(playbook.as_bytes(), &v)?,
+                None => BreakerState::default(),
+            };
             states.insert(playbook.to_owned(), state);
         }
         let state = states.get_mut(playbook).expect("inserted above");
@@ -389,7 +389,10 @@ impl Guards {
                 Some(h) => crate::clock::earlier(now, h),
                 None => claim_cutoff,
             };
-            let state: TargetState = serde_json::from_slice(&v).unwrap_or_default();
+            // A corrupt record is left for a human: pruning it would reset the target's guards.
+            let Ok(state) = serde_json::from_slice::<TargetState>(&v) else {
+                continue;
+            };
             if state.last_start.is_some_and(|t| t >= stale_before) {
                 continue;
             }
@@ -414,6 +417,16 @@ impl Guards {
     }
 }
 
+/// A stored guard record. One that does not decode is an error, never an empty record: reading
+/// it as empty would reset the target's cooldown, attempts and breaker without a word. The
+/// engine refuses the run, counts the error and pages (see `Engine::admit`).
+fn decode_record<S: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<S, StoreError> {
+    serde_json::from_slice(v).map_err(|source| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        source,
+    })
+}
+
 /// Read-modify-write of one record with compare-and-swap, retried on conflict; no write when the
 /// record is unchanged. It starts from `old`: the value read, or a guess (`None` for records that
 /// are usually new, saving the read). A wrong guess costs one failed compare-and-swap, which
@@ -429,7 +442,7 @@ where
 {
     loop {
         let mut state: S = match &old {
-            Some(v) => serde_json::from_slice(v).unwrap_or_default(),
+            Some(v) => decode_record(key, v)?,
             None => S::default(),
         };
         let r = f(&mut state);
@@ -618,6 +631,37 @@ mod tests {
             restarted.admit_breaker("p", t(62), &p).unwrap(),
             BreakerDecision::Probe
         );
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_makes_the_guard_refuse_instead_of_forgetting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let g = Guards::open(&store).unwrap();
+        let p = policy(1, 3600, 600);
+        let a = fixture_alert();
+        assert!(matches!(
+            g.admit(&a, "p", run(1), t(0), &p).unwrap(),
+            Admission::Target(TargetDecision::Run)
+        ));
+        let key = target_key("p", &a, None);
+        g.targets
+            .insert(key.as_bytes(), &b"{\"attempts\": [tru"[..])
+            .unwrap();
+        let mut later = a.clone();
+        later.starts_at = a.starts_at + SignedDuration::from_secs(7200);
+        // Read as empty, the record would let a second run through within the cooldown.
+        let e = g.admit(&later, "p", run(2), t(10), &p).unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("corrupt record p/"), "{e}");
+        // Pruning leaves it for a human rather than resetting the target.
+        g.prune_targets(t(999_999), t(999_999), |_| Some(Duration::ZERO))
+            .unwrap();
+        assert!(g.targets.get(key.as_bytes()).unwrap().is_some());
+        g.breakers.insert("p", &b"not json"[..]).unwrap();
+        let restarted = Guards::open(&store).unwrap();
+        let bp = BreakerPolicy::default();
+        assert!(restarted.admit_breaker("p", t(0), &bp).is_err());
     }
 
     #[tokio::test]
