@@ -1,0 +1,134 @@
+//! Admission: whether a run of a matching playbook may start. The guards decide (repeat
+//! delivery, cooldown, attempts per window, circuit breaker); a refusal settles the run with its
+//! reason and may queue a page. A corrupt guard record refuses the run rather than resetting the
+//! target.
+
+use super::*;
+
+impl Engine {
+    /// Decides whether `run` may remediate, as [`Engine::guarded`] does; a corrupt guard record
+    /// refuses the run (skipped, counted, paged) instead of resetting the target's guards.
+    pub(super) fn admit(
+        &self,
+        run: &mut Run,
+        playbook: &Arc<Playbook>,
+        now: Timestamp,
+        pages: &mut Vec<Page>,
+    ) -> Result<bool, StoreError> {
+        match self.guarded(run, playbook, now, pages) {
+            Err(StoreError::Corrupt { key, source }) => {
+                self.metrics.store_errors.inc();
+                self.metrics.guard_tripped(&playbook.name, "corrupt_record");
+                tracing::error!(run_id = %run.id, %key, error = %source, "a guard record is corrupt; refusing to remediate");
+                let reason = format!("guard record {key} is corrupt ({source}); not remediating until it is repaired or removed");
+                settle(run, Outcome::Skipped, &reason, now);
+                pages.push(Page {
+                    alertname: REMEDIATION_FAILED,
+                    run: run.clone(),
+                    playbook: Some(Arc::clone(playbook)),
+                });
+                Ok(false)
+            }
+            other => other,
+        }
+    }
+
+    /// Decides whether `run` may remediate. When not, settles it with the reason (and may queue a
+    /// page); when it may, the guards have recorded the attempt.
+    pub(super) fn guarded(
+        &self,
+        run: &mut Run,
+        playbook: &Arc<Playbook>,
+        now: Timestamp,
+        pages: &mut Vec<Page>,
+    ) -> Result<bool, StoreError> {
+        let alert = &run.alert;
+        if !playbook.triggers_on(alert.status) {
+            let mut reason = format!("playbook does not run on {} alerts", alert.status);
+            if alert.status == AlertStatus::Resolved && playbook.on_resolved == OnResolved::Cancel {
+                let cancelled = self.cancel_in_flight(&alert.fingerprint, &playbook.name);
+                if !cancelled.is_empty() {
+                    let ids: Vec<String> = cancelled.iter().map(RunId::to_string).collect();
+                    reason = format!("alert resolved: cancelled run {}", ids.join(", "));
+                }
+            }
+            settle(run, Outcome::Skipped, &reason, now);
+            return Ok(false);
+        }
+        let policy = &playbook.guards;
+        let decision = match self
+            .guards
+            .admit(alert, &playbook.name, run.id, now, policy)?
+        {
+            Admission::RepeatOf(owner) => {
+                settle(
+                    run,
+                    Outcome::Deduplicated,
+                    &format!("repeat delivery of run {owner}"),
+                    now,
+                );
+                tracing::debug!(run_id = %run.id, %owner, "repeat delivery deduplicated");
+                return Ok(false);
+            }
+            Admission::Target(decision) => decision,
+        };
+        match decision {
+            TargetDecision::Run => {}
+            TargetDecision::Cooldown { until } => {
+                settle(run, Outcome::Skipped, &format!("cooldown: this target was remediated recently; next run allowed at {until}"), now);
+                self.metrics.guard_tripped(&playbook.name, "cooldown");
+                return Ok(false);
+            }
+            TargetDecision::LoopGuard {
+                escalate,
+                attempts,
+                until,
+            } => {
+                let reason = format!(
+                    "loop guard: {attempts} runs for this target within {}; no more until {until}",
+                    humantime::format_duration(policy.window)
+                );
+                settle(run, Outcome::Skipped, &reason, now);
+                self.metrics.guard_tripped(&playbook.name, "loop");
+                if escalate {
+                    tracing::warn!(run_id = %run.id, playbook = %playbook.name, "remediation loop detected; escalating once");
+                    pages.push(Page {
+                        alertname: REMEDIATION_LOOP,
+                        run: run.clone(),
+                        playbook: Some(Arc::clone(playbook)),
+                    });
+                }
+                return Ok(false);
+            }
+        }
+        if let Some(bp) = &policy.breaker {
+            if let BreakerDecision::Open { since } =
+                self.guards.admit_breaker(&playbook.name, now, bp)?
+            {
+                let reason = format!("circuit breaker open since {since}: too many recent failures of this playbook; not remediating");
+                settle(run, Outcome::Skipped, &reason, now);
+                self.metrics
+                    .guard_tripped(&playbook.name, "circuit_breaker");
+                pages.push(Page {
+                    alertname: REMEDIATION_FAILED,
+                    run: run.clone(),
+                    playbook: Some(Arc::clone(playbook)),
+                });
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    pub(super) fn cancel_in_flight(&self, fingerprint: &Fingerprint, playbook: &str) -> Vec<RunId> {
+        let in_flight = self.in_flight.lock().unwrap();
+        in_flight
+            .iter()
+            .filter(|(_, f)| &f.fingerprint == fingerprint && f.playbook == playbook)
+            .map(|(id, f)| {
+                f.cancel.cancel();
+                *id
+            })
+            .collect()
+    }
+}

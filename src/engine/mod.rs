@@ -1,0 +1,386 @@
+//! The engine turns accepted alerts into runs. For each alert it asks the guards, per matching
+//! playbook, whether to remediate (deduplication, cooldown, attempts per window, circuit breaker),
+//! records one history entry per decision, executes admitted runs with their retries, and sends
+//! failures to the escalation outbox. It also owns crash recovery and the drain at shutdown.
+//!
+//! Crash semantics (SIGKILL): an accepted alert is in the intake until its decisions are recorded,
+//! so after a restart it is processed normally. A run caught in progress is re-run when its
+//! playbook declares `idempotent: true`; otherwise it is recorded as `interrupted` and escalated
+//! once, so a human looks at it. A run admitted beside another run of the same alert that had not
+//! started yet never acted, so it simply runs. A panic while processing an alert fails its runs
+//! and pages, instead of leaving the alert to panic again at every start.
+//!
+//! Here: the shared [`Engine`], processing one alert, escalation and the dispatcher. [`admit`]
+//! holds the guards' decision, [`run`] the steps and the outcome, [`verify`] silences and
+//! verification, [`recover`] start-up recovery, the shutdown drain and panics.
+
+mod admit;
+mod recover;
+mod run;
+mod verify;
+
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use jiff::Timestamp;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::clock::Clock;
+use crate::domain::{Alert, AlertStatus, Fingerprint};
+use crate::escalation::outbox::Outbox;
+use crate::escalation::{Escalator, REMEDIATION_FAILED, REMEDIATION_LOOP};
+use crate::executor::{Attempt, Executor, Started};
+use crate::guard::{Admission, BreakerDecision, Guards, TargetDecision};
+use crate::health::Health;
+use crate::history::{
+    DeliveryStatus, EscalationRecord, Intake, Outcome, Run, RunId, StepRecord, Store, StoreError,
+};
+use crate::metrics::{Metrics, StatusLabels};
+use crate::playbook::{render_params, OnResolved, Playbook, Playbooks, TemplateContext};
+
+/// A run in progress, for cancellation and for the shutdown drain.
+struct InFlight {
+    fingerprint: Fingerprint,
+    playbook: String,
+    cancel: CancellationToken,
+    started: Instant,
+    /// The longest the run's steps may take: timeouts, retries and retry delays.
+    budget: Duration,
+}
+
+pub use verify::verify_loop;
+
+/// Everything a run needs, shared by all runs.
+pub struct Engine {
+    pub store: Store,
+    pub playbooks: Arc<Playbooks>,
+    pub executor: Executor,
+    pub escalator: Escalator,
+    pub outbox: Outbox,
+    pub guards: Guards,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// Base URL for links to runs in pages.
+    pub external_url: String,
+    per_playbook: HashMap<String, Arc<Semaphore>>,
+    in_flight: Mutex<HashMap<RunId, InFlight>>,
+    /// Runs waiting for their alert to resolve, and those whose resolution was seen.
+    verifying: Mutex<HashMap<RunId, Fingerprint>>,
+    resolved_seen: Mutex<HashSet<RunId>>,
+    pub verify_wake: Notify,
+}
+
+/// The sending side of the work queue, held by the webhook handler.
+pub type Queue = mpsc::Sender<Intake>;
+
+/// An escalation decided while recording an alert's decisions, sent once they are stored.
+struct Page {
+    alertname: &'static str,
+    run: Run,
+    playbook: Option<Arc<Playbook>>,
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        playbooks: Arc<Playbooks>,
+        executor: Executor,
+        escalator: Escalator,
+        clock: Arc<dyn Clock>,
+        external_url: String,
+    ) -> Result<Engine, StoreError> {
+        let per_playbook = playbooks
+            .iter()
+            .filter(|p| p.max_concurrent > 0)
+            .map(|p| (p.name.clone(), Arc::new(Semaphore::new(p.max_concurrent))))
+            .collect();
+        let metrics = Arc::new(Metrics::default());
+        Ok(Engine {
+            health: Arc::new(Health::new(&metrics)),
+            metrics,
+            outbox: Outbox::open(&store)?,
+            guards: Guards::open(&store)?,
+            store,
+            playbooks,
+            executor,
+            escalator,
+            clock,
+            external_url,
+            per_playbook,
+            in_flight: Mutex::new(HashMap::new()),
+            verifying: Mutex::new(HashMap::new()),
+            resolved_seen: Mutex::new(HashSet::new()),
+            verify_wake: Notify::new(),
+        })
+    }
+
+    pub fn run_url(&self, id: RunId) -> String {
+        format!("{}/api/v1/runs/{id}", self.external_url)
+    }
+
+    /// Handles one accepted alert from intake to recorded outcome. A panic while doing so fails
+    /// the alert's runs (and pages), instead of leaving the alert in the intake to panic again at
+    /// every start.
+    pub async fn process(self: &Arc<Self>, intake: Intake) {
+        let seq = intake.seq;
+        let processed = AssertUnwindSafe(self.process_inner(intake))
+            .catch_unwind()
+            .await;
+        match processed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.metrics.store_errors.inc();
+                tracing::error!(seq, error = %e, "could not record a run; the alert stays in the intake for the next start");
+            }
+            Err(panic) => self.fail_after_panic(seq, &panic_message(&*panic)).await,
+        }
+    }
+
+    async fn process_inner(self: &Arc<Self>, intake: Intake) -> Result<(), StoreError> {
+        let matched = self.playbooks.matching(&intake.alert);
+        let now = self.clock.now();
+        let Intake {
+            seq,
+            received_at,
+            alert,
+            held,
+        } = intake;
+        let status = alert.status;
+        let resolved = (status == AlertStatus::Resolved).then(|| alert.fingerprint.clone());
+        let new_run =
+            |index, alert, playbook| new_run(seq, index, received_at, held, alert, playbook);
+        // Runs settled here (skipped, deduplicated, ...) and runs admitted to execute.
+        let mut records = Vec::new();
+        let mut runnable = Vec::new();
+        let mut pages = Vec::new();
+        if matched.is_empty() {
+            let mut run = new_run(0, alert, None);
+            if held && status == AlertStatus::Firing {
+                // Alertmanager holds this alert back from humans because reactor is alive, yet
+                // nothing here can fix it: page, or nobody hears of it.
+                settle(&mut run, Outcome::Failed, "no playbook matches this alert, which Alertmanager holds back from humans while reactor is alive", now);
+                pages.push(Page {
+                    alertname: REMEDIATION_FAILED,
+                    run: run.clone(),
+                    playbook: None,
+                });
+            } else {
+                settle(
+                    &mut run,
+                    Outcome::Skipped,
+                    "no playbook matches this alert",
+                    now,
+                );
+            }
+            records.push(run);
+        } else {
+            // Each run owns a copy of the alert; the last one takes the intake's.
+            let copies = std::iter::repeat_n(alert, matched.len().min(u16::MAX as usize));
+            for ((i, playbook), alert) in matched.iter().enumerate().zip(copies) {
+                let mut run = new_run(i, alert, Some(playbook));
+                if !self.admit(&mut run, playbook, now, &mut pages)? {
+                    records.push(run);
+                    continue;
+                }
+                // `started_at` stays unset until `execute` takes the run up: a run recorded
+                // without it never started, and recovery simply runs it.
+                runnable.push((run, Arc::clone(playbook)));
+            }
+        }
+        // A lone run is recorded only once it needs to be: before its first step that can act
+        // (see `run_steps`), or when it settles. A run whose steps all finish inline, which act
+        // on nothing, is written once; if reactor dies first, the intake still holds the alert.
+        let defer = matches!(&runnable[..], [(_, p)] if records.is_empty() && !p.silence);
+        if !defer {
+            self.store
+                .put_runs(records.iter().chain(runnable.iter().map(|(r, _)| r)))?;
+            self.store.remove_intake(seq)?;
+        }
+        for r in &records {
+            self.metrics
+                .run_recorded(r.playbook.as_deref(), r.outcome.as_str());
+            if r.outcome == Outcome::Deduplicated {
+                let status = r.alert.status.as_str().to_owned();
+                self.metrics
+                    .deduplicated
+                    .get_or_create(&StatusLabels { status })
+                    .inc();
+            }
+        }
+        for page in pages {
+            self.escalate(page.alertname, page.run, page.playbook.as_deref())
+                .await?;
+        }
+        if let Some(fingerprint) = resolved {
+            self.alert_resolved(&fingerprint).await?;
+        }
+        let unrecorded = defer.then_some(seq);
+        for (run, playbook) in runnable {
+            self.execute(run, playbook, unrecorded).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs in flight longer than their time budget plus `grace`, with how far past they are.
+    pub fn stuck_runs(&self, grace: Duration) -> Vec<(RunId, Duration)> {
+        let in_flight = self.in_flight.lock().unwrap();
+        in_flight
+            .iter()
+            .filter_map(|(id, f)| {
+                let over = f
+                    .started
+                    .elapsed()
+                    .checked_sub(f.budget.saturating_add(grace))?;
+                Some((*id, over))
+            })
+            .collect()
+    }
+
+    /// Records that `run` pages the humans and hands the page to the durable outbox.
+    async fn escalate(
+        &self,
+        alertname: &str,
+        mut run: Run,
+        playbook: Option<&Playbook>,
+    ) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let page = self
+            .escalator
+            .page_for(alertname, &run, playbook, &self.run_url(run.id), now);
+        let status = if self.escalator.configured() {
+            DeliveryStatus::Pending
+        } else {
+            tracing::error!(run_id = %run.id, %alertname, "no Alertmanager URL is configured: nobody was paged");
+            DeliveryStatus::NotConfigured
+        };
+        if run.escalation.is_none() {
+            run.escalation = Some(EscalationRecord {
+                alertname: alertname.to_owned(),
+                status,
+                attempts: 0,
+                at: now,
+                last_error: None,
+                resolved_at: None,
+            });
+            run.note(now, format!("escalation {alertname} queued"));
+            self.store.put_run(&run)?;
+        }
+        let fingerprint = run.alert.fingerprint.clone();
+        if status == DeliveryStatus::Pending
+            && !self.outbox.enqueue(run.id, page, fingerprint, now).await?
+        {
+            // Re-processed after a crash: this run's page was already queued, maybe delivered.
+            self.outbox.sync_run(run.id, now)?;
+        }
+        Ok(())
+    }
+}
+
+/// The span of a run's log lines: which run, playbook and alert. Its fields are formatted once
+/// per run, not on every line.
+fn run_span(run: &Run) -> tracing::Span {
+    tracing::info_span!(
+        "run",
+        run_id = %run.id,
+        playbook = %run.playbook.as_deref().unwrap_or(""),
+        alertname = run.alert.alertname(),
+        fingerprint = %run.alert.fingerprint,
+    )
+}
+
+fn new_run(
+    seq: u64,
+    index: usize,
+    received_at: Timestamp,
+    held: bool,
+    alert: Alert,
+    playbook: Option<&Arc<Playbook>>,
+) -> Run {
+    let id = RunId {
+        seq,
+        index: index as u16,
+    };
+    let name = playbook.map(|p| p.name.clone());
+    let mut run = Run::new(id, alert, name, Outcome::Running, received_at);
+    run.note(
+        received_at,
+        if held {
+            "received (read from Alertmanager: held back from humans)"
+        } else {
+            "received"
+        },
+    );
+    if let Some(p) = playbook {
+        run.note(Timestamp::now(), format!("matched playbook {}", p.name));
+    }
+    run
+}
+
+/// A panic's message, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+fn settle(run: &mut Run, outcome: Outcome, reason: &str, now: Timestamp) {
+    run.outcome = outcome;
+    run.reason = Some(reason.to_owned());
+    run.finished_at = Some(now);
+    run.note(now, format!("{outcome}: {reason}"));
+}
+
+/// Takes accepted alerts off the queue and runs them, at most `max_concurrent` at a time, until
+/// `shutdown` fires; then waits up to `grace` for runs in flight and records the rest as
+/// interrupted. Alerts still queued stay in the intake and are processed at the next start.
+pub async fn dispatch(
+    engine: Arc<Engine>,
+    mut queue: mpsc::Receiver<Intake>,
+    max_concurrent: usize,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let permits = Arc::new(Semaphore::new(max_concurrent.max(1)));
+    loop {
+        let intake = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            next = queue.recv() => match next {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        engine.health.backlog.started();
+        let engine = Arc::clone(&engine);
+        tracker.spawn(async move {
+            engine.process(intake).await;
+            drop(permit);
+        });
+    }
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            in_flight = tracker.len(),
+            "shutdown grace elapsed; recording runs still in flight as interrupted"
+        );
+        engine.interrupt_in_flight().await;
+    } else {
+        tracing::info!("all in-flight runs finished");
+    }
+}

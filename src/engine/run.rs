@@ -1,0 +1,246 @@
+//! Running an admitted run: the playbook's steps in order with their retries, each attempt
+//! recorded (on disk before an attempt that may act), then the outcome, the breaker's record, and
+//! the page for a failure or the resolution of earlier pages for a success.
+
+use super::*;
+
+impl Engine {
+    /// Runs an admitted run under the playbook's concurrency limit, then reports to the breaker
+    /// and escalates a failure. `unrecorded`: the run is not stored yet and this intake entry is
+    /// removed once it is.
+    pub(super) async fn execute(
+        &self,
+        run: Run,
+        playbook: Arc<Playbook>,
+        unrecorded: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let span = run_span(&run);
+        async {
+            let _permit = match self.per_playbook.get(&playbook.name) {
+                Some(s) => Some(Arc::clone(s).acquire_owned().await.expect("never closed")),
+                None => None,
+            };
+            let cancel = CancellationToken::new();
+            self.in_flight.lock().unwrap().insert(
+                run.id,
+                InFlight {
+                    fingerprint: run.alert.fingerprint.clone(),
+                    playbook: playbook.name.clone(),
+                    cancel: cancel.clone(),
+                    started: Instant::now(),
+                    budget: playbook.time_budget(),
+                },
+            );
+            self.metrics.in_flight.inc();
+            let mut run = run;
+            if run.started_at.is_none() {
+                run.started_at = Some(self.clock.now());
+            }
+            if playbook.silence {
+                self.create_silence(&mut run, &playbook).await?;
+            }
+            let id = run.id;
+            let result = self.run_steps(run, &playbook, cancel, unrecorded).await;
+            self.in_flight.lock().unwrap().remove(&id);
+            self.metrics.in_flight.dec();
+            let run = result?;
+            self.settled(run, &playbook).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// After a run reached its outcome: reports to the breaker, escalates a failure, and resolves
+    /// earlier pages for the same alert when it succeeded.
+    pub(super) async fn settled(
+        &self,
+        mut run: Run,
+        playbook: &Playbook,
+    ) -> Result<(), StoreError> {
+        if !matches!(run.outcome, Outcome::Succeeded | Outcome::Verifying) {
+            // Expire before paging, so the humans see the original alert too.
+            self.expire_silence(&mut run).await?;
+        }
+        if let Some(bp) = &playbook.guards.breaker {
+            if matches!(run.outcome, Outcome::Succeeded | Outcome::Failed) {
+                self.guards.record_breaker(
+                    &playbook.name,
+                    run.outcome == Outcome::Failed,
+                    self.clock.now(),
+                    bp,
+                )?;
+            }
+        }
+        match run.outcome {
+            Outcome::Failed => {
+                tracing::warn!(reason = run.reason.as_deref(), "run failed; escalating");
+                self.escalate(REMEDIATION_FAILED, run, Some(playbook))
+                    .await?;
+            }
+            Outcome::Succeeded => {
+                self.resolve_pages(&run.alert.fingerprint, "a later run fixed it")
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The steps in order; the first step that exhausts its retries fails the run.
+    pub(super) async fn run_steps(
+        &self,
+        mut run: Run,
+        playbook: &Playbook,
+        cancel: CancellationToken,
+        mut unrecorded: Option<u64>,
+    ) -> Result<Run, StoreError> {
+        // One info line per run, when it ends (below); at thousands of alerts per second a second
+        // line per run costs a measurable share of the CPU. The alert's identity is on the span.
+        tracing::debug!("run started");
+        let run_id = run.id.to_string();
+        let run_url = self.run_url(run.id);
+        let mut failure = None;
+        'steps: for (index, step) in playbook.steps.iter().enumerate() {
+            let last_step = index + 1 == playbook.steps.len();
+            let params = {
+                let mut ctx = TemplateContext::new(&run.alert, &playbook.name);
+                ctx.run_id = &run_id;
+                ctx.run_url = &run_url;
+                ctx.step = &step.name;
+                render_params(step, &ctx)
+            };
+            for attempt in 1..=step.retries + 1 {
+                if cancel.is_cancelled() {
+                    break 'steps;
+                }
+                let started_at = self.clock.now();
+                run.note(
+                    started_at,
+                    format!("step {} attempt {attempt} started", step.name),
+                );
+                let clock = Instant::now();
+                let result = match self.executor.start(Attempt {
+                    action: &step.action,
+                    alert: &run.alert,
+                    params: params.clone(),
+                    timeout: step.timeout,
+                    dry_run: step.dry_run,
+                    cancel: Some(cancel.clone()),
+                }) {
+                    Started::Done(r) => r,
+                    Started::Pending(attempt) => {
+                        // This attempt may act: the run must be on record, on disk, first.
+                        self.record(&run, &mut unrecorded)?;
+                        self.store.history_durable().await?;
+                        attempt.await
+                    }
+                };
+                let (output, error) = match result.result {
+                    Ok(v) => (Some(v), None),
+                    Err(e) => (None, Some(e)),
+                };
+                let succeeded = error.is_none();
+                self.metrics
+                    .step_finished(&playbook.name, clock.elapsed().as_secs_f64());
+                if let Some(e) = &error {
+                    tracing::warn!(step = %step.name, attempt, error = %e, "step attempt failed");
+                }
+                run.note(
+                    self.clock.now(),
+                    format!(
+                        "step {} attempt {attempt} {}",
+                        step.name,
+                        if succeeded { "succeeded" } else { "failed" }
+                    ),
+                );
+                run.steps.push(StepRecord {
+                    name: step.name.clone(),
+                    attempt,
+                    succeeded,
+                    started_at,
+                    duration_ms: clock.elapsed().as_millis() as u64,
+                    output,
+                    error: error.clone(),
+                    logs: result.logs,
+                    changes: result.changes,
+                });
+                // Record progress when more follows; when this attempt ends the run, the settled
+                // record below is its only write.
+                let ends_run = if succeeded {
+                    last_step
+                } else {
+                    attempt > step.retries || cancel.is_cancelled()
+                };
+                if !ends_run {
+                    self.record(&run, &mut unrecorded)?;
+                }
+                if succeeded {
+                    continue 'steps;
+                }
+                if attempt <= step.retries && !cancel.is_cancelled() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(step.retry_delay) => {},
+                        _ = cancel.cancelled() => {},
+                    }
+                } else {
+                    failure = Some(format!(
+                        "step {:?} failed after {attempt} attempt(s): {}",
+                        step.name,
+                        error.unwrap_or_default()
+                    ));
+                    break 'steps;
+                }
+            }
+        }
+        let now = self.clock.now();
+        if cancel.is_cancelled() {
+            settle(
+                &mut run,
+                Outcome::Cancelled,
+                "alert resolved while the run was in progress (on_resolved: cancel)",
+                now,
+            );
+            tracing::info!("run cancelled: its alert resolved");
+        } else if let Some(reason) = failure {
+            settle(&mut run, Outcome::Failed, &reason, now);
+        } else if let Some(within) = playbook.verify {
+            let deadline = crate::clock::later(now, within);
+            run.outcome = Outcome::Verifying;
+            run.verify_deadline = Some(deadline);
+            run.note(
+                now,
+                format!(
+                    "verify started: waiting up to {} for the alert to resolve",
+                    humantime::format_duration(within)
+                ),
+            );
+            tracing::info!(%deadline, "steps succeeded; verifying that the alert resolves");
+        } else {
+            run.outcome = Outcome::Succeeded;
+            run.finished_at = Some(now);
+            run.note(now, "succeeded");
+            tracing::info!("run succeeded");
+        }
+        self.record(&run, &mut unrecorded)?;
+        if run.outcome == Outcome::Verifying {
+            self.verifying
+                .lock()
+                .unwrap()
+                .insert(run.id, run.alert.fingerprint.clone());
+            self.verify_wake.notify_one();
+            return Ok(run);
+        }
+        self.metrics
+            .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
+        Ok(run)
+    }
+
+    /// Writes `run`; the first time for a deferred run, also takes its alert off the intake.
+    pub(super) fn record(&self, run: &Run, unrecorded: &mut Option<u64>) -> Result<(), StoreError> {
+        self.store.put_run(run)?;
+        if let Some(seq) = unrecorded.take() {
+            self.store.remove_intake(seq)?;
+        }
+        Ok(())
+    }
+}
