@@ -17,12 +17,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# sled's global-lock switch (see clippy.toml) is a lint, not a test: deny it before the tests run,
-# in reactor and in its benchmark (bench/: reactor-bench, the durable_ceiling example).
-if cargo clippy --version >/dev/null 2>&1; then
-  cargo clippy --locked -j2 --workspace --lib --bins --examples -q -- -A clippy::all -D clippy::disallowed_methods
+# Style before the tests: formatting, and clippy's default lints denied in every target of the
+# workspace (reactor, its tests, and bench/). That includes sled's global-lock switch (see
+# clippy.toml: batches and transactions are disallowed methods).
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all --check
 else
-  echo "cargo clippy is not installed: skipping the check for sled batches and transactions" >&2
+  echo "rustfmt is not installed: skipping the formatting check" >&2
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --locked -j2 --workspace --lib --bins --tests --examples -q -- -D warnings
+else
+  echo "cargo clippy is not installed: skipping the lints, sled batches and transactions among them" >&2
 fi
 # The tests run the default build (mimalloc for small blocks); check the glibc-only one builds too.
 cargo check --locked -j2 --bin reactor --no-default-features -q
