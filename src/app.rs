@@ -210,8 +210,16 @@ impl Application {
             Arc::clone(&engine.metrics),
             shutdown.clone(),
         ));
+        let watched = watchdog::Watched {
+            health: Arc::clone(&engine.health),
+            metrics: Arc::clone(&engine.metrics),
+            store: engine.store.clone(),
+            outbox: engine.outbox.clone(),
+            clock: Arc::clone(&engine.clock),
+            in_flight: Arc::clone(&engine.in_flight),
+        };
         background.spawn(watchdog::watch(
-            Arc::clone(&engine),
+            watched,
             engine.escalator.api().clone(),
             settings.watchdog.clone(),
             engine.external_url.clone(),
@@ -229,10 +237,15 @@ impl Application {
             shutdown.clone(),
         ));
         if am.url.is_some() && !am.poll_interval.is_zero() {
+            let inbox = poller::Inbox {
+                store: engine.store.clone(),
+                health: Arc::clone(&engine.health),
+                metrics: Arc::clone(&engine.metrics),
+                queue: state.queue.clone(),
+            };
             background.spawn(poller::poll_loop(
-                Arc::clone(&engine),
+                inbox,
                 engine.escalator.api().clone(),
-                state.queue.clone(),
                 am.poll_interval,
                 am.poll_filter.clone(),
                 shutdown.clone(),

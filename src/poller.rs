@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alertmanager::{AlertmanagerApi, GettableAlert};
 use crate::domain::{Alert, AlertStatus, Fingerprint};
-use crate::engine::{Engine, Queue};
-use crate::metrics::StatusLabels;
+use crate::health::Health;
+use crate::history::Store;
+use crate::engine::Queue;
+use crate::metrics::{Metrics, StatusLabels};
 
 /// Alerts reactor raises itself.
 const OWN_ALERTS: [&str; 4] = [
@@ -94,18 +96,26 @@ impl Held {
     }
 }
 
+/// Where held alerts go: the intake, and the health and metrics that count them. Not the engine.
+#[derive(Clone)]
+pub struct Inbox {
+    pub store: Store,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub queue: Queue,
+}
+
 /// Polls every `interval` until `shutdown`.
 pub async fn poll_loop(
-    engine: Arc<Engine>,
+    inbox: Inbox,
     api: AlertmanagerApi,
-    queue: Queue,
     interval: Duration,
     filter: Vec<String>,
     shutdown: CancellationToken,
 ) {
     let mut held = Held::default();
     loop {
-        if let Err(e) = poll_once(&engine, &api, &queue, &filter, &mut held).await {
+        if let Err(e) = poll_once(&inbox, &api, &filter, &mut held).await {
             tracing::warn!(error = %e, "could not read held alerts from Alertmanager; retrying");
         }
         tokio::select! {
@@ -116,9 +126,8 @@ pub async fn poll_loop(
 }
 
 async fn poll_once(
-    engine: &Engine,
+    inbox: &Inbox,
     api: &AlertmanagerApi,
-    queue: &Queue,
     filter: &[String],
     held: &mut Held,
 ) -> Result<(), String> {
@@ -130,25 +139,26 @@ async fn poll_once(
         return Ok(());
     }
     let n = fresh.len();
-    let permits = queue
+    let permits = inbox
+        .queue
         .try_reserve_many(n)
         .map_err(|_| "work queue is full; held alerts are read again next time".to_owned())?;
-    let intakes = engine
+    let intakes = inbox
         .store
         .accept_with(fresh, now, true)
         .await
         .map_err(|e| {
-            engine.metrics.store_errors.inc();
+            inbox.metrics.store_errors.inc();
             e.to_string()
         })?;
     held.commit(next);
-    engine.health.backlog.added(n);
+    inbox.health.backlog.added(n);
     for i in &intakes {
         if i.alert.status == AlertStatus::Firing {
-            engine.metrics.held_alerts.inc();
+            inbox.metrics.held_alerts.inc();
         }
         let status = i.alert.status.as_str().to_owned();
-        engine
+        inbox
             .metrics
             .alerts_received
             .get_or_create(&StatusLabels { status })

@@ -19,12 +19,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alertmanager::{AlertmanagerApi, PostableAlert};
 use crate::clock::later;
+use crate::clock::Clock;
 use crate::config::WatchdogSettings;
 use crate::domain::Labels;
-use crate::engine::Engine;
 use crate::escalation::outbox::Entry;
+use crate::escalation::outbox::Outbox;
 pub use crate::health::{Backlog, Check, CheckResult, DispatcherGuard, Health};
+use crate::history::Store;
 use crate::metrics::CheckLabels;
+use crate::metrics::Metrics;
+use crate::engine::InFlightRuns;
 
 pub const REACTOR_HEARTBEAT: &str = "ReactorHeartbeat";
 pub const REACTOR_UNHEALTHY: &str = "ReactorUnhealthy";
@@ -34,16 +38,28 @@ pub const REACTOR_UNHEALTHY: &str = "ReactorUnhealthy";
 /// rule's window, and short enough that one refusal does not hold `/readyz` at 503 for a day.
 pub const REJECTED_PAGE_WINDOW: Duration = Duration::from_secs(3600);
 
+/// What the watchdog looks at: the shared health state, the metrics, the database it probes, the
+/// outbox, the clock and the runs in flight. Not the engine.
+#[derive(Clone)]
+pub struct Watched {
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub store: Store,
+    pub outbox: Outbox,
+    pub clock: Arc<dyn Clock>,
+    pub in_flight: Arc<InFlightRuns>,
+}
+
 /// Refused pages a self-check's detail names; the count covers the rest.
 const REJECTED_PAGES_NAMED: usize = 3;
 
 /// Runs every check once.
 pub async fn run_checks(
-    engine: &Engine,
+    watched: &Watched,
     settings: &WatchdogSettings,
     store_errors_seen: &mut u64,
 ) -> BTreeMap<Check, CheckResult> {
-    let health = &engine.health;
+    let health = &watched.health;
     let mut report = BTreeMap::new();
     let mut put = |check, failure: Option<String>| {
         report.insert(
@@ -73,7 +89,7 @@ pub async fn run_checks(
         },
     );
 
-    let stuck = engine.stuck_runs(settings.stuck_grace);
+    let stuck = watched.in_flight.stuck(settings.stuck_grace);
     put(
         Check::StuckRuns,
         (!stuck.is_empty()).then(|| {
@@ -85,8 +101,8 @@ pub async fn run_checks(
         }),
     );
 
-    let errors = engine.metrics.store_errors.get();
-    let probe = tokio::time::timeout(Duration::from_secs(5), engine.store.probe()).await;
+    let errors = watched.metrics.store_errors.get();
+    let probe = tokio::time::timeout(Duration::from_secs(5), watched.store.probe()).await;
     let storage = match probe {
         Err(_) => Some("a database write did not become durable within 5s".to_owned()),
         Ok(Err(e)) => Some(format!("database write failed: {e}")),
@@ -99,15 +115,15 @@ pub async fn run_checks(
     *store_errors_seen = errors;
     put(Check::Storage, storage);
 
-    let now = engine.clock.now();
+    let now = watched.clock.now();
     let rejected_since = crate::clock::earlier(now, REJECTED_PAGE_WINDOW);
-    let (backlog, rejected) = match engine.outbox.unsettled(rejected_since) {
+    let (backlog, rejected) = match watched.outbox.unsettled(rejected_since) {
         Err(e) => {
             let failure = format!("cannot read the escalation outbox: {e}");
             (Some(failure.clone()), Some(failure))
         }
         Ok(unsettled) => (
-            escalation_backlog(engine, settings, &unsettled.pending, now),
+            escalation_backlog(watched, settings, &unsettled.pending, now),
             escalation_rejected(unsettled.rejected),
         ),
     };
@@ -115,7 +131,7 @@ pub async fn run_checks(
     put(Check::EscalationRejected, rejected);
 
     for (check, result) in &report {
-        engine
+        watched
             .metrics
             .self_check_failing
             .get_or_create(&CheckLabels {
@@ -128,7 +144,7 @@ pub async fn run_checks(
 
 /// Pages waiting longer than `backlog_after`; updates the outbox gauges on the way.
 fn escalation_backlog(
-    engine: &Engine,
+    watched: &Watched,
     settings: &WatchdogSettings,
     pending: &[Entry],
     now: Timestamp,
@@ -137,8 +153,11 @@ fn escalation_backlog(
     let age = oldest
         .map(|e| now.duration_since(e.created).unsigned_abs())
         .unwrap_or_default();
-    engine.metrics.escalations_pending.set(pending.len() as i64);
-    engine
+    watched
+        .metrics
+        .escalations_pending
+        .set(pending.len() as i64);
+    watched
         .metrics
         .escalation_oldest_pending_age
         .set(age.as_secs_f64());
@@ -238,22 +257,22 @@ pub fn unhealthy(
 
 /// Checks, heartbeats and `ReactorUnhealthy` pages every interval until `shutdown`.
 pub async fn watch(
-    engine: Arc<Engine>,
+    watched: Watched,
     api: AlertmanagerApi,
     settings: WatchdogSettings,
     instance: String,
     shutdown: CancellationToken,
 ) {
     let interval = settings.heartbeat_interval.max(Duration::from_millis(100));
-    let mut store_errors_seen = engine.metrics.store_errors.get();
+    let mut store_errors_seen = watched.metrics.store_errors.get();
     // Checks failing now (since when), and checks that passed again but whose resolve was not yet
     // accepted by Alertmanager.
     let mut failing: BTreeMap<Check, Timestamp> = BTreeMap::new();
     let mut resolving: BTreeMap<Check, Timestamp> = BTreeMap::new();
     let configured = api.settings().url.is_some();
     loop {
-        let report = run_checks(&engine, &settings, &mut store_errors_seen).await;
-        let now = engine.clock.now();
+        let report = run_checks(&watched, &settings, &mut store_errors_seen).await;
+        let now = watched.clock.now();
         let mut posts = Vec::new();
         for (check, result) in &report {
             match &result.detail {
@@ -292,12 +311,12 @@ pub async fn watch(
                 interval,
             ));
         }
-        engine.health.set_report(report);
+        watched.health.set_report(report);
 
         let withhold = failing.keys().any(|c| c.stops_remediation());
         if configured {
             if withhold {
-                engine.metrics.heartbeat("withheld");
+                watched.metrics.heartbeat("withheld");
                 tracing::warn!("heartbeat withheld while a self-check fails: Alertmanager will release the humans' copies of auto-remediation alerts");
             } else {
                 posts.push(heartbeat(&instance, interval, now));
@@ -307,13 +326,13 @@ pub async fn watch(
                     Ok(()) => {
                         resolving.clear();
                         if !withhold {
-                            engine.health.heartbeat_accepted();
-                            engine.metrics.heartbeat("ok");
+                            watched.health.heartbeat_accepted();
+                            watched.metrics.heartbeat("ok");
                         }
                     }
                     Err(e) => {
                         if !withhold {
-                            engine.metrics.heartbeat("failed");
+                            watched.metrics.heartbeat("failed");
                         }
                         tracing::warn!(error = %e, "could not post the heartbeat / self-check alerts to Alertmanager");
                     }

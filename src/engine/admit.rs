@@ -46,7 +46,7 @@ impl Engine {
         if !playbook.triggers_on(alert.status) {
             let mut reason = format!("playbook does not run on {} alerts", alert.status);
             if alert.status == AlertStatus::Resolved && playbook.on_resolved == OnResolved::Cancel {
-                let cancelled = self.cancel_in_flight(&alert.fingerprint, &playbook.name);
+                let cancelled = self.in_flight.cancel(&alert.fingerprint, &playbook.name);
                 if !cancelled.is_empty() {
                     let ids: Vec<String> = cancelled.iter().map(RunId::to_string).collect();
                     reason = format!("alert resolved: cancelled run {}", ids.join(", "));
@@ -118,17 +118,5 @@ impl Engine {
             }
         }
         Ok(true)
-    }
-
-    pub(super) fn cancel_in_flight(&self, fingerprint: &Fingerprint, playbook: &str) -> Vec<RunId> {
-        let in_flight = self.in_flight.lock().unwrap();
-        in_flight
-            .iter()
-            .filter(|(_, f)| &f.fingerprint == fingerprint && f.playbook == playbook)
-            .map(|(id, f)| {
-                f.cancel.cancel();
-                *id
-            })
-            .collect()
     }
 }

@@ -15,6 +15,7 @@
 //! verification, [`recover`] start-up recovery, the shutdown drain and panics.
 
 mod admit;
+mod in_flight;
 mod recover;
 mod run;
 mod verify;
@@ -44,16 +45,7 @@ use crate::history::{
 use crate::metrics::{Metrics, StatusLabels};
 use crate::playbook::{render_params, OnResolved, Playbook, Playbooks, TemplateContext};
 
-/// A run in progress, for cancellation and for the shutdown drain.
-struct InFlight {
-    fingerprint: Fingerprint,
-    playbook: String,
-    cancel: CancellationToken,
-    started: Instant,
-    /// The longest the run's steps may take: timeouts, retries and retry delays.
-    budget: Duration,
-}
-
+pub use in_flight::{InFlight, InFlightRuns};
 pub use verify::verify_loop;
 
 /// Everything a run needs, shared by all runs.
@@ -70,7 +62,8 @@ pub struct Engine {
     /// Base URL for links to runs in pages.
     pub external_url: String,
     per_playbook: HashMap<String, Arc<Semaphore>>,
-    in_flight: Mutex<HashMap<RunId, InFlight>>,
+    /// The runs executing now; the watchdog holds it too.
+    pub in_flight: Arc<InFlightRuns>,
     /// Runs waiting for their alert to resolve, and those whose resolution was seen.
     verifying: Mutex<HashMap<RunId, Fingerprint>>,
     resolved_seen: Mutex<HashSet<RunId>>,
@@ -115,7 +108,7 @@ impl Engine {
             clock,
             external_url,
             per_playbook,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Arc::default(),
             verifying: Mutex::new(HashMap::new()),
             resolved_seen: Mutex::new(HashSet::new()),
             verify_wake: Notify::new(),
@@ -227,21 +220,6 @@ impl Engine {
             self.execute(run, playbook, unrecorded).await?;
         }
         Ok(())
-    }
-
-    /// Runs in flight longer than their time budget plus `grace`, with how far past they are.
-    pub fn stuck_runs(&self, grace: Duration) -> Vec<(RunId, Duration)> {
-        let in_flight = self.in_flight.lock().unwrap();
-        in_flight
-            .iter()
-            .filter_map(|(id, f)| {
-                let over = f
-                    .started
-                    .elapsed()
-                    .checked_sub(f.budget.saturating_add(grace))?;
-                Some((*id, over))
-            })
-            .collect()
     }
 
     /// Records that `run` pages the humans and hands the page to the durable outbox.

@@ -11,12 +11,7 @@ impl Engine {
     pub(super) async fn fail_after_panic(&self, seq: u64, panic: &str) {
         tracing::error!(seq, %panic, "processing an alert panicked; failing its runs");
         let reason = format!("reactor failed while processing this alert (a bug: {panic})");
-        let stopped = {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            let before = in_flight.len();
-            in_flight.retain(|id, _| id.seq != seq);
-            before - in_flight.len()
-        };
+        let stopped = self.in_flight.forget_alert(seq);
         for _ in 0..stopped {
             self.metrics.in_flight.dec();
         }
@@ -180,7 +175,7 @@ impl Engine {
     /// At shutdown, after the grace period: records runs still in flight as interrupted and
     /// queues their pages (delivered by the outbox at the next start).
     pub(super) async fn interrupt_in_flight(&self) {
-        let ids: Vec<RunId> = self.in_flight.lock().unwrap().keys().copied().collect();
+        let ids: Vec<RunId> = self.in_flight.ids();
         for id in ids {
             let result = async {
                 if let Some(mut run) = self.store.get_run(id)? {

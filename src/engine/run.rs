@@ -21,7 +21,7 @@ impl Engine {
                 None => None,
             };
             let cancel = CancellationToken::new();
-            self.in_flight.lock().unwrap().insert(
+            self.in_flight.insert(
                 run.id,
                 InFlight {
                     fingerprint: run.alert.fingerprint.clone(),
@@ -41,7 +41,7 @@ impl Engine {
             }
             let id = run.id;
             let result = self.run_steps(run, &playbook, cancel, unrecorded).await;
-            self.in_flight.lock().unwrap().remove(&id);
+            self.in_flight.remove(id);
             self.metrics.in_flight.dec();
             let run = result?;
             self.settled(run, &playbook).await
