@@ -146,8 +146,19 @@ impl Span {
     }
 }
 
+/// Any duration at all: for settings whose range [`crate::config::Settings::validate`] checks
+/// after every layer is applied.
+pub const ANY: Span = Span {
+    min: Duration::ZERO,
+    max: Duration::MAX,
+};
+/// `older_than` of a cleanup Job: `find -mmin` counts minutes.
+pub const CLEANUP_AGE: Span = secs(MINUTE, 100 * 365 * DAY);
+/// `older_than` of the `disk_cleanup` helper.
+pub const HELPER_CLEANUP_AGE: Span = secs(0, 100 * 365 * DAY);
+
 /// Parses a duration such as `30s` or `5m`, naming `field` and the range when it does not parse
-/// or falls outside `span`.
+/// or falls outside `span`: the one place reactor reads a duration from text.
 pub fn parse_duration(field: &str, text: &str, span: Span) -> Result<Duration, String> {
     let d = humantime::parse_duration(text)
         .map_err(|e| format!("{field}: expected a duration like 30s or 5m, got {text:?} ({e})"))?;

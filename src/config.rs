@@ -963,13 +963,11 @@ fn paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
     })
 }
 
+/// A duration setting; its range is checked by [`Settings::validate`] once every layer applied.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "expected a duration like 30s or 5m, got {s:?}: {e}"
-        ))
-    })
+    crate::bounds::parse_duration("duration", &s, crate::bounds::ANY)
+        .map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alertmanager::{AlertmanagerApi, GettableAlert};
 use crate::domain::{Alert, AlertStatus, Fingerprint};
+use crate::engine::Queue;
 use crate::health::Health;
 use crate::history::Store;
-use crate::engine::Queue;
 use crate::metrics::{Metrics, StatusLabels};
 
 /// Alerts reactor raises itself.

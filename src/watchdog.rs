@@ -22,13 +22,13 @@ use crate::clock::later;
 use crate::clock::Clock;
 use crate::config::WatchdogSettings;
 use crate::domain::Labels;
+use crate::engine::InFlightRuns;
 use crate::escalation::outbox::Entry;
 use crate::escalation::outbox::Outbox;
 pub use crate::health::{Backlog, Check, CheckResult, DispatcherGuard, Health};
 use crate::history::Store;
 use crate::metrics::CheckLabels;
 use crate::metrics::Metrics;
-use crate::engine::InFlightRuns;
 
 pub const REACTOR_HEARTBEAT: &str = "ReactorHeartbeat";
 pub const REACTOR_UNHEALTHY: &str = "ReactorUnhealthy";

@@ -350,8 +350,8 @@ fn register_disk_cleanup(engine: &mut Engine, roots: Vec<PathBuf>) {
             Duration::from_secs(secs.max(0) as u64)
         } else {
             let s = older.into_string().map_err(|t| format!("disk_cleanup: older_than must be a duration string like \"7d\" or seconds, got {t}"))?;
-            humantime::parse_duration(&s)
-                .map_err(|e| format!("disk_cleanup: older_than {s:?}: {e}"))?
+            crate::bounds::parse_duration("older_than", &s, crate::bounds::HELPER_CLEANUP_AGE)
+                .map_err(|e| format!("disk_cleanup: {e}"))?
         };
         let req = CleanupRequest {
             path: path.into(),

@@ -172,12 +172,7 @@ impl ScaleBy {
 
 /// `older_than` as a duration (`7d`, `12h`); at least a minute, since `find -mmin` counts minutes.
 pub fn parse_age(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("older_than: expected a duration like 7d or 12h, got {s:?}: {e}"))?;
-    if d < Duration::from_secs(60) {
-        return Err(format!("older_than: at least 1m, got {s:?}"));
-    }
-    Ok(d)
+    crate::bounds::parse_duration("older_than", s, crate::bounds::CLEANUP_AGE)
 }
 
 /// A file-name glob (`*.gz`), matched by `find -name`: no path separators, not empty.
