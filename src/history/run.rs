@@ -1,0 +1,314 @@
+//! The records the history keeps: a run ([`Run`]) with its steps, changes, page and timeline,
+//! its id ([`RunId`], the alert's intake sequence number and the playbook's index), its outcome,
+//! and an accepted alert waiting in the intake ([`Intake`]). The JSON they serialize to is what
+//! `GET /api/v1/runs` serves.
+
+use std::fmt;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Alert;
+
+/// One call that changed (or, in a dry run, would have changed) the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Change {
+    /// `delete`, `patch` or `create`.
+    pub verb: String,
+    /// `pods/web-7d9c-abcde`, `deployments.apps/web`, …
+    pub object: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub dry_run: bool,
+    /// `ok`, or the error.
+    pub result: String,
+    /// What changed: replicas before and after, the annotation set, …
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+}
+
+/// A run's identity: the alert's intake sequence number and the index of the matching playbook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunId {
+    pub seq: u64,
+    pub index: u16,
+}
+
+impl RunId {
+    /// The sled key: big-endian, so keys sort by sequence number.
+    pub fn key(self) -> [u8; 10] {
+        let mut k = [0u8; 10];
+        k[..8].copy_from_slice(&self.seq.to_be_bytes());
+        k[8..].copy_from_slice(&self.index.to_be_bytes());
+        k
+    }
+
+    pub fn from_key(k: &[u8]) -> Option<RunId> {
+        Some(RunId {
+            seq: u64::from_be_bytes(k.get(..8)?.try_into().ok()?),
+            index: u16::from_be_bytes(k.get(8..10)?.try_into().ok()?),
+        })
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.seq, self.index)
+    }
+}
+
+impl FromStr for RunId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("run id must look like 42-0, got {s:?}");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        Ok(RunId {
+            seq: a.parse().map_err(|_| bad())?,
+            index: b.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl Serialize for RunId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RunId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// An accepted alert, durable before the webhook answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Intake {
+    pub seq: u64,
+    pub received_at: Timestamp,
+    pub alert: Alert,
+    /// Read from Alertmanager's API because its inhibition holds the alert back from humans
+    /// (and from reactor's webhook) while reactor's heartbeat is alive.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+}
+
+/// How a run ended, or that it has not yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+    /// The process stopped while the run was in progress; see docs/operations.md for what follows.
+    Interrupted,
+    /// A repeat delivery of an alert another run already handles; `reason` names that run.
+    Deduplicated,
+    /// Stopped because the alert resolved and the playbook says `on_resolved: cancel`.
+    Cancelled,
+    /// The steps succeeded; waiting (until `verifyDeadline`) for the alert to resolve.
+    Verifying,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+            Outcome::Interrupted => "interrupted",
+            Outcome::Deduplicated => "deduplicated",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Verifying => "verifying",
+        }
+    }
+}
+
+impl FromStr for Outcome {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned()))
+            .map_err(|_| format!("outcome must be one of running, verifying, succeeded, failed, skipped, interrupted, deduplicated, cancelled; got {s:?}"))
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One attempt of one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    pub name: String,
+    pub attempt: u32,
+    pub succeeded: bool,
+    pub started_at: Timestamp,
+    pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<String>,
+    /// Kubernetes mutations: object, verb, dry run and result of each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<Change>,
+}
+
+/// Whether the humans were told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    /// Stored in the outbox; not yet accepted by Alertmanager.
+    Pending,
+    Delivered,
+    Failed,
+    /// No Alertmanager URL is configured: nobody could be paged.
+    NotConfigured,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::NotConfigured => "not_configured",
+        }
+    }
+}
+
+/// The page a failed run raised.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EscalationRecord {
+    pub alertname: String,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When reactor resolved the page (the alert resolved, or a later run fixed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<Timestamp>,
+}
+
+/// The Alertmanager silence a run holds over its alert while it fixes it (`silence: true`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SilenceRecord {
+    pub id: String,
+    pub created_at: Timestamp,
+    pub ends_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<Timestamp>,
+}
+
+/// Something that happened to a run, for its timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub at: Timestamp,
+    pub event: String,
+}
+
+/// One alert handled by one playbook (or recorded as skipped when none applied).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Run {
+    pub id: RunId,
+    pub alert: Alert,
+    pub playbook: Option<String>,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub received_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+    #[serde(default)]
+    pub steps: Vec<StepRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<EscalationRecord>,
+    /// Until when the run waits for its alert to resolve (playbook `verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_deadline: Option<Timestamp>,
+    /// Set when the alert was seen resolved after the steps succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silence: Option<SilenceRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Event>,
+}
+
+impl Run {
+    /// A run with no steps, timestamps past `received_at`, escalation or timeline yet.
+    pub fn new(
+        id: RunId,
+        alert: Alert,
+        playbook: Option<String>,
+        outcome: Outcome,
+        received_at: Timestamp,
+    ) -> Run {
+        Run {
+            id,
+            alert,
+            playbook,
+            outcome,
+            reason: None,
+            received_at,
+            started_at: None,
+            finished_at: None,
+            steps: Vec::new(),
+            escalation: None,
+            verify_deadline: None,
+            verified_at: None,
+            silence: None,
+            timeline: Vec::new(),
+        }
+    }
+
+    /// Adds an event to the timeline.
+    pub fn note(&mut self, at: Timestamp, event: impl Into<String>) {
+        self.timeline.push(Event {
+            at,
+            event: event.into(),
+        });
+    }
+}
+
+/// Which runs to list.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RunFilter {
+    pub playbook: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub alertname: Option<String>,
+    pub limit: Option<usize>,
+}
+
+impl RunFilter {
+    pub const DEFAULT_LIMIT: usize = 50;
+    pub const MAX_LIMIT: usize = 10_000;
+
+    pub(super) fn accepts(&self, r: &Run) -> bool {
+        self.playbook
+            .as_ref()
+            .is_none_or(|p| r.playbook.as_ref() == Some(p))
+            && self.outcome.is_none_or(|o| r.outcome == o)
+            && self
+                .alertname
+                .as_ref()
+                .is_none_or(|a| r.alert.alertname() == a)
+    }
+}
