@@ -146,8 +146,8 @@ impl Span {
     }
 }
 
-/// Any duration at all: for settings whose range [`crate::config::Settings::validate`] checks
-/// after every layer is applied.
+/// Any duration at all: for settings whose range the configuration checks once every layer is
+/// applied (`Settings::validate`).
 pub const ANY: Span = Span {
     min: Duration::ZERO,
     max: Duration::MAX,
