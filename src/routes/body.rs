@@ -58,9 +58,13 @@ pub async fn read_body(
         permit: None,
         bytes: 0,
     };
+    // Most bodies arrive in one frame: it is kept as it came, without a copy. A second frame
+    // starts a buffer that takes both.
+    let mut first: Option<Bytes> = None;
     let mut buf = Vec::new();
-    if let Some(declared) = body.size_hint().exact() {
-        let declared = usize::try_from(declared).unwrap_or(usize::MAX);
+    let declared = body.size_hint().exact();
+    let declared = declared.map(|d| usize::try_from(d).unwrap_or(usize::MAX));
+    if let Some(declared) = declared {
         if declared > max {
             return Err(too_large(max));
         }
@@ -68,7 +72,6 @@ pub async fn read_body(
             discard(body, deadline, max).await;
             return Err(refused);
         }
-        buf.reserve_exact(declared);
     }
     // One deadline for the whole body, not one timer per frame.
     let read = async {
@@ -83,9 +86,22 @@ pub async fn read_body(
             let Ok(data) = frame.into_data() else {
                 continue; // trailers
             };
-            let len = buf.len() + data.len();
+            let held = buf.len() + first.as_ref().map_or(0, Bytes::len);
+            let len = held + data.len();
             if len > max {
                 return Err(too_large(max));
+            }
+            if held == 0 {
+                if let Err(refused) = share.grow_to(len) {
+                    discard(body, deadline, max - len).await;
+                    return Err(refused);
+                }
+                first = Some(data);
+                continue;
+            }
+            if let Some(f) = first.take() {
+                buf.reserve_exact(declared.unwrap_or(0).max(f.len()));
+                buf.extend_from_slice(&f);
             }
             if len > buf.capacity() {
                 // Grow as Vec would, but with the budget paying for the capacity first.
@@ -121,8 +137,12 @@ pub async fn read_body(
             ))
         }
     }
+    let bytes = match first {
+        Some(only) => only,
+        None => Bytes::from(buf),
+    };
     Ok(BufferedBody {
-        bytes: Bytes::from(buf),
+        bytes,
         _share: share.permit,
     })
 }
@@ -218,6 +238,26 @@ mod tests {
         read_body(Body::from(vec![b'x'; 6 * 1024]), &limits(), &budget)
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_body_of_one_frame_is_kept_as_it_came_and_one_of_several_is_joined() {
+        static PAYLOAD: &[u8] = b"{\"version\":\"4\",\"alerts\":[]}";
+        let budget = BodyBudget::new(1024 * 1024);
+        let body = read_body(Body::from(Bytes::from_static(PAYLOAD)), &limits(), &budget)
+            .await
+            .unwrap();
+        assert_eq!(&*body, PAYLOAD);
+        assert_eq!(body.as_ptr(), PAYLOAD.as_ptr(), "not copied");
+        let frames = futures_util::stream::iter(
+            PAYLOAD
+                .chunks(7)
+                .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c))),
+        );
+        let body = read_body(Body::from_stream(frames), &limits(), &budget)
+            .await
+            .unwrap();
+        assert_eq!(&*body, PAYLOAD);
     }
 
     #[tokio::test]
