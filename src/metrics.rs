@@ -27,6 +27,13 @@ pub struct GuardLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepFailureLabels {
+    pub playbook: String,
+    /// The failure's class (see `executor::error::Class::label`).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PlaybookLabels {
     pub playbook: String,
 }
@@ -55,6 +62,8 @@ pub struct Metrics {
     pub deduplicated: Family<StatusLabels, Counter>,
     pub guard_trips: Family<GuardLabels, Counter>,
     pub step_duration: Family<PlaybookLabels, Histogram, fn() -> Histogram>,
+    /// Failed step attempts, by playbook and the failure's class.
+    pub step_failures: Family<StepFailureLabels, Counter>,
     /// Accepted alerts not yet started (waiting for a worker).
     pub queue_depth: Gauge,
     pub in_flight: Gauge,
@@ -107,6 +116,12 @@ impl Default for Metrics {
             "Duration of step attempts, by playbook",
             prometheus_client::registry::Unit::Seconds,
             step_duration.clone(),
+        );
+        let step_failures = Family::default();
+        registry.register(
+            "step_failures",
+            "Failed step attempts, by playbook and reason (timeout, rejected, refused, script_threw, ...)",
+            step_failures.clone(),
         );
         let queue_depth = Gauge::default();
         registry.register(
@@ -194,6 +209,7 @@ impl Default for Metrics {
             deduplicated,
             guard_trips,
             step_duration,
+            step_failures,
             queue_depth,
             in_flight,
             escalations,
@@ -225,6 +241,15 @@ impl Metrics {
                 playbook: playbook.to_owned(),
             })
             .observe(seconds);
+    }
+
+    pub fn step_failed(&self, playbook: &str, reason: &'static str) {
+        self.step_failures
+            .get_or_create(&StepFailureLabels {
+                playbook: playbook.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn escalation_result(&self, result: &str) {

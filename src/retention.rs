@@ -50,21 +50,20 @@ pub async fn prune_loop(
 }
 
 /// One pruning pass; returns how many runs were removed.
-pub fn prune_once(engine: &Retention, settings: &HistorySettings) -> Result<usize, StoreError> {
-    let now = engine.clock.now();
+pub fn prune_once(r: &Retention, settings: &HistorySettings) -> Result<usize, StoreError> {
+    let now = r.clock.now();
     let cutoff = crate::clock::earlier(now, settings.max_age);
-    let (removed, first_kept) = engine.store.prune_runs(cutoff, settings.max_runs)?;
+    let (removed, first_kept) = r.store.prune_runs(cutoff, settings.max_runs)?;
     if removed > 0 {
-        engine.outbox.prune_before(first_kept)?;
+        r.outbox.prune_before(first_kept)?;
     }
-    engine.guards.prune_claims(cutoff)?;
-    let horizons: HashMap<&str, Duration> = engine
+    r.guards.prune_claims(cutoff)?;
+    let horizons: HashMap<&str, Duration> = r
         .playbooks
         .iter()
         .map(|p| (p.name.as_str(), p.guards.window.max(p.guards.cooldown)))
         .collect();
-    engine
-        .guards
+    r.guards
         .prune_targets(now, cutoff, |name| horizons.get(name).copied())?;
     Ok(removed)
 }

@@ -21,7 +21,7 @@ impl Engine {
                 self.metrics.guard_tripped(&playbook.name, "corrupt_record");
                 tracing::error!(run_id = %run.id, %key, error = %source, "a guard record is corrupt; refusing to remediate");
                 let reason = format!("guard record {key} is corrupt ({source}); not remediating until it is repaired or removed");
-                settle(run, Outcome::Skipped, &reason, now);
+                run.settle(Outcome::Skipped, &reason, now);
                 pages.push(Page {
                     alertname: REMEDIATION_FAILED,
                     run: run.clone(),
@@ -52,7 +52,7 @@ impl Engine {
                     reason = format!("alert resolved: cancelled run {}", ids.join(", "));
                 }
             }
-            settle(run, Outcome::Skipped, &reason, now);
+            run.settle(Outcome::Skipped, &reason, now);
             return Ok(false);
         }
         let policy = &playbook.guards;
@@ -61,8 +61,7 @@ impl Engine {
             .admit(alert, &playbook.name, run.id, now, policy)?
         {
             Admission::RepeatOf(owner) => {
-                settle(
-                    run,
+                run.settle(
                     Outcome::Deduplicated,
                     &format!("repeat delivery of run {owner}"),
                     now,
@@ -75,7 +74,7 @@ impl Engine {
         match decision {
             TargetDecision::Run => {}
             TargetDecision::Cooldown { until } => {
-                settle(run, Outcome::Skipped, &format!("cooldown: this target was remediated recently; next run allowed at {until}"), now);
+                run.settle(Outcome::Skipped, &format!("cooldown: this target was remediated recently; next run allowed at {until}"), now);
                 self.metrics.guard_tripped(&playbook.name, "cooldown");
                 return Ok(false);
             }
@@ -88,7 +87,7 @@ impl Engine {
                     "loop guard: {attempts} runs for this target within {}; no more until {until}",
                     humantime::format_duration(policy.window)
                 );
-                settle(run, Outcome::Skipped, &reason, now);
+                run.settle(Outcome::Skipped, &reason, now);
                 self.metrics.guard_tripped(&playbook.name, "loop");
                 if escalate {
                     tracing::warn!(run_id = %run.id, playbook = %playbook.name, "remediation loop detected; escalating once");
@@ -106,7 +105,7 @@ impl Engine {
                 self.guards.admit_breaker(&playbook.name, now, bp)?
             {
                 let reason = format!("circuit breaker open since {since}: too many recent failures of this playbook; not remediating");
-                settle(run, Outcome::Skipped, &reason, now);
+                run.settle(Outcome::Skipped, &reason, now);
                 self.metrics
                     .guard_tripped(&playbook.name, "circuit_breaker");
                 pages.push(Page {

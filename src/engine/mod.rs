@@ -18,6 +18,8 @@ mod admit;
 mod in_flight;
 mod recover;
 mod run;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 use std::collections::{HashMap, HashSet};
@@ -36,7 +38,7 @@ use crate::clock::Clock;
 use crate::domain::{Alert, AlertStatus, Fingerprint};
 use crate::escalation::outbox::Outbox;
 use crate::escalation::{Escalator, REMEDIATION_FAILED, REMEDIATION_LOOP};
-use crate::executor::{Attempt, Executor, Started};
+use crate::executor::{Attempt, Executor, Started, StepError};
 use crate::guard::{Admission, BreakerDecision, Guards, TargetDecision};
 use crate::health::Health;
 use crate::history::{
@@ -48,26 +50,28 @@ use crate::playbook::{render_params, OnResolved, Playbook, Playbooks, TemplateCo
 pub use in_flight::{InFlight, InFlightRuns};
 pub use verify::verify_loop;
 
-/// Everything a run needs, shared by all runs.
+/// The engine's context: everything a run needs, shared by all runs. Its parts are read
+/// inside the crate only: `app` hands the narrow handles (outbox, in-flight registry, health)
+/// to the tasks around the engine, which never hold the engine itself.
 pub struct Engine {
-    pub store: Store,
-    pub playbooks: Arc<Playbooks>,
-    pub executor: Executor,
-    pub escalator: Escalator,
-    pub outbox: Outbox,
-    pub guards: Guards,
-    pub clock: Arc<dyn Clock>,
-    pub metrics: Arc<Metrics>,
-    pub health: Arc<Health>,
+    pub(crate) store: Store,
+    pub(crate) playbooks: Arc<Playbooks>,
+    pub(crate) executor: Executor,
+    pub(crate) escalator: Escalator,
+    pub(crate) outbox: Outbox,
+    pub(crate) guards: Guards,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) health: Arc<Health>,
     /// Base URL for links to runs in pages.
-    pub external_url: String,
+    pub(crate) external_url: String,
     per_playbook: HashMap<String, Arc<Semaphore>>,
     /// The runs executing now; the watchdog holds it too.
-    pub in_flight: Arc<InFlightRuns>,
+    pub(crate) in_flight: Arc<InFlightRuns>,
     /// Runs waiting for their alert to resolve, and those whose resolution was seen.
     verifying: Mutex<HashMap<RunId, Fingerprint>>,
     resolved_seen: Mutex<HashSet<RunId>>,
-    pub verify_wake: Notify,
+    pub(crate) verify_wake: Notify,
 }
 
 /// The sending side of the work queue, held by the webhook handler.
@@ -159,19 +163,14 @@ impl Engine {
             if held && status == AlertStatus::Firing {
                 // Alertmanager holds this alert back from humans because reactor is alive, yet
                 // nothing here can fix it: page, or nobody hears of it.
-                settle(&mut run, Outcome::Failed, "no playbook matches this alert, which Alertmanager holds back from humans while reactor is alive", now);
+                run.settle(Outcome::Failed, "no playbook matches this alert, which Alertmanager holds back from humans while reactor is alive", now);
                 pages.push(Page {
                     alertname: REMEDIATION_FAILED,
                     run: run.clone(),
                     playbook: None,
                 });
             } else {
-                settle(
-                    &mut run,
-                    Outcome::Skipped,
-                    "no playbook matches this alert",
-                    now,
-                );
+                run.settle(Outcome::Skipped, "no playbook matches this alert", now);
             }
             records.push(run);
         } else {
@@ -309,13 +308,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned())
-}
-
-fn settle(run: &mut Run, outcome: Outcome, reason: &str, now: Timestamp) {
-    run.outcome = outcome;
-    run.reason = Some(reason.to_owned());
-    run.finished_at = Some(now);
-    run.note(now, format!("{outcome}: {reason}"));
 }
 
 /// Takes accepted alerts off the queue and runs them, at most `max_concurrent` at a time, until

@@ -22,14 +22,14 @@ impl Engine {
                 if !self.store.intake_recorded(seq)? {
                     let mut run =
                         new_run(seq, 0, intake.received_at, intake.held, intake.alert, None);
-                    settle(&mut run, Outcome::Failed, &reason, now);
+                    run.settle(Outcome::Failed, &reason, now);
                     failed.push(run);
                 }
             }
             for run in self.store.runs_of(seq)? {
                 if matches!(run.outcome, Outcome::Running) {
                     let mut run = run;
-                    settle(&mut run, Outcome::Failed, &reason, now);
+                    run.settle(Outcome::Failed, &reason, now);
                     failed.push(run);
                 }
             }
@@ -131,9 +131,7 @@ impl Engine {
                     rerun.push((run, p));
                 }
                 _ => {
-                    settle(
-                        &mut run,
-                        Outcome::Interrupted,
+                    run.settle(Outcome::Interrupted,
                         "reactor stopped while this run was in progress; not re-run because the playbook does not declare idempotent: true",
                         now,
                     );
@@ -187,8 +185,7 @@ impl Engine {
                     if playbook.as_ref().is_some_and(|p| p.idempotent) {
                         return Ok(()); // left `running`: re-run at the next start
                     }
-                    settle(
-                        &mut run,
+                    run.settle(
                         Outcome::Interrupted,
                         "shutdown grace elapsed while this run was in progress",
                         self.clock.now(),

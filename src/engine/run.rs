@@ -143,7 +143,8 @@ impl Engine {
                 self.metrics
                     .step_finished(&playbook.name, clock.elapsed().as_secs_f64());
                 if let Some(e) = &error {
-                    tracing::warn!(step = %step.name, attempt, error = %e, "step attempt failed");
+                    self.metrics.step_failed(&playbook.name, e.metric_label());
+                    tracing::warn!(step = %step.name, attempt, error = %e, reason = e.metric_label(), "step attempt failed");
                 }
                 run.note(
                     self.clock.now(),
@@ -160,33 +161,41 @@ impl Engine {
                     started_at,
                     duration_ms: clock.elapsed().as_millis() as u64,
                     output,
-                    error: error.clone(),
+                    error: error.as_ref().map(|e| e.to_string()),
+                    error_class: error.as_ref().map(|e| e.metric_label().to_owned()),
                     logs: result.logs,
                     changes: result.changes,
                 });
+                let retry = error
+                    .as_ref()
+                    .map(|e| retry_decision(e, attempt, step.retries));
                 // Record progress when more follows; when this attempt ends the run, the settled
                 // record below is its only write.
-                let ends_run = if succeeded {
-                    last_step
-                } else {
-                    attempt > step.retries || cancel.is_cancelled()
+                let ends_run = match retry {
+                    None => last_step,
+                    Some(again) => again != Retry::Again || cancel.is_cancelled(),
                 };
                 if !ends_run {
                     self.record(&run, &mut unrecorded)?;
                 }
-                if succeeded {
+                let Some((retry, error)) = retry.zip(error) else {
                     continue 'steps;
-                }
-                if attempt <= step.retries && !cancel.is_cancelled() {
+                };
+                if retry == Retry::Again && !cancel.is_cancelled() {
                     tokio::select! {
                         _ = tokio::time::sleep(step.retry_delay) => {},
                         _ = cancel.cancelled() => {},
                     }
                 } else {
+                    let not_retried = match retry {
+                        Retry::Final if attempt <= step.retries => {
+                            format!(" (not retried: {} errors are final)", error.metric_label())
+                        }
+                        _ => String::new(),
+                    };
                     failure = Some(format!(
-                        "step {:?} failed after {attempt} attempt(s): {}",
+                        "step {:?} failed after {attempt} attempt(s){not_retried}: {error}",
                         step.name,
-                        error.unwrap_or_default()
                     ));
                     break 'steps;
                 }
@@ -194,31 +203,20 @@ impl Engine {
         }
         let now = self.clock.now();
         if cancel.is_cancelled() {
-            settle(
-                &mut run,
+            run.settle(
                 Outcome::Cancelled,
                 "alert resolved while the run was in progress (on_resolved: cancel)",
                 now,
             );
             tracing::info!("run cancelled: its alert resolved");
         } else if let Some(reason) = failure {
-            settle(&mut run, Outcome::Failed, &reason, now);
+            run.settle(Outcome::Failed, &reason, now);
         } else if let Some(within) = playbook.verify {
+            run.start_verifying(within, now);
             let deadline = crate::clock::later(now, within);
-            run.outcome = Outcome::Verifying;
-            run.verify_deadline = Some(deadline);
-            run.note(
-                now,
-                format!(
-                    "verify started: waiting up to {} for the alert to resolve",
-                    humantime::format_duration(within)
-                ),
-            );
             tracing::info!(%deadline, "steps succeeded; verifying that the alert resolves");
         } else {
-            run.outcome = Outcome::Succeeded;
-            run.finished_at = Some(now);
-            run.note(now, "succeeded");
+            run.succeed(now);
             tracing::info!("run succeeded");
         }
         self.record(&run, &mut unrecorded)?;
@@ -242,5 +240,27 @@ impl Engine {
             self.store.remove_intake(seq)?;
         }
         Ok(())
+    }
+}
+
+/// Whether a failed attempt is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Retry {
+    Again,
+    /// The step has no retries left.
+    Exhausted,
+    /// The error would recur: not retried, whatever retries are left.
+    Final,
+}
+
+/// The retry rule: a retryable error is tried again while `attempt` (1-based) is within the
+/// step's `retries`; any other error ends the step at once.
+pub(super) fn retry_decision(error: &StepError, attempt: u32, retries: u32) -> Retry {
+    if !error.is_retryable() {
+        Retry::Final
+    } else if attempt <= retries {
+        Retry::Again
+    } else {
+        Retry::Exhausted
     }
 }

@@ -136,19 +136,9 @@ impl Engine {
                 .and_then(|n| self.playbooks.get(n))
                 .cloned();
             if let Some(source) = source {
-                run.note(now, format!("resolved seen ({source})"));
-                run.outcome = Outcome::Succeeded;
-                run.verified_at = Some(now);
-                run.finished_at = Some(now);
-                run.reason = Some("verified: the alert resolved after remediation".into());
-                run.note(now, "succeeded (verified)");
+                run.verified(source, now);
             } else if expired {
-                settle(
-                    &mut run,
-                    Outcome::Failed,
-                    "not resolved after remediation",
-                    now,
-                );
+                run.settle(Outcome::Failed, "not resolved after remediation", now);
             } else {
                 continue;
             }

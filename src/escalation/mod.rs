@@ -240,6 +240,7 @@ mod tests {
             duration_ms: 1,
             output: None,
             error: Some("script threw: no".into()),
+            error_class: Some("script_threw".into()),
             logs: vec![],
             changes: vec![],
         });

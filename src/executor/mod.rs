@@ -4,6 +4,7 @@
 //! span, with an async backstop in case a native helper does not return.
 
 pub mod disk;
+pub mod error;
 pub mod kubernetes;
 pub mod sandbox;
 
@@ -17,6 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::domain::Alert;
 use crate::playbook::StepAction;
+pub use error::{Class, StepError};
 
 /// Grace given to a native helper past the step timeout before the run stops waiting for it.
 const BACKSTOP_GRACE: Duration = Duration::from_secs(2);
@@ -34,7 +36,7 @@ pub struct Executor {
 /// What one attempt produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptResult {
-    pub result: Result<Value, String>,
+    pub result: Result<Value, StepError>,
     pub logs: Vec<String>,
     /// Kubernetes mutations the attempt made (or, in a dry run, would have made).
     pub changes: Vec<kubernetes::Change>,
@@ -106,7 +108,11 @@ impl Executor {
     async fn run_kubernetes(&self, action: &str, a: Attempt<'_>) -> AttemptResult {
         let request = match kubernetes::Request::parse(action, a.params) {
             Ok(r) => r,
-            Err(e) => return failed(format!("kubernetes {action}: {e}")),
+            Err(e) => {
+                return failed(StepError::bad_arguments(format!(
+                    "kubernetes {action}: {e}"
+                )))
+            }
         };
         let dry_run = a.dry_run.unwrap_or(self.global_dry_run);
         let deadline = crate::clock::deadline(a.timeout);
@@ -124,10 +130,10 @@ impl Executor {
         let result = tokio::select! {
             r = tokio::time::timeout(a.timeout.saturating_add(BACKSTOP_GRACE), run) => match r {
                 Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(format!("kubernetes {action}: {e}")),
-                Err(_) => Err(format!("timed out after {}", humantime::format_duration(a.timeout))),
+                Ok(Err(error)) => Err(StepError::Kubernetes { context: format!("kubernetes {action}"), error }),
+                Err(_) => Err(StepError::Timeout { after: a.timeout, hung: false }),
             },
-            _ = cancel.cancelled() => Err("cancelled".to_owned()),
+            _ = cancel.cancelled() => Err(StepError::Cancelled),
         };
         AttemptResult {
             result,
@@ -141,7 +147,9 @@ impl Executor {
         let params = match rhai::serde::to_dynamic(Value::Object(a.params)) {
             Ok(d) => d,
             Err(e) => {
-                return Started::Done(failed(format!("cannot pass params to the script: {e}")))
+                return Started::Done(failed(StepError::Internal(format!(
+                    "cannot pass params to the script: {e}"
+                ))))
             }
         };
         let engine = Arc::clone(&self.engine);
@@ -157,6 +165,7 @@ impl Executor {
             changes: Vec::new(),
             inline,
             max_memory,
+            failure: None,
         };
         let mut scope = Scope::new();
         scope.push_constant("alert", alert);
@@ -185,11 +194,13 @@ impl Executor {
             });
             match tokio::time::timeout(timeout.saturating_add(BACKSTOP_GRACE), task).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(join)) => failed(format!("script evaluation failed: {join}")),
-                Err(_) => failed(format!(
-                    "timed out after {}: a helper call did not return",
-                    humantime::format_duration(timeout)
-                )),
+                Ok(Err(join)) => failed(StepError::Internal(format!(
+                    "script evaluation failed: {join}"
+                ))),
+                Err(_) => failed(StepError::Timeout {
+                    after: timeout,
+                    hung: true,
+                }),
             }
         }))
     }
@@ -203,23 +214,34 @@ fn finish(
 ) -> AttemptResult {
     let res = match res {
         Ok(res) => res,
-        Err(panic) => return failed(format!("script evaluation panicked: {panic}")),
+        Err(panic) => {
+            return failed(StepError::Internal(format!(
+                "script evaluation panicked: {panic}"
+            )))
+        }
     };
-    let max_memory = state.max_memory;
+    let sandbox::EvalState {
+        logs,
+        changes,
+        max_memory,
+        failure,
+        ..
+    } = state;
     let result = res
-        .map_err(|e| sandbox::describe_error(&e, timeout, max_memory))
+        .map_err(|e| sandbox::describe_error(&e, timeout, max_memory, failure))
         .and_then(|d| {
-            rhai::serde::from_dynamic::<Value>(&d)
-                .map_err(|e| format!("script returned a value that is not data: {e}"))
+            rhai::serde::from_dynamic::<Value>(&d).map_err(|e| {
+                StepError::Script(format!("script returned a value that is not data: {e}"))
+            })
         });
     AttemptResult {
         result,
-        logs: state.logs,
-        changes: state.changes,
+        logs,
+        changes,
     }
 }
 
-fn failed(error: String) -> AttemptResult {
+fn failed(error: StepError) -> AttemptResult {
     AttemptResult {
         result: Err(error),
         logs: Vec::new(),
@@ -332,10 +354,9 @@ mod tests {
             Duration::from_secs(5),
         )
         .await;
-        assert_eq!(
-            r.result,
-            Err("script threw: disk still full (line 1)".into())
-        );
+        let e = r.result.unwrap_err();
+        assert_eq!(e.to_string(), "script threw: disk still full (line 1)");
+        assert_eq!(e.metric_label(), "script_threw");
     }
 
     #[tokio::test]
@@ -347,7 +368,7 @@ mod tests {
             Duration::from_secs(30),
         )
         .await;
-        let err = r.result.unwrap_err();
+        let err = r.result.unwrap_err().to_string();
         assert!(
             err.contains("operation limit exceeded") || err.contains("timed out"),
             "{err}"
@@ -375,7 +396,8 @@ mod tests {
         )
         .await;
         let e = r.result.unwrap_err();
-        assert!(e.contains("sandbox.max_memory_bytes"), "{e}");
+        assert_eq!(e.metric_label(), "script_limit");
+        assert!(e.to_string().contains("sandbox.max_memory_bytes"), "{e}");
         // Within the limit, the same kind of script runs.
         let r = run(
             &executor(vec![]).with_max_memory(64 << 20),
@@ -408,7 +430,9 @@ mod tests {
             Duration::from_millis(300),
         )
         .await;
-        assert_eq!(r.result, Err("timed out after 300ms".into()));
+        let e = r.result.unwrap_err();
+        assert_eq!(e.to_string(), "timed out after 300ms");
+        assert!(e.is_retryable());
     }
 
     #[tokio::test]
@@ -425,7 +449,9 @@ mod tests {
             Duration::from_secs(5),
         )
         .await;
-        assert!(r.result.unwrap_err().contains("no allowed roots"));
+        let e = r.result.unwrap_err();
+        assert!(e.to_string().contains("no allowed roots"), "{e}");
+        assert_eq!((e.metric_label(), e.is_retryable()), ("refused", false));
     }
 
     #[tokio::test]

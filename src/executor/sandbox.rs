@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use rhai::{Dynamic, Engine, EvalAltResult, Position};
 
 use super::disk::{cleanup, CleanupRequest};
+use super::error::StepError;
 use super::kubernetes::{self, Change, Kubernetes, Request};
 use crate::config::SandboxLimits;
 
@@ -40,6 +41,9 @@ pub(crate) struct EvalState {
     pub inline: bool,
     /// Bytes the evaluation may hold (`sandbox.max_memory_bytes`).
     pub max_memory: usize,
+    /// The last helper failure, with its class: when the script does not catch it, the attempt
+    /// fails with this class rather than as a script's own `throw`.
+    pub failure: Option<StepError>,
 }
 
 thread_local! {
@@ -133,6 +137,18 @@ pub(crate) fn needs_thread<T>(result: &RhaiResult<T>) -> bool {
 /// Ends the evaluation with `token`; scripts cannot catch it.
 fn terminate(token: &'static str) -> Box<EvalAltResult> {
     EvalAltResult::ErrorTerminated(Dynamic::from(token), Position::NONE).into()
+}
+
+/// A helper's failure: kept, typed, for the attempt's record, and raised in the script as the
+/// error text, which the script may catch.
+fn helper_failed(error: StepError) -> Box<EvalAltResult> {
+    let text = error.to_string();
+    STATE.with(|s| {
+        if let Some(st) = s.borrow_mut().as_mut() {
+            st.failure = Some(error);
+        }
+    });
+    text.into()
 }
 
 fn terminated_by(err: &EvalAltResult, token: &str) -> bool {
@@ -245,9 +261,13 @@ fn k8s_call(
     let serde_json::Value::Object(params) = params else {
         unreachable!("built from an object literal or a Rhai map")
     };
-    let req = Request::parse(name, params).map_err(|e| format!("k8s::{name}: {e}"))?;
-    let handle = tokio::runtime::Handle::try_current()
-        .map_err(|_| format!("k8s::{name}: no async runtime on this thread"))?;
+    let req = Request::parse(name, params)
+        .map_err(|e| helper_failed(StepError::bad_arguments(format!("k8s::{name}: {e}"))))?;
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        helper_failed(StepError::Internal(format!(
+            "k8s::{name}: no async runtime on this thread"
+        )))
+    })?;
     let until = deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
     let left = until.saturating_duration_since(Instant::now());
     let mut changes = Vec::new();
@@ -263,7 +283,10 @@ fn k8s_call(
     });
     match res {
         Ok(Ok(v)) => rhai::serde::to_dynamic(v),
-        Ok(Err(e)) => Err(format!("k8s::{name}: {e}").into()),
+        Ok(Err(error)) => Err(helper_failed(StepError::Kubernetes {
+            context: format!("k8s::{name}"),
+            error,
+        })),
         Err(_) => Err(terminate(DEADLINE_TOKEN)),
     }
 }
@@ -271,15 +294,27 @@ fn k8s_call(
 /// Reads one object for a script.
 fn k8s_get(kube: Option<&Kubernetes>, kind: &str, ns: &str, name: &str) -> RhaiResult<Dynamic> {
     off_worker()?;
+    let context = || "k8s::get".to_owned();
     let Some(kube) = kube else {
-        return Err(format!("k8s::get: {}", kubernetes::NOT_CONFIGURED).into());
+        return Err(helper_failed(StepError::Kubernetes {
+            context: context(),
+            error: kubernetes::KubeError::NotConfigured,
+        }));
     };
-    let handle = tokio::runtime::Handle::try_current()
-        .map_err(|_| "k8s::get: no async runtime on this thread".to_owned())?;
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        helper_failed(StepError::Internal(
+            "k8s::get: no async runtime on this thread".to_owned(),
+        ))
+    })?;
     let until = deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
     let v = handle
         .block_on(kube.get(kind, ns, name, until))
-        .map_err(|e| format!("k8s::get: {e}"))?;
+        .map_err(|error| {
+            helper_failed(StepError::Kubernetes {
+                context: context(),
+                error,
+            })
+        })?;
     rhai::serde::to_dynamic(v)
 }
 
@@ -349,9 +384,11 @@ fn register_disk_cleanup(engine: &mut Engine, roots: Vec<PathBuf>) {
         let older_than = if let Some(secs) = older.clone().try_cast::<i64>() {
             Duration::from_secs(secs.max(0) as u64)
         } else {
-            let s = older.into_string().map_err(|t| format!("disk_cleanup: older_than must be a duration string like \"7d\" or seconds, got {t}"))?;
+            let s = older.into_string().map_err(|t| helper_failed(StepError::bad_arguments(format!("disk_cleanup: older_than must be a duration string like \"7d\" or seconds, got {t}"))))?;
             crate::bounds::parse_duration("older_than", &s, crate::bounds::HELPER_CLEANUP_AGE)
-                .map_err(|e| format!("disk_cleanup: {e}"))?
+                .map_err(|e| {
+                    helper_failed(StepError::bad_arguments(format!("disk_cleanup: {e}")))
+                })?
         };
         let req = CleanupRequest {
             path: path.into(),
@@ -360,7 +397,8 @@ fn register_disk_cleanup(engine: &mut Engine, roots: Vec<PathBuf>) {
             dry_run: dry.unwrap_or(false) || dry_run(),
         };
         let until = deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
-        let report = cleanup(&req, &roots, until).map_err(|e| format!("disk_cleanup: {e}"))?;
+        let report = cleanup(&req, &roots, until)
+            .map_err(|e| helper_failed(StepError::cleanup("disk_cleanup", &e)))?;
         log_line(format!(
             "disk_cleanup {}: {} files, {} bytes{}",
             path,
@@ -380,21 +418,40 @@ fn register_disk_cleanup(engine: &mut Engine, roots: Vec<PathBuf>) {
     );
 }
 
-/// Turns an evaluation error into the text a run records.
-pub(crate) fn describe_error(err: &EvalAltResult, timeout: Duration, max_memory: usize) -> String {
+/// Turns an evaluation error into the attempt's error. `failure` is the last helper failure: when
+/// the script let it through uncaught, the error keeps the helper's class.
+pub(crate) fn describe_error(
+    err: &EvalAltResult,
+    timeout: Duration,
+    max_memory: usize,
+    failure: Option<StepError>,
+) -> StepError {
     match err {
-        e if terminated_by(e, DEADLINE_TOKEN) => {
-            format!("timed out after {}", humantime::format_duration(timeout))
-        }
-        e if terminated_by(e, CANCEL_TOKEN) => "cancelled".to_owned(),
-        e if terminated_by(e, MEMORY_TOKEN) => format!(
+        e if terminated_by(e, DEADLINE_TOKEN) => StepError::Timeout {
+            after: timeout,
+            hung: false,
+        },
+        e if terminated_by(e, CANCEL_TOKEN) => StepError::Cancelled,
+        e if terminated_by(e, MEMORY_TOKEN) => StepError::Limit(format!(
             "stopped: the script held more than {max_memory} bytes (sandbox.max_memory_bytes)"
-        ),
+        )),
         EvalAltResult::ErrorTooManyOperations(pos) => {
-            format!("stopped: operation limit exceeded{}", at(*pos))
+            StepError::Limit(format!("stopped: operation limit exceeded{}", at(*pos)))
         }
-        EvalAltResult::ErrorRuntime(value, pos) => format!("script threw: {value}{}", at(*pos)),
-        other => other.to_string(),
+        EvalAltResult::ErrorTooManyVariables(_)
+        | EvalAltResult::ErrorTooManyModules(_)
+        | EvalAltResult::ErrorStackOverflow(_)
+        | EvalAltResult::ErrorDataTooLarge(..) => StepError::Limit(err.to_string()),
+        EvalAltResult::ErrorRuntime(value, pos) => {
+            let message = value.to_string();
+            let cause = failure.filter(|f| f.to_string() == message).map(Box::new);
+            StepError::Threw {
+                message,
+                line: pos.line(),
+                cause,
+            }
+        }
+        other => StepError::Script(other.to_string()),
     }
 }
 
@@ -453,6 +510,7 @@ mod tests {
             changes: Vec::new(),
             inline: true,
             max_memory: DEFAULT_MEMORY,
+            failure: None,
         };
         let (out, st) = with_state(state, || -> () {
             log_line("before".to_owned());

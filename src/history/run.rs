@@ -158,6 +158,10 @@ pub struct StepRecord {
     pub output: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The failure's class, e.g. `timeout`, `rejected`, `refused`, `script_threw`: what decided
+    /// whether the step was tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<String>,
     /// Kubernetes mutations: object, verb, dry run and result of each.
@@ -285,6 +289,47 @@ impl Run {
             at,
             event: event.into(),
         });
+    }
+
+    /// Ends the run with `outcome` (skipped, deduplicated, failed, cancelled, interrupted...)
+    /// and the reason, on its timeline too.
+    pub fn settle(&mut self, outcome: Outcome, reason: &str, now: Timestamp) {
+        self.outcome = outcome;
+        self.reason = Some(reason.to_owned());
+        self.finished_at = Some(now);
+        self.note(now, format!("{outcome}: {reason}"));
+    }
+
+    /// Its steps succeeded and nothing is left to verify.
+    pub fn succeed(&mut self, now: Timestamp) {
+        self.outcome = Outcome::Succeeded;
+        self.finished_at = Some(now);
+        self.note(now, "succeeded");
+    }
+
+    /// Its steps succeeded; it now waits until `deadline` (`within` from now) for the alert to
+    /// resolve.
+    pub fn start_verifying(&mut self, within: std::time::Duration, now: Timestamp) {
+        let deadline = crate::clock::later(now, within);
+        self.outcome = Outcome::Verifying;
+        self.verify_deadline = Some(deadline);
+        self.note(
+            now,
+            format!(
+                "verify started: waiting up to {} for the alert to resolve",
+                humantime::format_duration(within)
+            ),
+        );
+    }
+
+    /// Its alert resolved while it was verifying; `source` says how reactor saw that.
+    pub fn verified(&mut self, source: &str, now: Timestamp) {
+        self.note(now, format!("resolved seen ({source})"));
+        self.outcome = Outcome::Succeeded;
+        self.verified_at = Some(now);
+        self.finished_at = Some(now);
+        self.reason = Some("verified: the alert resolved after remediation".into());
+        self.note(now, "succeeded (verified)");
     }
 }
 

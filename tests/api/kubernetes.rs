@@ -454,8 +454,14 @@ async fn scripts_inspect_then_act_through_k8s_functions() {
     let r = script(r#"k8s::restart_pod("kube-system", "coredns-1")"#).await;
     let e = r.result.unwrap_err();
     assert!(
-        e.contains("k8s::restart_pod: namespace \"kube-system\" is not allowed"),
+        e.to_string()
+            .contains("k8s::restart_pod: namespace \"kube-system\" is not allowed"),
         "{e}"
+    );
+    assert_eq!(
+        (e.metric_label(), e.is_retryable()),
+        ("refused", false),
+        "a script that lets a helper's refusal through fails with the helper's class"
     );
 }
 
@@ -468,6 +474,8 @@ match:
 steps:
   - name: restart
     kubernetes: restart_pod
+    retries: 2
+    retry_delay: 0s
     params:
       namespace: "{{ labels.namespace }}"
       pod: "{{ labels.pod }}"
@@ -511,11 +519,13 @@ async fn the_binary_restarts_pods_scales_up_and_pages_when_the_api_fails() {
     let api = FakeApi::start(vec![
         pod("shop", "web-1", Some(("ReplicaSet", "web-5d9"))),
         pod("shop", "web-2", Some(("ReplicaSet", "web-5d9"))),
+        pod("shop", "web-3", Some(("ReplicaSet", "web-5d9"))),
         deployment("shop", "web", 4),
         deployment("shop", "stuck", 1),
     ])
     .await;
     api.fail("DELETE", "/pods/web-2", Fault::Status(403));
+    api.fail("DELETE", "/pods/web-3", Fault::Status(500));
     api.fail("PATCH", "/deployments/stuck", Fault::Hang);
     let alertmanager = Capture::start().await;
     let dir = PlaybookDir::new(&[("playbooks/k8s.yaml", PLAYBOOKS)]);
@@ -558,6 +568,11 @@ async fn the_binary_restarts_pods_scales_up_and_pages_when_the_api_fails() {
             "t1",
             json!({"namespace": "shop", "deployment": "stuck"}),
         ),
+        (
+            "KubePodCrashLooping",
+            "c4",
+            json!({"namespace": "shop", "pod": "web-3"}),
+        ),
     ] {
         let body = alert(name, fp, labels);
         let r = http
@@ -572,14 +587,14 @@ async fn the_binary_restarts_pods_scales_up_and_pages_when_the_api_fails() {
     let url = format!("http://127.0.0.1:{port}/api/v1/runs");
     let runs = wait_for(Duration::from_secs(30), || async {
         let runs = get_runs(&http, &url, Some(TOKEN)).await;
-        (runs.len() == 5
+        (runs.len() == 6
             && runs
                 .iter()
                 .all(|r| r["outcome"] != "running" && r["outcome"] != "pending"))
         .then_some(runs)
     })
     .await
-    .expect("five runs finish");
+    .expect("six runs finish");
     let by_fp = |fp: &str| {
         runs.iter()
             .find(|r| r["alert"]["fingerprint"] == fp)
@@ -631,6 +646,47 @@ async fn the_binary_restarts_pods_scales_up_and_pages_when_the_api_fails() {
         reason.contains("get pods/ghost") && reason.contains("HTTP 404"),
         "{reason}"
     );
+    // 403 and 404 would recur: one attempt each, although the step has two retries. A 5xx may
+    // pass (a 500 here; kube-rs itself retries 503 until the timeout): the step is tried three times.
+    let attempts = |run: &Value| -> Vec<(u64, String)> {
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let class = s["errorClass"].as_str().unwrap_or("-").to_owned();
+                (s["attempt"].as_u64().unwrap(), class)
+            })
+            .collect()
+    };
+    assert_eq!(attempts(&refused), [(1, "rejected".to_owned())]);
+    assert_eq!(attempts(&missing), [(1, "rejected".to_owned())]);
+    assert!(
+        reason.contains("failed after 1 attempt(s) (not retried: rejected errors are final)"),
+        "{reason}"
+    );
+    let unavailable = by_fp("c4");
+    assert_eq!(unavailable["outcome"], "failed", "{unavailable}");
+    let server_error = |n| (n, "server_error".to_owned());
+    assert_eq!(
+        attempts(&unavailable),
+        [server_error(1), server_error(2), server_error(3)]
+    );
+    let metrics = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"reactor_step_failures_total{playbook="crashloop-restart",reason="rejected"} 2"#,
+        r#"reactor_step_failures_total{playbook="crashloop-restart",reason="server_error"} 3"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
     let hung = by_fp("t1");
     assert_eq!(hung["outcome"], "failed", "{hung}");
     let reason = hung["reason"].as_str().unwrap();
@@ -646,7 +702,7 @@ async fn the_binary_restarts_pods_scales_up_and_pages_when_the_api_fails() {
 
     let pages = wait_for(Duration::from_secs(20), || async {
         let pages = alertmanager.posted_alerts("RemediationFailed");
-        (pages.len() >= 3).then_some(pages)
+        (pages.len() >= 4).then_some(pages)
     })
     .await
     .expect("each failed run pages");
@@ -664,6 +720,7 @@ async fn the_binary_restarts_pods_scales_up_and_pages_when_the_api_fails() {
         paged,
         [
             "KubeDeploymentStuck",
+            "KubePodCrashLooping",
             "KubePodCrashLooping",
             "KubePodCrashLooping"
         ],

@@ -26,8 +26,8 @@ pub struct Kubernetes {
     settings: KubernetesSettings,
 }
 
-/// Why an action did not do what it was asked.
-#[derive(Debug, thiserror::Error)]
+/// Why an action did not do what it was asked. Its retry class: [`KubeError::class`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum KubeError {
     #[error("{NOT_CONFIGURED}")]
     NotConfigured,
