@@ -55,11 +55,19 @@ pub use crate::tls::install_crypto_provider;
 /// Builds the sandboxed Rhai engine from settings; shared by `serve`, `check` and `test`
 /// (which pass no cluster: `k8s::` calls then fail as not configured).
 pub fn rhai_engine(settings: &Settings, kube: Option<Kubernetes>) -> rhai::Engine {
-    sandbox::build_engine(
-        &settings.sandbox,
-        settings.disk_cleanup.allowed_roots.clone(),
+    sandbox::build_engine_with(&settings.sandbox, helpers(settings, kube))
+}
+
+/// What the acting helpers may act on, from the settings.
+pub fn helpers(settings: &Settings, kube: Option<Kubernetes>) -> sandbox::Helpers {
+    sandbox::Helpers {
+        cleanup_roots: settings.disk_cleanup.allowed_roots.clone(),
         kube,
-    )
+        exec: crate::executor::exec::ExecPolicy {
+            allow: settings.exec.allow.clone(),
+            max_output: settings.exec.max_output_bytes,
+        },
+    }
 }
 
 /// A built, bound, not yet running reactor.
@@ -103,7 +111,7 @@ impl Application {
             }
             None => tracing::info!("kubernetes is not configured; kubernetes steps will fail"),
         }
-        let rhai = rhai_engine(&settings, kube.clone());
+        let rhai = Arc::new(rhai_engine(&settings, kube.clone()));
         let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
         tracing::info!(count = playbooks.len(), dir = %settings.playbooks_dir.display(), "playbooks loaded");
         let store =
@@ -126,23 +134,32 @@ impl Application {
             dir: settings.data_dir.display().to_string(),
             source,
         };
+        let in_force = Arc::new(playbook::InForce::new(playbooks));
         let engine = Engine::new(
             store.clone(),
-            Arc::new(playbooks),
-            Executor::new(Arc::new(rhai), settings.dry_run, kube)
-                .with_max_memory(settings.sandbox.max_memory_bytes),
+            Arc::clone(&in_force),
+            Executor::new(Arc::clone(&rhai), settings.dry_run, kube)
+                .with_max_memory(settings.sandbox.max_memory_bytes)
+                .with_exec(helpers(&settings, None).exec),
             Escalator::new(http, settings.alertmanager.clone()),
             clock,
             settings.external_url(bound),
         )
         .map_err(store_error)?;
         let engine = Arc::new(engine);
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            settings.playbooks_dir.clone(),
+            settings.scripts_dir.clone(),
+            rhai,
+            in_force,
+            Arc::clone(&engine.metrics),
+        ));
         let state = AppState {
             store,
             queue,
             limits: Arc::new(settings.limits.clone()),
             credentials: crate::routes::credentials(&settings.auth),
-            playbooks_loaded: engine.playbooks.len(),
+            reloader,
             metrics: Arc::clone(&engine.metrics),
             health: Arc::clone(&engine.health),
         };
@@ -263,6 +280,14 @@ impl Application {
             settings.history.clone(),
             shutdown.clone(),
         ));
+        match crate::reload::on_sighup(Arc::clone(&state.reloader), shutdown.clone()) {
+            Ok(task) => {
+                background.spawn(task);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /-/reload")
+            }
+        }
         background.close();
         if !pending.is_empty() {
             engine.health.backlog.added(pending.len());

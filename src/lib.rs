@@ -24,6 +24,7 @@ pub mod history;
 pub mod metrics;
 pub mod playbook;
 pub mod poller;
+pub mod reload;
 pub mod retention;
 pub mod routes;
 pub mod telemetry;

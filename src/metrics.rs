@@ -78,6 +78,11 @@ pub struct Metrics {
     /// Alerts Alertmanager held back from humans that reactor read from its API.
     pub held_alerts: Counter,
     pub store_errors: Counter,
+    /// 1 when the last playbook reload put its set in force, 0 when it was refused.
+    pub config_last_reload_successful: Gauge,
+    pub config_last_reload_success_timestamp: Gauge<f64, AtomicU64>,
+    /// Reloads by result: `success` or `failure`.
+    pub config_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -194,6 +199,30 @@ impl Default for Metrics {
             "Failed database writes",
             store_errors.clone(),
         );
+        let config_last_reload_successful = Gauge::default();
+        registry.register(
+            "config_last_reload_successful",
+            "Whether the last playbook reload succeeded (1) or was refused (0)",
+            config_last_reload_successful.clone(),
+        );
+        let config_last_reload_success_timestamp = Gauge::default();
+        registry.register_with_unit(
+            "config_last_reload_success_timestamp",
+            "When the playbooks in force were loaded (start or last successful reload)",
+            prometheus_client::registry::Unit::Seconds,
+            config_last_reload_success_timestamp.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        for result in ["success", "failure"] {
+            let _ = config_reloads.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+        }
+        registry.register(
+            "config_reloads",
+            "Playbook reloads by result (success, failure)",
+            config_reloads.clone(),
+        );
         registry.register(
             "build",
             "reactor's version",
@@ -221,6 +250,9 @@ impl Default for Metrics {
             self_check_failing,
             held_alerts,
             store_errors,
+            config_last_reload_successful,
+            config_last_reload_success_timestamp,
+            config_reloads,
         }
     }
 }
@@ -248,6 +280,25 @@ impl Metrics {
             .get_or_create(&StepFailureLabels {
                 playbook: playbook.to_owned(),
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A playbook set was loaded (`ok`) or refused. The load at start counts as a success but
+    /// not as a reload.
+    pub fn config_reloaded(&self, ok: bool) {
+        self.config_last_reload_successful.set(ok as i64);
+        if ok {
+            let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+            self.config_last_reload_success_timestamp.set(now);
+        }
+    }
+
+    pub fn reload_counted(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.config_reloads
+            .get_or_create(&ResultLabels {
+                result: result.into(),
             })
             .inc();
     }

@@ -13,7 +13,7 @@ use crate::config::HistorySettings;
 use crate::escalation::outbox::Outbox;
 use crate::guard::Guards;
 use crate::history::{Store, StoreError};
-use crate::playbook::Playbooks;
+use crate::playbook::InForce;
 
 /// What pruning touches: the history, the outbox and guard records that follow the runs, the
 /// clock, and the playbooks (whose guard windows say how long a target record matters).
@@ -23,7 +23,7 @@ pub struct Retention {
     pub outbox: Outbox,
     pub guards: Guards,
     pub clock: Arc<dyn Clock>,
-    pub playbooks: Arc<Playbooks>,
+    pub playbooks: Arc<InForce>,
 }
 
 /// Prunes every `prune_interval` until `shutdown`.
@@ -58,8 +58,8 @@ pub fn prune_once(r: &Retention, settings: &HistorySettings) -> Result<usize, St
         r.outbox.prune_before(first_kept)?;
     }
     r.guards.prune_claims(cutoff)?;
-    let horizons: HashMap<&str, Duration> = r
-        .playbooks
+    let playbooks = r.playbooks.current();
+    let horizons: HashMap<&str, Duration> = playbooks
         .iter()
         .map(|p| (p.name.as_str(), p.guards.window.max(p.guards.cooldown)))
         .collect();

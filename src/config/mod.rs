@@ -56,6 +56,7 @@ pub struct Settings {
     pub limits: Limits,
     pub sandbox: SandboxLimits,
     pub disk_cleanup: DiskCleanupSettings,
+    pub exec: ExecSettings,
     pub kubernetes: KubernetesSettings,
     pub history: HistorySettings,
     pub watchdog: WatchdogSettings,
@@ -79,6 +80,7 @@ impl Default for Settings {
             limits: Limits::default(),
             sandbox: SandboxLimits::default(),
             disk_cleanup: DiskCleanupSettings::default(),
+            exec: ExecSettings::default(),
             kubernetes: KubernetesSettings::default(),
             history: HistorySettings::default(),
             watchdog: WatchdogSettings::default(),
@@ -245,6 +247,20 @@ impl Settings {
             sb.max_memory_bytes,
             SANDBOX_MEMORY,
         )?;
+        c(
+            "exec.max_output_bytes",
+            self.exec.max_output_bytes,
+            EXEC_OUTPUT_BYTES,
+        )?;
+        if let Some(relative) = self.exec.allow.iter().find(|p| !p.is_absolute()) {
+            return Err(InvalidSetting {
+                field: "exec.allow",
+                message: format!(
+                    "exec.allow: {} is not an absolute path (programs are never looked up in PATH)",
+                    relative.display()
+                ),
+            });
+        }
         let l = &self.limits;
         c("limits.max_body_bytes", l.max_body_bytes, MAX_BODY_BYTES)?;
         c(
@@ -393,7 +409,10 @@ impl Settings {
             }
         }
         if let Some(v) = get("REACTOR_DRY_RUN") {
-            self.dry_run = matches!(v.as_str(), "1" | "true" | "yes");
+            self.dry_run = parse_bool(&v).map_err(|message| ConfigError::Env {
+                name: "REACTOR_DRY_RUN",
+                message,
+            })?;
         }
         Ok(())
     }
@@ -427,6 +446,18 @@ impl Settings {
     }
 }
 
+/// A boolean from the environment: `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`, in any case.
+/// Anything else is an error, so that a typo cannot turn dry run off.
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!(
+            "expected true or false (also 1/0, yes/no, on/off), got {v:?}"
+        )),
+    }
+}
+
 /// One path or a list of paths.
 fn paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
     #[derive(Deserialize)]
@@ -452,6 +483,28 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_boolean_variable_is_read_in_any_case_and_a_typo_is_refused() {
+        let with = |v: &str| {
+            let mut s = Settings::default();
+            let v = v.to_owned();
+            s.apply_env(|k| (k == "REACTOR_DRY_RUN").then(|| v.clone()))
+                .map(|()| s.dry_run)
+                .map_err(|e| e.to_string())
+        };
+        for v in ["True", "TRUE", "1", "yes", "On"] {
+            assert_eq!(with(v), Ok(true), "{v}");
+        }
+        for v in ["false", "False", "0", "no", "OFF"] {
+            assert_eq!(with(v), Ok(false), "{v}");
+        }
+        let e = with("ture").unwrap_err();
+        assert!(
+            e.contains("REACTOR_DRY_RUN") && e.contains("\"ture\""),
+            "{e}"
+        );
+    }
 
     #[test]
     fn defaults_need_no_file() {

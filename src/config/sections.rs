@@ -176,6 +176,25 @@ pub struct DiskCleanupSettings {
     pub allowed_roots: Vec<PathBuf>,
 }
 
+/// The programs scripts (`exec()`) and `command:` steps may run. Empty: every call is refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecSettings {
+    /// Absolute paths of the programs allowed, compared exactly.
+    pub allow: Vec<PathBuf>,
+    /// Bytes kept of each of a program's stdout and stderr; the rest is dropped.
+    pub max_output_bytes: usize,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        ExecSettings {
+            allow: Vec::new(),
+            max_output_bytes: 64 << 10,
+        }
+    }
+}
+
 /// The cluster reactor acts on. Nothing here set (and no `KUBECONFIG`, not in a pod): reactor
 /// runs without Kubernetes and kubernetes steps fail with `kubernetes is not configured`.
 /// `~/.kube/config` is never read implicitly: a remediation engine must not act on whichever

@@ -45,7 +45,7 @@ use crate::history::{
     DeliveryStatus, EscalationRecord, Intake, Outcome, Run, RunId, StepRecord, Store, StoreError,
 };
 use crate::metrics::{Metrics, StatusLabels};
-use crate::playbook::{render_params, OnResolved, Playbook, Playbooks, TemplateContext};
+use crate::playbook::{render_params, InForce, OnResolved, Playbook, TemplateContext};
 
 pub use in_flight::{InFlight, InFlightRuns};
 pub use verify::verify_loop;
@@ -55,7 +55,7 @@ pub use verify::verify_loop;
 /// to the tasks around the engine, which never hold the engine itself.
 pub struct Engine {
     pub(crate) store: Store,
-    pub(crate) playbooks: Arc<Playbooks>,
+    pub(crate) playbooks: Arc<InForce>,
     pub(crate) executor: Executor,
     pub(crate) escalator: Escalator,
     pub(crate) outbox: Outbox,
@@ -65,7 +65,9 @@ pub struct Engine {
     pub(crate) health: Arc<Health>,
     /// Base URL for links to runs in pages.
     pub(crate) external_url: String,
-    per_playbook: HashMap<String, Arc<Semaphore>>,
+    /// The `max_concurrent` limits of playbooks that set one, by name and limit (a reload that
+    /// changes the limit starts a new one).
+    per_playbook: Mutex<HashMap<(String, usize), Arc<Semaphore>>>,
     /// The runs executing now; the watchdog holds it too.
     pub(crate) in_flight: Arc<InFlightRuns>,
     /// Runs waiting for their alert to resolve, and those whose resolution was seen.
@@ -88,17 +90,12 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
-        playbooks: Arc<Playbooks>,
+        playbooks: Arc<InForce>,
         executor: Executor,
         escalator: Escalator,
         clock: Arc<dyn Clock>,
         external_url: String,
     ) -> Result<Engine, StoreError> {
-        let per_playbook = playbooks
-            .iter()
-            .filter(|p| p.max_concurrent > 0)
-            .map(|p| (p.name.clone(), Arc::new(Semaphore::new(p.max_concurrent))))
-            .collect();
         let metrics = Arc::new(Metrics::default());
         Ok(Engine {
             health: Arc::new(Health::new(&metrics)),
@@ -111,12 +108,30 @@ impl Engine {
             escalator,
             clock,
             external_url,
-            per_playbook,
+            per_playbook: Mutex::default(),
             in_flight: Arc::default(),
             verifying: Mutex::new(HashMap::new()),
             resolved_seen: Mutex::new(HashSet::new()),
             verify_wake: Notify::new(),
         })
+    }
+
+    /// The playbook in force that `run` names, if it is still loaded.
+    fn playbook_of(&self, run: &Run) -> Option<Arc<Playbook>> {
+        self.playbooks.get(run.playbook.as_deref()?)
+    }
+
+    /// The limit on concurrent runs of `playbook`, when it sets one.
+    fn concurrency_limit(&self, playbook: &Playbook) -> Option<Arc<Semaphore>> {
+        if playbook.max_concurrent == 0 {
+            return None;
+        }
+        let mut limits = self.per_playbook.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (playbook.name.clone(), playbook.max_concurrent);
+        let limit = limits
+            .entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(playbook.max_concurrent)));
+        Some(Arc::clone(limit))
     }
 
     pub fn run_url(&self, id: RunId) -> String {
@@ -142,7 +157,7 @@ impl Engine {
     }
 
     async fn process_inner(self: &Arc<Self>, intake: Intake) -> Result<(), StoreError> {
-        let matched = self.playbooks.matching(&intake.alert);
+        let matched = self.playbooks.current().matching(&intake.alert);
         let now = self.clock.now();
         let Intake {
             seq,

@@ -38,11 +38,7 @@ impl Engine {
             for run in failed {
                 self.metrics
                     .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
-                let playbook = run
-                    .playbook
-                    .as_deref()
-                    .and_then(|n| self.playbooks.get(n))
-                    .cloned();
+                let playbook = self.playbook_of(&run);
                 self.escalate(REMEDIATION_FAILED, run, playbook.as_deref())
                     .await?;
             }
@@ -81,11 +77,7 @@ impl Engine {
                     .insert(run.id, run.alert.fingerprint.clone());
                 continue;
             }
-            let playbook = run
-                .playbook
-                .as_deref()
-                .and_then(|n| self.playbooks.get(n))
-                .cloned();
+            let playbook = self.playbook_of(&run);
             if run.outcome != Outcome::Running {
                 // The page was recorded as pending but the process died before it reached the
                 // outbox: queue it now (the outbox refuses a second page for the same run).
@@ -177,11 +169,7 @@ impl Engine {
         for id in ids {
             let result = async {
                 if let Some(mut run) = self.store.get_run(id)? {
-                    let playbook = run
-                        .playbook
-                        .as_deref()
-                        .and_then(|n| self.playbooks.get(n))
-                        .cloned();
+                    let playbook = self.playbook_of(&run);
                     if playbook.as_ref().is_some_and(|p| p.idempotent) {
                         return Ok(()); // left `running`: re-run at the next start
                     }

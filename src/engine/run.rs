@@ -16,8 +16,8 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let span = run_span(&run);
         async {
-            let _permit = match self.per_playbook.get(&playbook.name) {
-                Some(s) => Some(Arc::clone(s).acquire_owned().await.expect("never closed")),
+            let _permit = match self.concurrency_limit(&playbook) {
+                Some(s) => Some(s.acquire_owned().await.expect("never closed")),
                 None => None,
             };
             let cancel = CancellationToken::new();
@@ -102,12 +102,12 @@ impl Engine {
         let mut failure = None;
         'steps: for (index, step) in playbook.steps.iter().enumerate() {
             let last_step = index + 1 == playbook.steps.len();
-            let params = {
+            let (params, args) = {
                 let mut ctx = TemplateContext::new(&run.alert, &playbook.name);
                 ctx.run_id = &run_id;
                 ctx.run_url = &run_url;
                 ctx.step = &step.name;
-                render_params(step, &ctx)
+                (render_params(step, &ctx), step.action.render_args(&ctx))
             };
             for attempt in 1..=step.retries + 1 {
                 if cancel.is_cancelled() {
@@ -126,6 +126,7 @@ impl Engine {
                     timeout: step.timeout,
                     dry_run: step.dry_run,
                     cancel: Some(cancel.clone()),
+                    args: args.clone(),
                 }) {
                     Started::Done(r) => r,
                     Started::Pending(attempt) => {

@@ -34,7 +34,7 @@ impl Harness {
         let clock = ManualClock::new("2026-01-05T03:00:00Z".parse().unwrap());
         let engine = Engine::new(
             Store::open(&dir.path().join("db")).unwrap(),
-            Arc::new(playbooks),
+            Arc::new(crate::playbook::InForce::new(playbooks)),
             Executor::new(sandbox, false, None),
             Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default()),
             Arc::new(clock.clone()),
@@ -266,7 +266,7 @@ async fn caught_in_progress(h: &Harness, alertname: &str, playbook: &str) -> Run
         intake.received_at,
         false,
         intake.alert,
-        Some(playbook),
+        Some(&playbook),
     );
     run.started_at = Some(h.clock.now());
     h.engine.store.put_run(&run).unwrap();

@@ -130,11 +130,7 @@ impl Engine {
                     }
                 }
             }
-            let playbook = run
-                .playbook
-                .as_deref()
-                .and_then(|n| self.playbooks.get(n))
-                .cloned();
+            let playbook = self.playbook_of(&run);
             if let Some(source) = source {
                 run.verified(source, now);
             } else if expired {

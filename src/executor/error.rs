@@ -3,7 +3,8 @@
 //! `reactor_step_failures_total{playbook,reason}` ([`StepError::metric_label`]).
 //!
 //! The rule: a failure that may pass by itself is retried (a timeout, a peer that could not be
-//! reached, HTTP 429, 5xx and 409, an I/O error, a script's own `throw`); a failure that would
+//! reached, HTTP 429, 5xx and 409, an I/O error, a script's own `throw`, a command's non-zero
+//! exit); a failure that would
 //! recur on the same input is final (a refusal by policy, an invalid name, HTTP 4xx otherwise,
 //! a sandbox limit, a script error such as an unknown function, an internal error). A script that
 //! does not catch a helper's failure fails with that helper's class.
@@ -39,6 +40,8 @@ pub enum Class {
     Io,
     /// The script threw.
     ScriptThrew,
+    /// A `command:` step's program exited with a status other than 0.
+    ExitStatus,
     /// The script hit a sandbox limit (operations, memory, depth).
     ScriptLimit,
     /// Any other script error: a type mismatch, an unknown function, a result that is not data.
@@ -59,6 +62,7 @@ impl Class {
                 | Class::Conflict
                 | Class::Io
                 | Class::ScriptThrew
+                | Class::ExitStatus
         )
     }
 
@@ -76,6 +80,7 @@ impl Class {
             Class::NotConfigured => "not_configured",
             Class::Io => "io",
             Class::ScriptThrew => "script_threw",
+            Class::ExitStatus => "exit_status",
             Class::ScriptLimit => "script_limit",
             Class::ScriptError => "script_error",
             Class::Internal => "internal",

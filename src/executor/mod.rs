@@ -5,6 +5,7 @@
 
 pub mod disk;
 pub mod error;
+pub mod exec;
 pub mod kubernetes;
 pub mod sandbox;
 
@@ -31,6 +32,8 @@ pub struct Executor {
     kube: Option<kubernetes::Kubernetes>,
     /// Bytes one evaluation may hold (`sandbox.max_memory_bytes`).
     max_memory: usize,
+    /// The programs `command:` steps may run.
+    exec: exec::ExecPolicy,
 }
 
 /// What one attempt produced.
@@ -58,6 +61,8 @@ pub struct Attempt<'a> {
     pub dry_run: Option<bool>,
     /// Cancelling it stops the script at its next operation.
     pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// A `command:` step's rendered arguments (see [`StepAction::render_args`]).
+    pub args: Vec<String>,
 }
 
 impl Executor {
@@ -72,7 +77,14 @@ impl Executor {
             global_dry_run,
             kube,
             max_memory: sandbox::DEFAULT_MEMORY,
+            exec: exec::ExecPolicy::default(),
         }
+    }
+
+    /// Allows `command:` steps to run the programs of `policy`.
+    pub fn with_exec(mut self, policy: exec::ExecPolicy) -> Self {
+        self.exec = policy;
+        self
     }
 
     /// Bounds the bytes one script evaluation may hold.
@@ -100,6 +112,69 @@ impl Executor {
             StepAction::Kubernetes { action } => {
                 Started::Pending(Box::pin(self.run_kubernetes(action, attempt)))
             }
+            StepAction::Command { program, .. } => {
+                Started::Pending(Box::pin(self.run_command(program, attempt)))
+            }
+        }
+    }
+
+    /// A `command:` step: the program with the rendered arguments and the alert's labels as
+    /// `ALERT_<NAME>` variables, on a blocking thread; a non-zero exit fails the attempt.
+    async fn run_command(&self, program: &str, a: Attempt<'_>) -> AttemptResult {
+        let req = exec::ExecRequest {
+            program: program.to_owned(),
+            args: a.args,
+            env: alert_env(a.alert),
+            stdin: None,
+            deadline: crate::clock::deadline(a.timeout),
+            dry_run: a.dry_run.unwrap_or(self.global_dry_run),
+        };
+        let policy = self.exec.clone();
+        let cancel = a.cancel.unwrap_or_default();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut changes = Vec::new();
+            let result = policy.run(&req, &mut changes, || cancel.is_cancelled());
+            (result, changes)
+        });
+        let (result, changes) =
+            match tokio::time::timeout(a.timeout.saturating_add(BACKSTOP_GRACE), task).await {
+                Ok(Ok(done)) => done,
+                Ok(Err(join)) => {
+                    return failed(StepError::Internal(format!("command failed: {join}")))
+                }
+                Err(_) => {
+                    return failed(StepError::Timeout {
+                        after: a.timeout,
+                        hung: true,
+                    })
+                }
+            };
+        let result = result.and_then(|out| {
+            if out.dry_run || out.code == Some(0) {
+                return Ok(serde_json::to_value(&out).unwrap_or_default());
+            }
+            let how = match out.code {
+                Some(code) => format!("exited with {code}"),
+                None => "was ended by a signal".to_owned(),
+            };
+            // The end of stderr says why, usually.
+            let stderr = out.stderr.trim();
+            let skip = stderr.chars().count().saturating_sub(500);
+            let tail: String = stderr.chars().skip(skip).collect();
+            let why = if tail.is_empty() {
+                String::new()
+            } else {
+                format!(": {tail}")
+            };
+            Err(StepError::Helper {
+                message: format!("{program} {how}{why}"),
+                class: Class::ExitStatus,
+            })
+        });
+        AttemptResult {
+            result,
+            logs: Vec::new(),
+            changes,
         }
     }
 
@@ -249,6 +324,28 @@ fn failed(error: StepError) -> AttemptResult {
     }
 }
 
+/// The alert's labels as a program's environment: `ALERT_<NAME>` (upper case; any character
+/// other than a letter, digit or `_` becomes `_`).
+fn alert_env(alert: &Alert) -> Vec<(String, String)> {
+    alert
+        .labels
+        .iter()
+        .map(|(k, v)| {
+            let name: String = k
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            (format!("ALERT_{name}"), v.clone())
+        })
+        .collect()
+}
+
 /// The `alert` map scripts see, built directly rather than through JSON.
 fn alert_dynamic(alert: &Alert) -> Dynamic {
     let strings = |labels: &crate::domain::Labels| -> Dynamic {
@@ -324,6 +421,7 @@ mod tests {
             timeout,
             dry_run: None,
             cancel: None,
+            args: Vec::new(),
         })
         .await
     }
@@ -496,6 +594,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             dry_run: None,
             cancel: None,
+            args: Vec::new(),
         }
     }
 

@@ -8,8 +8,8 @@
 //! operation: an evaluation that grows past `max_memory_bytes` stops with a clear error.
 //!
 //! An evaluation may first run *inline* on an async worker: then it gets [`INLINE_OPERATIONS`]
-//! operations, and every helper that blocks or acts on the world (`sleep`, `disk_cleanup`, `k8s::`)
-//! refuses before doing anything. Either ends the evaluation with [`NEEDS_THREAD_TOKEN`], which no
+//! operations, and every helper that blocks or acts on the world (`sleep`, `disk_cleanup`,
+//! `exec`, `k8s::`) refuses before doing anything. Either ends the evaluation with [`NEEDS_THREAD_TOKEN`], which no
 //! script can catch, and the caller evaluates the script again from the start on a blocking
 //! thread. The inline attempt can only have logged, and its logs are dropped.
 
@@ -21,6 +21,7 @@ use rhai::{Dynamic, Engine, EvalAltResult, Position};
 
 use super::disk::{cleanup, CleanupRequest};
 use super::error::StepError;
+use super::exec::{ExecPolicy, ExecRequest};
 use super::kubernetes::{self, Change, Kubernetes, Request};
 use crate::config::SandboxLimits;
 
@@ -183,13 +184,41 @@ pub fn thread_stack_size(limits: &SandboxLimits) -> usize {
         .saturating_add(limits.max_expr_depth.saturating_mul(STACK_PER_EXPR_LEVEL))
 }
 
-/// Builds the sandboxed engine. `cleanup_roots` are the directories `disk_cleanup` may touch;
-/// `kube` is the cluster the `k8s::` functions act on (`None`: they fail, not configured).
+/// What the helpers that act may act on; the default allows nothing.
+#[derive(Clone, Default)]
+pub struct Helpers {
+    /// The directories `disk_cleanup` may delete under.
+    pub cleanup_roots: Vec<PathBuf>,
+    /// The cluster the `k8s::` functions act on (`None`: they fail, not configured).
+    pub kube: Option<Kubernetes>,
+    /// The programs `exec()` may run.
+    pub exec: ExecPolicy,
+}
+
+/// Builds the sandboxed engine with `disk_cleanup` under `cleanup_roots`, `k8s::` on `kube`, and
+/// no program allowed to `exec()`.
 pub fn build_engine(
     limits: &SandboxLimits,
     cleanup_roots: Vec<PathBuf>,
     kube: Option<Kubernetes>,
 ) -> Engine {
+    build_engine_with(
+        limits,
+        Helpers {
+            cleanup_roots,
+            kube,
+            exec: ExecPolicy::default(),
+        },
+    )
+}
+
+/// Builds the sandboxed engine with these helpers.
+pub fn build_engine_with(limits: &SandboxLimits, helpers: Helpers) -> Engine {
+    let Helpers {
+        cleanup_roots,
+        kube,
+        exec,
+    } = helpers;
     let mut engine = Engine::new();
     // Static modules (`k8s::`) need module support; scripts still may not import anything.
     engine.disable_symbol("import");
@@ -246,6 +275,7 @@ pub fn build_engine(
         Ok(())
     });
     register_disk_cleanup(&mut engine, cleanup_roots);
+    register_exec(&mut engine, exec);
     engine.register_static_module("k8s", k8s_module(kube).into());
     engine
 }
@@ -276,11 +306,7 @@ fn k8s_call(
         left + Duration::from_secs(1),
         kubernetes::run(kube, &req, dry_run(), until, &mut changes),
     ));
-    STATE.with(|s| {
-        if let Some(st) = s.borrow_mut().as_mut() {
-            st.changes.append(&mut changes);
-        }
-    });
+    record_changes(&mut changes);
     match res {
         Ok(Ok(v)) => rhai::serde::to_dynamic(v),
         Ok(Err(error)) => Err(helper_failed(StepError::Kubernetes {
@@ -289,6 +315,117 @@ fn k8s_call(
         })),
         Err(_) => Err(terminate(DEADLINE_TOKEN)),
     }
+}
+
+/// Keeps the changes a helper made for the run's record.
+fn record_changes(changes: &mut Vec<Change>) {
+    STATE.with(|s| {
+        if let Some(st) = s.borrow_mut().as_mut() {
+            st.changes.append(changes);
+        }
+    });
+}
+
+/// `exec(program, args[, #{env, timeout, stdin}])`: runs an allowed program (see
+/// [`super::exec`]) and returns `#{code, stdout, stderr, truncated, dry_run, duration_ms}`. A
+/// non-zero exit is a result, not an error: the script decides.
+fn exec_call(
+    policy: &ExecPolicy,
+    program: &str,
+    args: rhai::Array,
+    opts: rhai::Map,
+) -> RhaiResult<Dynamic> {
+    off_worker()?;
+    let bad = |m: String| helper_failed(StepError::bad_arguments(format!("exec: {m}")));
+    let args = args
+        .into_iter()
+        .map(|a| {
+            a.into_string()
+                .map_err(|t| bad(format!("every argument must be a string, got {t}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut env = Vec::new();
+    let mut timeout = None;
+    let mut stdin = None;
+    for (key, value) in opts {
+        match key.as_str() {
+            "env" => {
+                let vars = value
+                    .try_cast::<rhai::Map>()
+                    .ok_or_else(|| bad("env must be a map of strings".into()))?;
+                for (name, v) in vars {
+                    let v = v
+                        .into_string()
+                        .map_err(|t| bad(format!("env.{name} must be a string, got {t}")))?;
+                    env.push((name.to_string(), v));
+                }
+            }
+            "timeout" => {
+                let t = match value.clone().try_cast::<i64>() {
+                    Some(ms) => Duration::from_millis(ms.max(0) as u64),
+                    None => {
+                        let text = value.into_string().map_err(|t| {
+                            bad(format!(
+                                "timeout must be a duration like \"10s\" or milliseconds, got {t}"
+                            ))
+                        })?;
+                        crate::bounds::parse_duration("timeout", &text, crate::bounds::STEP_TIMEOUT)
+                            .map_err(bad)?
+                    }
+                };
+                timeout = Some(t);
+            }
+            "stdin" => {
+                let text = value
+                    .into_string()
+                    .map_err(|t| bad(format!("stdin must be a string, got {t}")))?;
+                stdin = Some(text.into_bytes());
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown option {other:?} (env, timeout, stdin)"
+                )))
+            }
+        }
+    }
+    let step_deadline = deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
+    let until = timeout.map_or(step_deadline, |t| {
+        crate::clock::deadline(t).min(step_deadline)
+    });
+    let req = ExecRequest {
+        program: program.to_owned(),
+        args,
+        env,
+        stdin,
+        deadline: until,
+        dry_run: dry_run(),
+    };
+    let mut changes = Vec::new();
+    let res = policy.run(&req, &mut changes, cancelled);
+    if let Some(change) = changes.first() {
+        log_line(format!("exec {}: {}", change.object, change.result));
+    }
+    record_changes(&mut changes);
+    match res {
+        Ok(out) => rhai::serde::to_dynamic(&out),
+        Err(_) if Instant::now() >= step_deadline => Err(terminate(DEADLINE_TOKEN)),
+        Err(_) if cancelled() => Err(terminate(CANCEL_TOKEN)),
+        Err(e) => Err(helper_failed(e)),
+    }
+}
+
+fn register_exec(engine: &mut Engine, policy: ExecPolicy) {
+    let policy = std::sync::Arc::new(policy);
+    let p = std::sync::Arc::clone(&policy);
+    engine.register_fn("exec", move |program: &str, args: rhai::Array| {
+        exec_call(&p, program, args, rhai::Map::new())
+    });
+    engine.register_fn(
+        "exec",
+        move |program: &str, args: rhai::Array, opts: rhai::Map| {
+            exec_call(&policy, program, args, opts)
+        },
+    );
 }
 
 /// Reads one object for a script.

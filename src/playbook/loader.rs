@@ -71,13 +71,13 @@ struct RawPlaybook {
     #[serde(default)]
     escalate: Option<Spanned<RawEscalate>>,
     #[serde(default)]
-    guards: Option<Spanned<RawGuards>>,
+    guards: Option<RawGuards>,
     #[serde(default)]
     idempotent: bool,
     #[serde(default)]
     on_resolved: OnResolved,
     #[serde(default)]
-    max_concurrent: usize,
+    max_concurrent: Option<Spanned<usize>>,
     #[serde(default)]
     verify: Option<Spanned<RawVerify>>,
     #[serde(default)]
@@ -87,7 +87,7 @@ struct RawPlaybook {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVerify {
-    resolved_within: String,
+    resolved_within: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -96,13 +96,13 @@ struct RawGuards {
     #[serde(default)]
     target_labels: Option<Vec<String>>,
     #[serde(default)]
-    cooldown: Option<String>,
+    cooldown: Option<Spanned<String>>,
     #[serde(default)]
-    max_attempts: Option<u32>,
+    max_attempts: Option<Spanned<u32>>,
     #[serde(default)]
-    window: Option<String>,
+    window: Option<Spanned<String>>,
     #[serde(default)]
-    circuit_breaker: Option<RawBreaker>,
+    circuit_breaker: Option<Spanned<RawBreaker>>,
 }
 
 #[derive(Deserialize)]
@@ -111,9 +111,9 @@ struct RawBreaker {
     /// 0 turns the breaker off.
     failures: u32,
     #[serde(default)]
-    of_last: Option<u32>,
+    of_last: Option<Spanned<u32>>,
     #[serde(default)]
-    cooldown: Option<String>,
+    cooldown: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -137,14 +137,17 @@ struct RawStep {
     /// A Kubernetes action name; its arguments are `params`.
     #[serde(default)]
     kubernetes: Option<Spanned<String>>,
+    /// A program and its arguments (templates).
     #[serde(default)]
-    timeout: Option<String>,
+    command: Option<Spanned<Vec<String>>>,
     #[serde(default)]
-    retries: u32,
+    timeout: Option<Spanned<String>>,
     #[serde(default)]
-    retry_delay: Option<String>,
+    retries: Option<Spanned<u32>>,
     #[serde(default)]
-    params: BTreeMap<String, serde_json::Value>,
+    retry_delay: Option<Spanned<String>>,
+    #[serde(default)]
+    params: BTreeMap<String, Spanned<serde_json::Value>>,
     #[serde(default)]
     dry_run: Option<bool>,
 }
@@ -155,12 +158,12 @@ struct RawEscalate {
     #[serde(default)]
     severity: Option<String>,
     #[serde(default)]
-    summary: Option<String>,
+    summary: Option<Spanned<String>>,
     #[serde(default)]
-    description: Option<String>,
+    description: Option<Spanned<String>>,
 }
 
-/// Loads every `*.yaml`/`*.yml` file in `playbooks_dir`, compiling the `*.rhai` scripts of
+/// Loads every `*.yaml`/`*.yml` file in `playbooks_dir` (or that one file), compiling the `*.rhai` scripts of
 /// `scripts_dir` with `engine` (all of them, used or not, so a broken script is found early).
 pub fn load_dir(
     playbooks_dir: &Path,
@@ -169,7 +172,13 @@ pub fn load_dir(
 ) -> Result<Playbooks, LoadErrors> {
     let mut errors = Vec::new();
     let scripts = compile_scripts(scripts_dir, engine, &mut errors);
-    let files = match list_files(playbooks_dir, &["yaml", "yml"]) {
+    // A single file is checked alone (`reactor check playbooks/disk.yaml`).
+    let files = if playbooks_dir.is_file() {
+        Ok(vec![playbooks_dir.to_owned()])
+    } else {
+        list_files(playbooks_dir, &["yaml", "yml"])
+    };
+    let files = match files {
         Ok(f) => f,
         Err(e) => {
             errors.push(LoadError {
@@ -216,6 +225,8 @@ pub fn load_dir(
     if errors.is_empty() {
         Ok(Playbooks::new(playbooks))
     } else {
+        // In file and line order, whichever check found them.
+        errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
         Err(LoadErrors(errors))
     }
 }
@@ -298,53 +309,122 @@ impl FileCtx<'_> {
             }
         };
         raws.into_iter()
-            .filter_map(|raw| match self.playbook(raw) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    errors.push(e);
-                    None
-                }
-            })
+            .filter_map(|raw| self.playbook(raw, errors))
             .collect()
     }
 
-    fn playbook(&self, raw: RawPlaybook) -> Result<Playbook, LoadError> {
+    /// One playbook, or `None` with every problem it has added to `errors`: each field is
+    /// checked whatever the others hold, so one pass of `reactor check` shows them all.
+    fn playbook(&self, raw: RawPlaybook, errors: &mut Vec<LoadError>) -> Option<Playbook> {
+        let before = errors.len();
         let line = raw.name.referenced.line();
         let name = raw.name.value;
         if name.trim().is_empty() {
-            return Err(self.err(Some(line), "playbook name must not be empty"));
+            errors.push(self.err(Some(line), "playbook name must not be empty"));
         }
-        let (alertname, matchers) = self.matchers(&raw.matcher)?;
+        let matched = self.matchers(&raw.matcher, errors);
         let statuses = match raw.statuses {
-            None => vec![AlertStatus::Firing],
+            None => Some(vec![AlertStatus::Firing]),
             Some(s) => {
                 let line = s.referenced.line();
-                s.value
+                let parsed = s
+                    .value
                     .iter()
                     .map(|v| v.parse::<AlertStatus>())
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| self.err(Some(line), format!("statuses: {e}")))?
+                    .map_err(|e| self.err(Some(line), format!("statuses: {e}")));
+                keep(errors, parsed)
             }
         };
+        let steps_line = Some(raw.steps.referenced.line());
         if raw.steps.value.is_empty() {
-            return Err(self.err(
-                Some(raw.steps.referenced.line()),
-                "steps: expected at least one step",
-            ));
+            errors.push(self.err(steps_line, "steps: expected at least one step"));
         }
-        bounds::STEPS
-            .check("steps", raw.steps.value.len() as u64)
-            .map_err(|m| self.err(Some(raw.steps.referenced.line()), m))?;
-        bounds::PLAYBOOK_MAX_CONCURRENT
-            .check("max_concurrent", raw.max_concurrent as u64)
-            .map_err(|m| self.err(Some(line), m))?;
-        let steps = raw
+        if let Err(m) = bounds::STEPS.check("steps", raw.steps.value.len() as u64) {
+            errors.push(self.err(steps_line, m));
+        }
+        let max_concurrent = match raw.max_concurrent {
+            None => Some(0),
+            Some(m) => {
+                let checked = bounds::PLAYBOOK_MAX_CONCURRENT
+                    .check("max_concurrent", m.value as u64)
+                    .map(|_| m.value)
+                    .map_err(|e| self.err(Some(m.referenced.line()), e));
+                keep(errors, checked)
+            }
+        };
+        let steps: Vec<Option<Step>> = raw
             .steps
             .value
             .into_iter()
             .enumerate()
-            .map(|(i, s)| self.step(i, s))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(i, s)| self.step(i, s, errors))
+            .collect();
+        let escalate = match raw.escalate {
+            None => Some(EscalateSpec::default()),
+            Some(e) => {
+                let mut tpl = |t: Option<Spanned<String>>| match t {
+                    None => Some(None),
+                    Some(t) => {
+                        let parsed = Template::parse(&t.value).map(Some).map_err(|m| {
+                            self.err(Some(t.referenced.line()), format!("escalate: {m}"))
+                        });
+                        keep(errors, parsed)
+                    }
+                };
+                let summary = tpl(e.value.summary);
+                let description = tpl(e.value.description);
+                summary
+                    .zip(description)
+                    .map(|(summary, description)| EscalateSpec {
+                        severity: e.value.severity,
+                        summary,
+                        description,
+                    })
+            }
+        };
+        let guards = match raw.guards {
+            None => Some(GuardPolicy::default()),
+            Some(g) => self.guards(g, errors),
+        };
+        let verify = match raw.verify {
+            None => Some(None),
+            Some(v) => {
+                let within = v.value.resolved_within;
+                let parsed = bounds::parse_duration(
+                    "verify.resolved_within",
+                    &within.value,
+                    bounds::VERIFY_WITHIN,
+                )
+                .map(Some)
+                .map_err(|m| self.err(Some(within.referenced.line()), m));
+                keep(errors, parsed)
+            }
+        };
+        let steps: Option<Vec<Step>> = steps.into_iter().collect();
+        let (
+            Some((alertname, matchers)),
+            Some(statuses),
+            Some(max_concurrent),
+            Some(steps),
+            Some(escalate),
+            Some(guards),
+            Some(verify),
+        ) = (
+            matched,
+            statuses,
+            max_concurrent,
+            steps,
+            escalate,
+            guards,
+            verify,
+        )
+        else {
+            return None;
+        };
+        if errors.len() > before {
+            return None;
+        }
         let budget = steps
             .iter()
             .map(|s| {
@@ -353,47 +433,19 @@ impl FileCtx<'_> {
                     .saturating_add(s.retry_delay.saturating_mul(s.retries))
             })
             .fold(Duration::ZERO, Duration::saturating_add);
-        bounds::PLAYBOOK_BUDGET
-            .check("steps (timeouts × attempts + retry delays)", budget)
-            .map_err(|m| self.err(Some(raw.steps.referenced.line()), m))?;
-        let escalate = match raw.escalate {
-            None => EscalateSpec::default(),
-            Some(e) => {
-                let line = Some(e.referenced.line());
-                let tpl = |t: Option<String>| {
-                    t.map(|t| Template::parse(&t))
-                        .transpose()
-                        .map_err(|m| self.err(line, format!("escalate: {m}")))
-                };
-                EscalateSpec {
-                    severity: e.value.severity,
-                    summary: tpl(e.value.summary)?,
-                    description: tpl(e.value.description)?,
-                }
-            }
-        };
-        let guards = match raw.guards {
-            None => GuardPolicy::default(),
-            Some(g) => self.guards(g.value, g.referenced.line())?,
-        };
-        let verify = match raw.verify {
-            None => None,
-            Some(v) => Some(
-                bounds::parse_duration(
-                    "verify.resolved_within",
-                    &v.value.resolved_within,
-                    bounds::VERIFY_WITHIN,
-                )
-                .map_err(|m| self.err(Some(v.referenced.line()), m))?,
-            ),
-        };
-        Ok(Playbook {
+        if let Err(m) =
+            bounds::PLAYBOOK_BUDGET.check("steps (timeouts × attempts + retry delays)", budget)
+        {
+            errors.push(self.err(steps_line, m));
+            return None;
+        }
+        Some(Playbook {
             verify,
             silence: raw.silence,
             guards,
             idempotent: raw.idempotent,
             on_resolved: raw.on_resolved,
-            max_concurrent: raw.max_concurrent,
+            max_concurrent,
             name,
             description: raw.description,
             origin: Origin {
@@ -408,54 +460,128 @@ impl FileCtx<'_> {
         })
     }
 
-    fn guards(&self, raw: RawGuards, line: u64) -> Result<GuardPolicy, LoadError> {
+    /// A duration field: its value, or `default` with the problem added to `errors` (at the
+    /// field's line). `context` comes before the message, e.g. `step "clean": `.
+    fn duration(
+        &self,
+        errors: &mut Vec<LoadError>,
+        field: &str,
+        value: Option<Spanned<String>>,
+        default: Duration,
+        span: bounds::Span,
+        context: &str,
+    ) -> Duration {
+        let Some(value) = value else {
+            return default;
+        };
+        match bounds::parse_duration(field, &value.value, span) {
+            Ok(d) => d,
+            Err(m) => {
+                errors.push(self.err(Some(value.referenced.line()), format!("{context}{m}")));
+                default
+            }
+        }
+    }
+
+    /// A count field: its value, with the problem added to `errors` when it is out of `range`.
+    fn count(
+        &self,
+        errors: &mut Vec<LoadError>,
+        field: &str,
+        value: u32,
+        line: u64,
+        range: bounds::Count,
+        context: &str,
+    ) -> u32 {
+        match range.check(field, value.into()) {
+            Ok(_) => value,
+            Err(m) => {
+                errors.push(self.err(Some(line), format!("{context}{m}")));
+                value
+            }
+        }
+    }
+
+    fn guards(&self, raw: RawGuards, errors: &mut Vec<LoadError>) -> Option<GuardPolicy> {
+        let before = errors.len();
         let d = GuardPolicy::default();
-        let dur = |field: &str, v: Option<String>, default: Duration, span: bounds::Span| match v {
-            None => Ok(default),
-            Some(v) => bounds::parse_duration(&format!("guards.{field}"), &v, span)
-                .map_err(|m| self.err(Some(line), m)),
-        };
-        let count = |field: &str, v: u32, range: bounds::Count| {
-            range
-                .check(&format!("guards.{field}"), v.into())
-                .map_err(|m| self.err(Some(line), m))
-        };
         let breaker = match raw.circuit_breaker {
             None => d.breaker.clone(),
-            Some(b) if b.failures == 0 => None,
+            Some(b) if b.value.failures == 0 => None,
             Some(b) => {
+                let at = b.referenced.line();
+                let b = b.value;
                 let bd = BreakerPolicy::default();
-                count(
-                    "circuit_breaker.failures",
+                let failures = self.count(
+                    errors,
+                    "guards.circuit_breaker.failures",
                     b.failures,
+                    at,
                     bounds::BREAKER_FAILURES,
-                )?;
-                let of_last = b.of_last.unwrap_or(bd.of_last.max(b.failures));
-                count("circuit_breaker.of_last", of_last, bounds::BREAKER_FAILURES)?;
-                if of_last < b.failures {
-                    return Err(self.err(
-                        Some(line),
-                        format!("guards.circuit_breaker: of_last ({of_last}) must be at least failures ({})", b.failures),
+                    "",
+                );
+                let of_last = match b.of_last {
+                    None => bd.of_last.max(failures),
+                    Some(n) => self.count(
+                        errors,
+                        "guards.circuit_breaker.of_last",
+                        n.value,
+                        n.referenced.line(),
+                        bounds::BREAKER_FAILURES,
+                        "",
+                    ),
+                };
+                if of_last < failures {
+                    errors.push(self.err(
+                        Some(at),
+                        format!("guards.circuit_breaker: of_last ({of_last}) must be at least failures ({failures})"),
                     ));
                 }
+                let cooldown = self.duration(
+                    errors,
+                    "guards.circuit_breaker.cooldown",
+                    b.cooldown,
+                    bd.cooldown,
+                    bounds::BREAKER_COOLDOWN,
+                    "",
+                );
                 Some(BreakerPolicy {
-                    failures: b.failures,
+                    failures,
                     of_last,
-                    cooldown: dur(
-                        "circuit_breaker.cooldown",
-                        b.cooldown,
-                        bd.cooldown,
-                        bounds::BREAKER_COOLDOWN,
-                    )?,
+                    cooldown,
                 })
             }
         };
-        let window = dur("window", raw.window, d.window, bounds::GUARD_WINDOW)?;
-        let max_attempts = raw.max_attempts.unwrap_or(d.max_attempts);
-        count("max_attempts", max_attempts, bounds::GUARD_MAX_ATTEMPTS)?;
-        Ok(GuardPolicy {
+        let window = self.duration(
+            errors,
+            "guards.window",
+            raw.window,
+            d.window,
+            bounds::GUARD_WINDOW,
+            "",
+        );
+        let max_attempts = match raw.max_attempts {
+            None => d.max_attempts,
+            Some(n) => self.count(
+                errors,
+                "guards.max_attempts",
+                n.value,
+                n.referenced.line(),
+                bounds::GUARD_MAX_ATTEMPTS,
+                "",
+            ),
+        };
+        let cooldown = self.duration(
+            errors,
+            "guards.cooldown",
+            raw.cooldown,
+            d.cooldown,
+            bounds::GUARD_COOLDOWN,
+            "",
+        );
+        (errors.len() == before).then_some(GuardPolicy {
             target_labels: raw.target_labels,
-            cooldown: dur("cooldown", raw.cooldown, d.cooldown, bounds::GUARD_COOLDOWN)?,
+            cooldown,
             max_attempts,
             window,
             breaker,
@@ -465,94 +591,164 @@ impl FileCtx<'_> {
     fn matchers(
         &self,
         raw: &Spanned<RawMatch>,
-    ) -> Result<(Option<String>, Vec<super::LabelMatcher>), LoadError> {
+        errors: &mut Vec<LoadError>,
+    ) -> Option<(Option<String>, Vec<super::LabelMatcher>)> {
+        let before = errors.len();
         let mut matchers = Vec::new();
         if let Some(name) = &raw.value.alertname {
-            let m = super::LabelMatcher::new("alertname", MatchOp::Equal, name)
-                .map_err(|e| self.err(Some(raw.referenced.line()), e))?;
-            matchers.push(m);
+            match super::LabelMatcher::new("alertname", MatchOp::Equal, name) {
+                Ok(m) => matchers.push(m),
+                Err(e) => errors.push(self.err(Some(raw.referenced.line()), e)),
+            }
         }
         for m in &raw.value.matchers {
-            let parsed = super::parse_matchers(&m.value)
-                .map_err(|e| self.err(Some(m.referenced.line()), format!("match.matchers: {e}")))?;
-            matchers.extend(parsed);
+            match super::parse_matchers(&m.value) {
+                Ok(parsed) => matchers.extend(parsed),
+                Err(e) => {
+                    errors.push(self.err(Some(m.referenced.line()), format!("match.matchers: {e}")))
+                }
+            }
+        }
+        if errors.len() > before {
+            return None;
         }
         if matchers.is_empty() {
-            return Err(self.err(
+            errors.push(self.err(
                 Some(raw.referenced.line()),
                 "match: expected `alertname` and/or `matchers` (e.g. severity=~\"warning|critical\"); \
                  a playbook that matches every alert must say so with a matcher such as alertname=~\".+\"",
             ));
+            return None;
         }
         let alertname = matchers
             .iter()
             .find(|m| m.name() == "alertname" && m.op() == MatchOp::Equal)
             .map(|m| m.value().to_owned());
-        Ok((alertname, matchers))
+        Some((alertname, matchers))
     }
 
-    fn step(&self, index: usize, raw: Spanned<RawStep>) -> Result<Step, LoadError> {
+    /// One step, or `None` with every problem it has added to `errors`, each at the line of
+    /// its key where the key has one.
+    fn step(
+        &self,
+        index: usize,
+        raw: Spanned<RawStep>,
+        errors: &mut Vec<LoadError>,
+    ) -> Option<Step> {
+        let before = errors.len();
         let line = Some(raw.referenced.line());
         let s = raw.value;
         let name = s.name.unwrap_or_else(|| format!("step-{}", index + 1));
-        let action = match (s.script, s.inline, s.kubernetes) {
-            (Some(script), None, None) => self.script_file(&script)?,
-            (None, Some(inline), None) => self.inline_script(&inline)?,
-            (None, None, Some(action)) => {
-                let params = s.params.clone().into_iter().collect();
-                super::kubernetes::Request::parse(&action.value, params).map_err(|e| {
-                    self.err(
-                        Some(action.referenced.line()),
-                        format!("step {name:?}: kubernetes {}: {e}", action.value),
-                    )
-                })?;
-                StepAction::Kubernetes {
+        let context = format!("step {name:?}: ");
+        let given = [
+            s.script.is_some(),
+            s.inline.is_some(),
+            s.kubernetes.is_some(),
+            s.command.is_some(),
+        ];
+        let action = if given.iter().filter(|g| **g).count() != 1 {
+            errors.push(self.err(line, format!("{context}expected exactly one of `script` (a file under scripts/), `inline` (Rhai source), `kubernetes` (an action: restart_pod, rollout_restart, scale_up, disk_cleanup) or `command` (a program and its arguments)")));
+            None
+        } else if let Some(script) = s.script {
+            keep(errors, self.script_file(&script))
+        } else if let Some(inline) = s.inline {
+            keep(errors, self.inline_script(&inline))
+        } else if let Some(action) = s.kubernetes {
+            let params = s
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.value.clone()))
+                .collect();
+            match super::kubernetes::Request::parse(&action.value, params) {
+                Ok(_) => Some(StepAction::Kubernetes {
                     action: action.value,
+                }),
+                Err(e) => {
+                    errors.push(self.err(
+                        Some(action.referenced.line()),
+                        format!("{context}kubernetes {}: {e}", action.value),
+                    ));
+                    None
                 }
             }
-            _ => {
-                return Err(self.err(line, format!("step {name:?}: expected exactly one of `script` (a file under scripts/), `inline` (Rhai source) or `kubernetes` (an action: restart_pod, rollout_restart, scale_up, disk_cleanup)")));
-            }
+        } else if let Some(command) = s.command {
+            keep(errors, self.command(&command, &context))
+        } else {
+            None
         };
-        let duration = |field: &str, v: Option<String>, default: Duration, span| match v {
-            None => Ok(default),
-            Some(v) => bounds::parse_duration(field, &v, span)
-                .map_err(|m| self.err(line, format!("step {name:?}: {m}"))),
-        };
-        let timeout = duration(
+        let timeout = self.duration(
+            errors,
             "timeout",
             s.timeout,
             DEFAULT_STEP_TIMEOUT,
             bounds::STEP_TIMEOUT,
-        )?;
-        let retry_delay = duration(
+            &context,
+        );
+        let retry_delay = self.duration(
+            errors,
             "retry_delay",
             s.retry_delay,
             DEFAULT_RETRY_DELAY,
             bounds::RETRY_DELAY,
-        )?;
-        bounds::STEP_RETRIES
-            .check("retries", s.retries.into())
-            .map_err(|m| self.err(line, format!("step {name:?}: {m}")))?;
-        let params = s
-            .params
-            .into_iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.clone(),
-                    Param::from_yaml(v)
-                        .map_err(|m| self.err(line, format!("step {name:?}: params.{k}: {m}")))?,
-                ))
-            })
-            .collect::<Result<Vec<_>, LoadError>>()?;
-        Ok(Step {
+            &context,
+        );
+        let retries = match s.retries {
+            None => 0,
+            Some(n) => self.count(
+                errors,
+                "retries",
+                n.value,
+                n.referenced.line(),
+                bounds::STEP_RETRIES,
+                &context,
+            ),
+        };
+        let mut params = Vec::new();
+        for (k, v) in s.params {
+            match Param::from_yaml(v.value) {
+                Ok(p) => params.push((k, p)),
+                Err(m) => errors.push(self.err(
+                    Some(v.referenced.line()),
+                    format!("{context}params.{k}: {m}"),
+                )),
+            }
+        }
+        let action = action?;
+        (errors.len() == before).then_some(Step {
             name,
             action,
             timeout,
-            retries: s.retries,
+            retries,
             retry_delay,
             params,
             dry_run: s.dry_run,
+        })
+    }
+
+    /// A `command:` step: an absolute program path, written out (never a template, so the
+    /// allow-list decides what runs), and templated arguments.
+    fn command(
+        &self,
+        command: &Spanned<Vec<String>>,
+        context: &str,
+    ) -> Result<StepAction, LoadError> {
+        let line = Some(command.referenced.line());
+        let err = |m: String| self.err(line, format!("{context}command: {m}"));
+        let Some((program, args)) = command.value.split_first() else {
+            return Err(err("expected a program and its arguments, e.g. [/usr/local/bin/fix-disk, \"{{ labels.mountpoint }}\"]".into()));
+        };
+        if !Path::new(program).is_absolute() || program.contains("{{") {
+            return Err(err(format!(
+                "the program must be an absolute path written out (not a template), got {program:?}"
+            )));
+        }
+        let args = args
+            .iter()
+            .map(|a| Template::parse(a).map_err(&err))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StepAction::Command {
+            program: program.clone(),
+            args,
         })
     }
 
@@ -611,6 +807,11 @@ impl FileCtx<'_> {
             }
         }
     }
+}
+
+/// `r`'s value, or `None` with its error added to `errors`.
+fn keep<T>(errors: &mut Vec<LoadError>, r: Result<T, LoadError>) -> Option<T> {
+    r.map_err(|e| errors.push(e)).ok()
 }
 
 /// Playbooks per file. serde-saphyr's default budget stops at 1,024 documents, which a generated
@@ -701,6 +902,7 @@ mod tests {
             "node-filesystem-cleanup",
             "reactor-selftest-ok",
             "reactor-selftest-fail",
+            "systemd-unit-restart",
         ] {
             assert!(p.get(name).is_some(), "{name} missing");
         }
@@ -835,7 +1037,7 @@ mod tests {
         );
         let e = only_error(&[("playbooks/t.yaml", "name: b\nmatch: {alertname: X}\nsteps:\n  - inline: '1'\n    params: {a: '{{ label.x }}'}\n")]);
         assert!(
-            e.starts_with("t.yaml:4:") && e.contains("unknown template variable"),
+            e.starts_with("t.yaml:5:") && e.contains("unknown template variable"),
             "{e}"
         );
         let e = only_error(&[(
@@ -902,6 +1104,32 @@ mod tests {
         assert!(e.starts_with("h.yaml:4: guards.window"), "{e}");
     }
 
+    #[test]
+    fn every_problem_of_a_playbook_is_reported_at_the_line_of_its_key() {
+        let text = "name: a\nmatch: {alertname: A}\nguards:\n  cooldown: soon\n  max_attempts: 10001\nsteps:\n  - name: one\n    inline: 'let x = ;'\n    timeout: 99y\n  - name: two\n    inline: '1'\n    retries: 1000\n    params: {a: '{{ label.x }}'}\n---\nname: b\nmatch: {alertname: B}\nsteps: [{inline: '1'}]\n";
+        let errs = load(&[("playbooks/x.yaml", text)]).unwrap_err();
+        let lines: Vec<String> = errs
+            .0
+            .iter()
+            .map(|e| {
+                let what: String = e.message.chars().take(32).collect();
+                format!("{}: {what}", e.line.unwrap_or(0))
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "4: guards.cooldown: expected a dura",
+                "5: guards.max_attempts: 10001 is ou",
+                "8: Rhai syntax error: Unexpected ';",
+                "9: step \"one\": timeout: 99years is ",
+                "12: step \"two\": retries: 1000 is out",
+                "13: step \"two\": params.a: unknown te",
+            ],
+            "{errs}"
+        );
+    }
+
     fn load_text(text: &str) -> (Vec<Playbook>, Vec<LoadError>) {
         let engine = build_engine(&SandboxLimits::default(), vec![], None);
         let scripts = HashMap::new();
@@ -925,10 +1153,10 @@ mod tests {
             )
         };
         for (extra, want) in [
-            ("    retries: 4294967295\n", "4:"),
-            ("    timeout: 500000000000y\n", "4:"),
+            ("    retries: 4294967295\n", "6:"),
+            ("    timeout: 500000000000y\n", "6:"),
             ("    timeout: 2d\n", "longer than the longest allowed, 1day"),
-            ("    retry_delay: 1000000000y\n", "4:"),
+            ("    retry_delay: 1000000000y\n", "6:"),
             ("    retries: 101\n", "outside the allowed range 0..=100"),
             (
                 "    timeout: 24h\n    retries: 10\n",
@@ -944,7 +1172,7 @@ mod tests {
             "name: p\nmatch: {alertname: A}\nmax_concurrent: 99999999\nsteps: [{inline: '1'}]\n",
         )]);
         assert!(
-            e.starts_with("g.yaml:1:") && e.contains("max_concurrent"),
+            e.starts_with("g.yaml:3:") && e.contains("max_concurrent"),
             "{e}"
         );
         let e = only_error(&[(
@@ -1072,6 +1300,7 @@ mod tests {
                     timeout: s.timeout,
                     dry_run: None,
                     cancel: None,
+                    args: s.action.render_args(&ctx),
                 }));
                 proptest::prop_assert!(result.result.is_ok() || s.timeout < Duration::from_millis(50), "{:?}", result.result);
             }

@@ -1,6 +1,7 @@
 //! Playbooks: which alerts a remediation applies to and what it runs. This module owns the
-//! validated [`Playbook`] model and the [`Playbooks`] index that picks the playbooks for an alert;
-//! [`loader`] turns YAML files into it, [`matcher`] and [`template`] are its building blocks.
+//! validated [`Playbook`] model, the [`Playbooks`] index that picks the playbooks for an alert,
+//! and [`InForce`], the set in force that a reload replaces; [`loader`] turns YAML files into
+//! it, [`matcher`] and [`template`] are its building blocks.
 
 pub mod kubernetes;
 pub mod loader;
@@ -156,6 +157,12 @@ pub enum StepAction {
     /// A Kubernetes action (`restart_pod`, `rollout_restart`, `scale_up`, `disk_cleanup`) whose
     /// arguments are the step's templated `params`.
     Kubernetes { action: String },
+    /// A program (an absolute path, never templated) and its templated arguments, run without a
+    /// shell with the alert's labels as `ALERT_*` variables.
+    Command {
+        program: String,
+        args: Vec<Template>,
+    },
 }
 
 impl StepAction {
@@ -163,6 +170,15 @@ impl StepAction {
         match self {
             StepAction::Rhai { source, .. } => format!("rhai {source}"),
             StepAction::Kubernetes { action } => format!("kubernetes {action}"),
+            StepAction::Command { program, .. } => format!("command {program}"),
+        }
+    }
+
+    /// A `command:` step's arguments for one run; empty for other steps.
+    pub fn render_args(&self, ctx: &TemplateContext<'_>) -> Vec<String> {
+        match self {
+            StepAction::Command { args, .. } => args.iter().map(|t| t.render(ctx)).collect(),
+            _ => Vec::new(),
         }
     }
 }
@@ -226,6 +242,40 @@ pub struct EscalateSpec {
     pub severity: Option<String>,
     pub summary: Option<Template>,
     pub description: Option<Template>,
+}
+
+/// The playbooks in force: read for every alert, replaced whole by a reload. A run holds the
+/// [`Playbook`] it started with, so a reload never changes a run in flight.
+#[derive(Debug, Default)]
+pub struct InForce(std::sync::RwLock<Arc<Playbooks>>);
+
+impl InForce {
+    pub fn new(playbooks: Playbooks) -> InForce {
+        InForce(std::sync::RwLock::new(Arc::new(playbooks)))
+    }
+
+    /// The set in force now.
+    pub fn current(&self) -> Arc<Playbooks> {
+        let set = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(&set)
+    }
+
+    /// Puts `playbooks` in force; alerts from here on are matched against them.
+    pub fn replace(&self, playbooks: Playbooks) {
+        let mut set = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *set = Arc::new(playbooks);
+    }
+
+    /// The playbook of that name in the set in force.
+    pub fn get(&self, name: &str) -> Option<Arc<Playbook>> {
+        self.current().get(name).cloned()
+    }
 }
 
 /// Every loaded playbook, indexed by exact alertname so that matching one alert looks only at the

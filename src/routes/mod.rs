@@ -33,9 +33,37 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// Accepted `Authorization` header values (bearer and/or basic); empty means no auth.
     pub credentials: Arc<[String]>,
-    pub playbooks_loaded: usize,
+    /// Reloads the playbooks (`POST /-/reload`) and holds the set in force.
+    pub reloader: Arc<crate::reload::Reloader>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub health: Arc<crate::health::Health>,
+}
+
+impl AppState {
+    fn playbooks_loaded(&self) -> usize {
+        self.reloader.in_force().current().len()
+    }
+}
+
+/// Loads the playbooks and scripts again: 200 with the number in force, or 400 with every
+/// problem (the set in force keeps running).
+async fn reload(State(state): State<AppState>) -> Response {
+    match state.reloader.reload("POST /-/reload").await {
+        Ok(count) => {
+            Json(serde_json::json!({"status": "reloaded", "playbooks": count})).into_response()
+        }
+        Err(errors) => {
+            let problems: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+            let body = serde_json::json!({
+                "error": format!(
+                    "reload refused: {} problem(s); the playbooks in force keep running",
+                    problems.len()
+                ),
+                "problems": problems,
+            });
+            (StatusCode::BAD_REQUEST, Json(body)).into_response()
+        }
+    }
 }
 
 /// The full router. Everything but `/healthz` and `/readyz` sits behind the credentials when
@@ -46,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/runs", get(runs::list))
         .route("/api/v1/runs/{id}", get(runs::show))
         .route("/metrics", get(metrics))
+        .route("/-/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     Router::new()
         .route("/healthz", get(healthz))
@@ -65,7 +94,7 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
     match state.store.failure() {
         None => (
             StatusCode::OK,
-            Json(serde_json::json!({"status": "ok", "playbooks": state.playbooks_loaded})),
+            Json(serde_json::json!({"status": "ok", "playbooks": state.playbooks_loaded()})),
         ),
         Some(failure) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -103,7 +132,7 @@ async fn readyz(
     checks.insert("database".into(), database);
     checks.insert(
         "playbooks".into(),
-        serde_json::json!({"ok": true, "loaded": state.playbooks_loaded}),
+        serde_json::json!({"ok": true, "loaded": state.playbooks_loaded()}),
     );
     let started = !report.is_empty();
     if !started {

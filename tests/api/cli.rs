@@ -10,7 +10,7 @@ use crate::helpers::{
 fn check_accepts_the_shipped_playbooks() {
     let (code, out, err) = run_binary(&["check", "playbooks/"], repo());
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.starts_with("ok: 8 playbook(s)"), "{out}");
+    assert!(out.starts_with("ok: 9 playbook(s)"), "{out}");
 }
 
 #[test]
@@ -31,6 +31,34 @@ fn check_names_file_and_line_of_yaml_and_rhai_errors() {
         err.contains("scripts/broken.rhai:2: Rhai syntax error"),
         "{err}"
     );
+}
+
+#[test]
+fn check_prints_every_problem_of_a_file_at_its_own_line() {
+    let dir = PlaybookDir::new(&[(
+        "playbooks/three.yaml",
+        "name: a\nmatch: {alertname: X}\nguards:\n  cooldown: soon\nsteps:\n  - name: clean\n    inline: '1'\n    timeout: 99y\n    retries: 1000\n",
+    )]);
+    let (code, _, err) = run_binary(&["check", "playbooks"], dir.root.path());
+    assert_eq!(code, 1, "{err}");
+    let problems: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("playbooks/three.yaml:"))
+        .map(|l| l.split(": ").next().unwrap())
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "playbooks/three.yaml:4",
+            "playbooks/three.yaml:8",
+            "playbooks/three.yaml:9"
+        ],
+        "{err}"
+    );
+    assert!(err.contains("3 problem(s) found"), "{err}");
+    // One file, named alone.
+    let (code, _, alone) = run_binary(&["check", "playbooks/three.yaml"], dir.root.path());
+    assert_eq!((code, alone), (1, err));
 }
 
 #[test]

@@ -431,6 +431,7 @@ async fn scripts_inspect_then_act_through_k8s_functions() {
                 timeout: Duration::from_secs(10),
                 dry_run: None,
                 cancel: None,
+                args: Vec::new(),
             })
             .await
         }

@@ -5,6 +5,7 @@
 #[global_allocator]
 static ALLOCATOR: reactor::allocator::Allocator = reactor::allocator::Allocator;
 
+mod acting;
 mod alertmanager;
 mod cli;
 mod closed_loop;
@@ -16,6 +17,7 @@ mod hardening;
 mod helpers;
 mod kubernetes;
 mod pages;
+mod reload;
 mod router;
 mod soak;
 mod structure;

@@ -34,7 +34,13 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
                 password: t.to_owned(),
             }),
         }),
-        playbooks_loaded: 0,
+        reloader: Arc::new(reactor::reload::Reloader::new(
+            dir.path().join("playbooks"),
+            dir.path().join("scripts"),
+            Arc::new(rhai::Engine::new_raw()),
+            Arc::default(),
+            Arc::clone(&metrics),
+        )),
         metrics,
     };
     Fixture {

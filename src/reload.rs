@@ -1,0 +1,117 @@
+//! Reloading playbooks and scripts without a restart, as Prometheus reloads its configuration: on
+//! SIGHUP or an authenticated `POST /-/reload`. The directories are loaded and checked whole; a
+//! set with any problem is refused whole (logged, counted) and the set in force keeps running.
+//! Runs in flight finish on the playbook they started with. The service's settings (listen
+//! address, data directory, limits, credentials, Alertmanager, Kubernetes) are read at start only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::playbook::{load_dir, InForce, LoadError, LoadErrors};
+
+/// Loads the playbook directories again and puts a valid set in force.
+pub struct Reloader {
+    playbooks_dir: PathBuf,
+    scripts_dir: PathBuf,
+    /// The sandbox the scripts are compiled for (the executor's).
+    rhai: Arc<rhai::Engine>,
+    in_force: Arc<InForce>,
+    metrics: Arc<Metrics>,
+    /// One reload at a time: a second waits for the first and then loads again.
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    /// A reloader for the set `in_force`, which was loaded from these directories just now.
+    pub fn new(
+        playbooks_dir: PathBuf,
+        scripts_dir: PathBuf,
+        rhai: Arc<rhai::Engine>,
+        in_force: Arc<InForce>,
+        metrics: Arc<Metrics>,
+    ) -> Reloader {
+        metrics.config_reloaded(true);
+        Reloader {
+            playbooks_dir,
+            scripts_dir,
+            rhai,
+            in_force,
+            metrics,
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The set in force.
+    pub fn in_force(&self) -> &InForce {
+        &self.in_force
+    }
+
+    /// Loads the directories again; puts the new set in force and returns its size, or refuses
+    /// it with every problem found. `trigger` names what asked, for the log.
+    pub async fn reload(&self, trigger: &'static str) -> Result<usize, LoadErrors> {
+        let _one = self.one_at_a_time.lock().await;
+        let (dir, scripts, rhai) = (
+            self.playbooks_dir.clone(),
+            self.scripts_dir.clone(),
+            Arc::clone(&self.rhai),
+        );
+        let loaded = tokio::task::spawn_blocking(move || load_dir(&dir, &scripts, &rhai))
+            .await
+            .unwrap_or_else(|join| {
+                Err(LoadErrors(vec![LoadError {
+                    file: self.playbooks_dir.clone(),
+                    line: None,
+                    message: format!("loading failed: {join}"),
+                }]))
+            });
+        match loaded {
+            Ok(playbooks) => {
+                let count = playbooks.len();
+                self.in_force.replace(playbooks);
+                self.metrics.config_reloaded(true);
+                self.metrics.reload_counted(true);
+                tracing::info!(trigger, playbooks = count, "playbooks reloaded");
+                Ok(count)
+            }
+            Err(errors) => {
+                self.metrics.config_reloaded(false);
+                self.metrics.reload_counted(false);
+                for e in &errors.0 {
+                    tracing::warn!(trigger, problem = %e, "playbook problem");
+                }
+                tracing::error!(
+                    trigger,
+                    problems = errors.0.len(),
+                    "reload refused; the playbooks in force keep running"
+                );
+                Err(errors)
+            }
+        }
+    }
+}
+
+/// The task that reloads at every SIGHUP until `shutdown`. The handler is installed before this
+/// returns, so from then on a SIGHUP reloads and never ends the process.
+pub fn on_sighup(
+    reloader: Arc<Reloader>,
+    shutdown: CancellationToken,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup())?;
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                got = hangups.recv() => {
+                    if got.is_none() {
+                        break;
+                    }
+                    let _ = reloader.reload("SIGHUP").await;
+                }
+            }
+        }
+    })
+}
