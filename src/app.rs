@@ -67,6 +67,45 @@ pub fn helpers(settings: &Settings, kube: Option<Kubernetes>) -> sandbox::Helper
             allow: settings.exec.allow.clone(),
             max_output: settings.exec.max_output_bytes,
         },
+        http: http_policy(&settings.http),
+    }
+}
+
+/// The `http::` helpers' policy. The settings were validated, so every prefix parses. Its client
+/// follows no redirect: a redirect could lead outside the allowed prefixes.
+fn http_policy(settings: &crate::config::HttpSettings) -> crate::executor::http::HttpPolicy {
+    use crate::executor::http::{Credential, CredentialValue, HttpPolicy};
+    let prefix = |p: &str| crate::config::url_prefix(p).ok();
+    let credentials = settings
+        .credentials
+        .iter()
+        .filter_map(|c| {
+            Some(Credential {
+                prefix: prefix(&c.prefix)?,
+                header: reqwest::header::HeaderName::from_bytes(c.header.as_bytes()).ok()?,
+                value: match (&c.value, &c.value_file) {
+                    (Some(secret), _) => CredentialValue::Fixed(secret.clone()),
+                    (None, Some(file)) => CredentialValue::File(file.clone()),
+                    (None, None) => return None,
+                },
+            })
+        })
+        .collect();
+    crate::tls::install_crypto_provider();
+    let client = (!settings.allow.is_empty())
+        .then(|| {
+            reqwest::Client::builder()
+                .user_agent(concat!("reactor/", env!("CARGO_PKG_VERSION")))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .ok()
+        })
+        .flatten();
+    HttpPolicy {
+        client,
+        allow: settings.allow.iter().filter_map(|p| prefix(p)).collect(),
+        credentials,
+        max_body: settings.max_body_bytes,
     }
 }
 

@@ -68,6 +68,8 @@ pub const SANDBOX_MAP_SIZE: Count = count(1, 1_000_000);
 pub const SANDBOX_MEMORY: Count = count(1 << 20, 4 << 30);
 /// Bytes kept of each output stream of a program run by `exec()` or a `command:` step.
 pub const EXEC_OUTPUT_BYTES: Count = count(1 << 10, 64 << 20);
+/// Bytes kept of a response body for `http::` calls.
+pub const HTTP_BODY_BYTES: Count = count(1 << 10, 64 << 20);
 
 // Configuration: the webhook and the runs.
 pub const MAX_BODY_BYTES: Count = count(1 << 10, 256 << 20);

@@ -57,6 +57,7 @@ pub struct Settings {
     pub sandbox: SandboxLimits,
     pub disk_cleanup: DiskCleanupSettings,
     pub exec: ExecSettings,
+    pub http: HttpSettings,
     pub kubernetes: KubernetesSettings,
     pub history: HistorySettings,
     pub watchdog: WatchdogSettings,
@@ -81,6 +82,7 @@ impl Default for Settings {
             sandbox: SandboxLimits::default(),
             disk_cleanup: DiskCleanupSettings::default(),
             exec: ExecSettings::default(),
+            http: HttpSettings::default(),
             kubernetes: KubernetesSettings::default(),
             history: HistorySettings::default(),
             watchdog: WatchdogSettings::default(),
@@ -261,6 +263,44 @@ impl Settings {
                 ),
             });
         }
+        c(
+            "http.max_body_bytes",
+            self.http.max_body_bytes,
+            HTTP_BODY_BYTES,
+        )?;
+        let http = |message: String| InvalidSetting {
+            field: "http",
+            message,
+        };
+        let mut allowed = Vec::new();
+        for prefix in &self.http.allow {
+            allowed.push(url_prefix(prefix).map_err(|m| http(format!("http.allow: {m}")))?);
+        }
+        for c in &self.http.credentials {
+            let prefix =
+                url_prefix(&c.prefix).map_err(|m| http(format!("http.credentials: {m}")))?;
+            if !allowed
+                .iter()
+                .any(|a| a.origin() == prefix.origin() && prefix.path().starts_with(a.path()))
+            {
+                return Err(http(format!(
+                    "http.credentials: {} is not under a prefix in http.allow",
+                    c.prefix
+                )));
+            }
+            if reqwest::header::HeaderName::from_bytes(c.header.as_bytes()).is_err() {
+                return Err(http(format!(
+                    "http.credentials: {:?} is not a header name",
+                    c.header
+                )));
+            }
+            if c.value_file.is_some() == c.value_env.is_some() {
+                return Err(http(format!(
+                    "http.credentials for {}: set value_file or value_env (one of them)",
+                    c.prefix
+                )));
+            }
+        }
         let l = &self.limits;
         c("limits.max_body_bytes", l.max_body_bytes, MAX_BODY_BYTES)?;
         c(
@@ -408,6 +448,20 @@ impl Settings {
                 self.kubernetes.in_cluster = true;
             }
         }
+        for c in &mut self.http.credentials {
+            if let Some(var) = &c.value_env {
+                let value = get(var)
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| ConfigError::Env {
+                        name: "http.credentials",
+                        message: format!(
+                            "value_env {var} is not set (the credential for {})",
+                            c.prefix
+                        ),
+                    })?;
+                c.value = Some(Secret::new(value));
+            }
+        }
         if let Some(v) = get("REACTOR_DRY_RUN") {
             self.dry_run = parse_bool(&v).map_err(|message| ConfigError::Env {
                 name: "REACTOR_DRY_RUN",
@@ -504,6 +558,49 @@ mod tests {
             e.contains("REACTOR_DRY_RUN") && e.contains("\"ture\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn http_prefixes_and_credentials_are_checked_and_secrets_come_from_the_environment() {
+        let credential = |prefix: &str, file: bool, env: bool| HttpCredential {
+            prefix: prefix.into(),
+            header: "Authorization".into(),
+            value_file: file.then(|| "/run/secrets/t".into()),
+            value_env: env.then(|| "ADMIN_TOKEN".into()),
+            value: None,
+        };
+        let with = |allow: &[&str], credentials: Vec<HttpCredential>| {
+            let mut s = Settings::default();
+            s.http.allow = allow.iter().map(|a| a.to_string()).collect();
+            s.http.credentials = credentials;
+            s.validate().map_err(|e| e.to_string())
+        };
+        assert!(with(&["https://admin.internal/"], vec![]).is_ok());
+        let e = with(&["admin.internal"], vec![]).unwrap_err();
+        assert!(e.contains("http.allow") && e.contains("not a URL"), "{e}");
+        let e = with(
+            &["https://admin.internal/api/"],
+            vec![credential("https://other.internal/", true, false)],
+        )
+        .unwrap_err();
+        assert!(e.contains("not under a prefix in http.allow"), "{e}");
+        let e = with(
+            &["https://admin.internal/"],
+            vec![credential("https://admin.internal/", true, true)],
+        )
+        .unwrap_err();
+        assert!(e.contains("value_file or value_env"), "{e}");
+
+        let mut s = Settings::default();
+        s.http.allow = vec!["https://admin.internal/".into()];
+        s.http.credentials = vec![credential("https://admin.internal/", false, true)];
+        let missing = s.clone().apply_env(|_| None).unwrap_err().to_string();
+        assert!(missing.contains("ADMIN_TOKEN is not set"), "{missing}");
+        s.apply_env(|k| (k == "ADMIN_TOKEN").then(|| "Bearer t0ken".to_owned()))
+            .unwrap();
+        let value = s.http.credentials[0].value.as_ref().unwrap();
+        assert_eq!(value.expose(), "Bearer t0ken");
+        assert!(!format!("{s:?}").contains("t0ken"), "never in Debug");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::alertmanager::Secret;
+
 use super::{duration, paths};
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -193,6 +195,64 @@ impl Default for ExecSettings {
             max_output_bytes: 64 << 10,
         }
     }
+}
+
+/// The URLs scripts may call with `http::get/post/put/delete`. Empty: every call is refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// URL prefixes (`https://admin.internal/api/`): scheme, host, port and the start of the path.
+    pub allow: Vec<String>,
+    /// Bytes kept of a response body; the rest is dropped.
+    pub max_body_bytes: usize,
+    /// Headers added to the requests under a prefix, with values from a file or the environment.
+    pub credentials: Vec<HttpCredential>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            allow: Vec::new(),
+            max_body_bytes: 1 << 20,
+            credentials: Vec::new(),
+        }
+    }
+}
+
+/// A header with a secret value, added to every request under `prefix`. The value is read from
+/// `value_file` at each request, or from the environment variable `value_env` at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCredential {
+    pub prefix: String,
+    pub header: String,
+    #[serde(default)]
+    pub value_file: Option<PathBuf>,
+    #[serde(default)]
+    pub value_env: Option<String>,
+    /// `value_env`'s value, read when the settings are loaded.
+    #[serde(skip)]
+    pub value: Option<Secret>,
+}
+
+/// Parses a URL prefix of `http.allow` or `http.credentials`: an http or https URL with a host,
+/// without credentials, query or fragment; normalized as every request URL is.
+pub fn url_prefix(prefix: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(prefix).map_err(|e| format!("{prefix:?} is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "{prefix:?}: expected an http:// or https:// URL with a host"
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{prefix:?}: a prefix may not carry credentials (use http.credentials)"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{prefix:?}: a prefix has no query or fragment"));
+    }
+    Ok(url)
 }
 
 /// The cluster reactor acts on. Nothing here set (and no `KUBECONFIG`, not in a pod): reactor

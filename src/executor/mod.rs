@@ -6,6 +6,7 @@
 pub mod disk;
 pub mod error;
 pub mod exec;
+pub mod http;
 pub mod kubernetes;
 pub mod sandbox;
 

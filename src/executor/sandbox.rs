@@ -9,7 +9,7 @@
 //!
 //! An evaluation may first run *inline* on an async worker: then it gets [`INLINE_OPERATIONS`]
 //! operations, and every helper that blocks or acts on the world (`sleep`, `disk_cleanup`,
-//! `exec`, `k8s::`) refuses before doing anything. Either ends the evaluation with [`NEEDS_THREAD_TOKEN`], which no
+//! `exec`, `http::`, `k8s::`) refuses before doing anything. Either ends the evaluation with [`NEEDS_THREAD_TOKEN`], which no
 //! script can catch, and the caller evaluates the script again from the start on a blocking
 //! thread. The inline attempt can only have logged, and its logs are dropped.
 
@@ -22,6 +22,7 @@ use rhai::{Dynamic, Engine, EvalAltResult, Position};
 use super::disk::{cleanup, CleanupRequest};
 use super::error::StepError;
 use super::exec::{ExecPolicy, ExecRequest};
+use super::http::{HttpPolicy, HttpRequest};
 use super::kubernetes::{self, Change, Kubernetes, Request};
 use crate::config::SandboxLimits;
 
@@ -193,6 +194,8 @@ pub struct Helpers {
     pub kube: Option<Kubernetes>,
     /// The programs `exec()` may run.
     pub exec: ExecPolicy,
+    /// The URLs `http::` may call.
+    pub http: HttpPolicy,
 }
 
 /// Builds the sandboxed engine with `disk_cleanup` under `cleanup_roots`, `k8s::` on `kube`, and
@@ -207,7 +210,7 @@ pub fn build_engine(
         Helpers {
             cleanup_roots,
             kube,
-            exec: ExecPolicy::default(),
+            ..Helpers::default()
         },
     )
 }
@@ -218,6 +221,7 @@ pub fn build_engine_with(limits: &SandboxLimits, helpers: Helpers) -> Engine {
         cleanup_roots,
         kube,
         exec,
+        http,
     } = helpers;
     let mut engine = Engine::new();
     // Static modules (`k8s::`) need module support; scripts still may not import anything.
@@ -277,6 +281,7 @@ pub fn build_engine_with(limits: &SandboxLimits, helpers: Helpers) -> Engine {
     register_disk_cleanup(&mut engine, cleanup_roots);
     register_exec(&mut engine, exec);
     engine.register_static_module("k8s", k8s_module(kube).into());
+    engine.register_static_module("http", http_module(http).into());
     engine
 }
 
@@ -360,21 +365,7 @@ fn exec_call(
                     env.push((name.to_string(), v));
                 }
             }
-            "timeout" => {
-                let t = match value.clone().try_cast::<i64>() {
-                    Some(ms) => Duration::from_millis(ms.max(0) as u64),
-                    None => {
-                        let text = value.into_string().map_err(|t| {
-                            bad(format!(
-                                "timeout must be a duration like \"10s\" or milliseconds, got {t}"
-                            ))
-                        })?;
-                        crate::bounds::parse_duration("timeout", &text, crate::bounds::STEP_TIMEOUT)
-                            .map_err(bad)?
-                    }
-                };
-                timeout = Some(t);
-            }
+            "timeout" => timeout = Some(timeout_option(value).map_err(bad)?),
             "stdin" => {
                 let text = value
                     .into_string()
@@ -426,6 +417,120 @@ fn register_exec(engine: &mut Engine, policy: ExecPolicy) {
             exec_call(&policy, program, args, opts)
         },
     );
+}
+
+/// A duration option of a helper: milliseconds, or a string like `"10s"`.
+fn timeout_option(value: Dynamic) -> Result<Duration, String> {
+    if let Some(ms) = value.clone().try_cast::<i64>() {
+        return Ok(Duration::from_millis(ms.max(0) as u64));
+    }
+    let text = value
+        .into_string()
+        .map_err(|t| format!("timeout must be a duration like \"10s\" or milliseconds, got {t}"))?;
+    crate::bounds::parse_duration("timeout", &text, crate::bounds::STEP_TIMEOUT)
+}
+
+/// `http::<method>(url[, #{headers, body, json, timeout}])`: one request to an allowed URL (see
+/// [`super::http`]); returns `#{status, headers, body, truncated, dry_run, duration_ms}`. A 4xx
+/// or 5xx answer is a result, not an error: the script decides.
+fn http_call(
+    policy: &HttpPolicy,
+    method: &'static str,
+    url: &str,
+    opts: rhai::Map,
+) -> RhaiResult<Dynamic> {
+    off_worker()?;
+    let bad = |m: String| helper_failed(StepError::bad_arguments(format!("http::{method}: {m}")));
+    let mut headers = Vec::new();
+    let mut body = None;
+    let mut timeout = None;
+    for (key, value) in opts {
+        match key.as_str() {
+            "headers" => {
+                let map = value
+                    .try_cast::<rhai::Map>()
+                    .ok_or_else(|| bad("headers must be a map of strings".into()))?;
+                for (name, v) in map {
+                    let v = v
+                        .into_string()
+                        .map_err(|t| bad(format!("headers.{name} must be a string, got {t}")))?;
+                    headers.push((name.to_string(), v));
+                }
+            }
+            "body" => {
+                let text = value
+                    .into_string()
+                    .map_err(|t| bad(format!("body must be a string (or use json), got {t}")))?;
+                body = Some(text.into_bytes());
+            }
+            "json" => {
+                let data: serde_json::Value =
+                    rhai::serde::from_dynamic(&value).map_err(|e| bad(format!("json: {e}")))?;
+                body = Some(data.to_string().into_bytes());
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
+                    headers.push(("content-type".into(), "application/json".into()));
+                }
+            }
+            "timeout" => timeout = Some(timeout_option(value).map_err(bad)?),
+            other => {
+                return Err(bad(format!(
+                    "unknown option {other:?} (headers, body, json, timeout)"
+                )))
+            }
+        }
+    }
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        helper_failed(StepError::Internal(format!(
+            "http::{method}: no async runtime on this thread"
+        )))
+    })?;
+    let step_deadline = deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
+    let until = timeout.map_or(step_deadline, |t| {
+        crate::clock::deadline(t).min(step_deadline)
+    });
+    let req = HttpRequest {
+        method: reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+            .expect("a known method"),
+        url: url.to_owned(),
+        headers,
+        body,
+        deadline: until,
+        dry_run: dry_run(),
+    };
+    let mut changes = Vec::new();
+    let res = handle.block_on(policy.send(req, &mut changes));
+    if let Some(change) = changes.first() {
+        log_line(format!(
+            "{} {}: {}",
+            change.verb, change.object, change.result
+        ));
+    }
+    record_changes(&mut changes);
+    match res {
+        Ok(answer) => rhai::serde::to_dynamic(&answer),
+        Err(_) if Instant::now() >= step_deadline => Err(terminate(DEADLINE_TOKEN)),
+        Err(e) => Err(helper_failed(e)),
+    }
+}
+
+/// The `http::` functions.
+fn http_module(policy: HttpPolicy) -> rhai::Module {
+    let policy = std::sync::Arc::new(policy);
+    let mut m = rhai::Module::new();
+    for method in ["get", "post", "put", "delete"] {
+        let p = std::sync::Arc::clone(&policy);
+        m.set_native_fn(method, move |url: &str| {
+            http_call(&p, method, url, rhai::Map::new())
+        });
+        let p = std::sync::Arc::clone(&policy);
+        m.set_native_fn(method, move |url: &str, opts: rhai::Map| {
+            http_call(&p, method, url, opts)
+        });
+    }
+    m
 }
 
 /// Reads one object for a script.

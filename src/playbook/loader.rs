@@ -903,6 +903,7 @@ mod tests {
             "reactor-selftest-ok",
             "reactor-selftest-fail",
             "systemd-unit-restart",
+            "http-admin-flush-cache",
         ] {
             assert!(p.get(name).is_some(), "{name} missing");
         }

@@ -1,5 +1,6 @@
 //! Playbooks that act beyond Kubernetes: a script runs an allowed program through `exec()`, a
-//! `command:` step runs one with the alert's labels, and nothing off the allow-list runs.
+//! `command:` step runs one with the alert's labels, a script calls a service's admin API through
+//! `http::post` with a configured credential, and nothing off the allow-lists runs.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -163,4 +164,155 @@ async fn a_command_that_exits_non_zero_fails_its_step_with_the_status_and_is_ret
         format!("{} exited with 4: disk still full", failing.display())
     );
     app.stop().await;
+}
+
+/// A service's admin API: records every request (method, path, authorization, content type,
+/// body); `POST /admin/restart` answers 202 with what it restarted, `/admin/moved` redirects
+/// outside the allowed prefix.
+async fn admin_api() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    tokio_util::sync::CancellationToken,
+) {
+    use axum::extract::Request;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let s = seen.clone();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let s = s.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let header = |n: &str| parts.headers.get(n).map(|v| v.to_str().unwrap().to_owned());
+            s.lock().unwrap().push(json!({
+                "method": parts.method.as_str(),
+                "path": parts.uri.path(),
+                "authorization": header("authorization"),
+                "content_type": header("content-type"),
+                "body": String::from_utf8_lossy(&body),
+            }));
+            let answer: Response = match (parts.method.as_str(), parts.uri.path()) {
+                ("POST", "/admin/restart") => {
+                    let asked: Value = serde_json::from_slice(&body).unwrap_or_default();
+                    (
+                        StatusCode::ACCEPTED,
+                        axum::Json(json!({"restarted": asked["service"]})),
+                    )
+                        .into_response()
+                }
+                (_, "/admin/moved") => {
+                    (StatusCode::FOUND, [("location", "/steal")], "").into_response()
+                }
+                _ => StatusCode::NOT_FOUND.into_response(),
+            };
+            answer
+        }
+    });
+    let (addr, stop) = crate::helpers::serve_local(app).await;
+    (addr, seen, stop)
+}
+
+#[tokio::test]
+async fn scripts_call_allowed_urls_with_configured_credentials_and_nothing_else() {
+    let (addr, seen, stop) = admin_api().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, "Bearer s3cret-admin\n").unwrap();
+    let playbooks = format!(
+        r#"
+name: admin-restart
+match: {{alertname: Wedged}}
+steps:
+  - name: restart
+    inline: |
+      let r = http::post("http://{addr}/admin/restart", #{{ json: #{{ service: alert.labels.unit }} }});
+      if r.status != 202 {{ throw `admin API answered ${{r.status}}: ${{r.body}}`; }}
+      parse_json(r.body)
+---
+name: outside
+match: {{alertname: Outside}}
+steps:
+  - name: read
+    retries: 2
+    retry_delay: 0s
+    inline: 'http::get("http://{addr}/private/keys")'
+---
+name: redirected
+match: {{alertname: Redirected}}
+steps:
+  - name: read
+    inline: 'http::get("http://{addr}/admin/moved").status'
+"#
+    );
+    let dir = PlaybookDir::new(&[("playbooks/http.yaml", &playbooks)]);
+    let app = TestApp::spawn(|s| {
+        s.playbooks_dir = dir.playbooks();
+        s.scripts_dir = dir.scripts();
+        s.http.allow = vec![format!("http://{addr}/admin/")];
+        s.http.credentials = vec![reactor::config::HttpCredential {
+            prefix: format!("http://{addr}/admin/"),
+            header: "Authorization".into(),
+            value_file: Some(token_file.clone()),
+            value_env: None,
+            value: None,
+        }];
+    })
+    .await;
+
+    app.post_webhook(&alert("Wedged", "w1", "nginx")).await;
+    let run = settled(&app, "Wedged").await;
+    assert_eq!(run["outcome"], "succeeded", "{run:#}");
+    assert_eq!(run["steps"][0]["output"], json!({"restarted": "nginx"}));
+    let requests = seen.lock().unwrap().clone();
+    assert_eq!(
+        requests,
+        [json!({
+            "method": "POST",
+            "path": "/admin/restart",
+            "authorization": "Bearer s3cret-admin",
+            "content_type": "application/json",
+            "body": "{\"service\":\"nginx\"}",
+        })]
+    );
+    let change = &run["steps"][0]["changes"][0];
+    assert_eq!(change["verb"], "http POST");
+    assert_eq!(change["result"], "HTTP 202");
+    assert!(
+        change["detail"]["headers"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("authorization")),
+        "{change}"
+    );
+    assert!(
+        !run.to_string().contains("s3cret"),
+        "the credential is not on the run"
+    );
+
+    // Outside the prefix: refused before any request, and not retried.
+    app.post_webhook(&alert("Outside", "o1", "x")).await;
+    let run = settled(&app, "Outside").await;
+    assert_eq!(run["outcome"], "failed");
+    assert_eq!(run["steps"].as_array().unwrap().len(), 1);
+    assert_eq!(run["steps"][0]["errorClass"], "refused");
+    let error = run["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("not under a prefix in http.allow; nothing was sent"),
+        "{error}"
+    );
+
+    // A redirect is an answer, not followed out of the prefix.
+    app.post_webhook(&alert("Redirected", "r1", "x")).await;
+    let run = settled(&app, "Redirected").await;
+    assert_eq!(run["steps"][0]["output"], 302, "{run:#}");
+    let paths: Vec<Value> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].clone())
+        .collect();
+    assert_eq!(paths, [json!("/admin/restart"), json!("/admin/moved")]);
+    app.stop().await;
+    stop.cancel();
 }

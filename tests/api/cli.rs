@@ -10,7 +10,7 @@ use crate::helpers::{
 fn check_accepts_the_shipped_playbooks() {
     let (code, out, err) = run_binary(&["check", "playbooks/"], repo());
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.starts_with("ok: 9 playbook(s)"), "{out}");
+    assert!(out.starts_with("ok: 10 playbook(s)"), "{out}");
 }
 
 #[test]
