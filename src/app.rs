@@ -153,6 +153,17 @@ impl Application {
         let rhai = Arc::new(rhai_engine(&settings, kube.clone()));
         let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
         tracing::info!(count = playbooks.len(), dir = %settings.playbooks_dir.display(), "playbooks loaded");
+        if settings.dry_run {
+            tracing::warn!(
+                mode = "dry run",
+                "dry run: steps act on nothing (dry_run / REACTOR_DRY_RUN)"
+            );
+        } else {
+            tracing::info!(mode = "live", "live: steps act");
+        }
+        if settings.alertmanager.url.is_none() {
+            tracing::warn!("no escalation target is configured (alertmanager.url): a remediation that fails pages nobody");
+        }
         let store =
             Store::open_with(&settings.data_dir, settings.durability).map_err(|source| {
                 StartupError::Store {
@@ -199,6 +210,7 @@ impl Application {
             limits: Arc::new(settings.limits.clone()),
             credentials: crate::routes::credentials(&settings.auth),
             reloader,
+            dry_run: settings.dry_run,
             metrics: Arc::clone(&engine.metrics),
             health: Arc::clone(&engine.health),
         };

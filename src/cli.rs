@@ -1,4 +1,4 @@
-//! The `reactor` command line: `serve`, `check`, `test` and `runs`. Each subcommand parses its
+//! The `reactor` command line: `serve`, `check`, `test`, `runs` and `reload`. Each subcommand parses its
 //! flags here and calls into the library; output formatting for humans lives here too.
 
 use std::fmt::Write as _;
@@ -42,12 +42,25 @@ enum Command {
     Test(TestArgs),
     /// List runs from the history (via the API, or from the database when the service is stopped).
     Runs(RunsArgs),
+    /// Ask the running service to reload its playbooks and scripts (as SIGHUP does).
+    Reload(ServiceArgs),
+}
+
+/// How to reach the running service.
+#[derive(Debug, Args)]
+struct ServiceArgs {
+    /// reactor's base URL (default: http:// plus the configured listen address).
+    #[arg(long)]
+    url: Option<String>,
+    /// The API's bearer token (default: the configured auth.bearer_token).
+    #[arg(long, env = "REACTOR_AUTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on (default 127.0.0.1:9097).
-    #[arg(long)]
+    /// Address to listen on: IP:PORT or localhost:PORT (default 127.0.0.1:9097).
+    #[arg(long, value_parser = crate::config::parse_listen)]
     listen: Option<SocketAddr>,
     /// Database directory (default ./data).
     #[arg(long)]
@@ -79,8 +92,11 @@ struct CheckArgs {
 struct TestArgs {
     /// A webhook payload as Alertmanager sends it ("-" reads standard input).
     alert: PathBuf,
+    /// Playbook directory or file (default: the configured one, ./playbooks).
     #[arg(long)]
     playbooks: Option<PathBuf>,
+    /// Rhai script directory (default: `scripts` beside the playbooks if it exists, else the
+    /// configured one).
     #[arg(long)]
     scripts: Option<PathBuf>,
 }
@@ -89,20 +105,23 @@ struct TestArgs {
 struct RunsArgs {
     #[command(subcommand)]
     show: Option<RunsCommand>,
+    /// Only runs with this outcome (succeeded, failed, skipped, deduplicated, verifying, ...).
     #[arg(long)]
     outcome: Option<Outcome>,
+    /// Only runs of this playbook.
     #[arg(long)]
     playbook: Option<String>,
+    /// Only runs of alerts with this alertname.
     #[arg(long)]
     alertname: Option<String>,
+    /// At most this many runs, newest first.
     #[arg(long, default_value_t = 20)]
     limit: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// reactor's base URL (default: http:// plus the configured listen address).
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    service: ServiceArgs,
     /// Database directory used when the service is not running (default: the configured one).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -112,7 +131,9 @@ struct RunsArgs {
 enum RunsCommand {
     /// Show one run with every step attempt, its output and logs.
     Show {
+        /// The run's id, e.g. 42-0.
         id: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -162,7 +183,57 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Check(a) => check(settings, a),
         Command::Test(a) => test(settings, a),
         Command::Runs(a) => runs(settings, a).await,
+        Command::Reload(a) => reload(settings, a).await,
     }
+}
+
+/// The service's base URL and token: the flags', or the configured ones.
+fn service(settings: &Settings, a: &ServiceArgs) -> (String, Option<String>) {
+    let base = a.url.clone().unwrap_or_else(|| {
+        let mut addr = settings.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip([127, 0, 0, 1].into());
+        }
+        format!("http://{addr}")
+    });
+    let token = a
+        .token
+        .clone()
+        .or_else(|| settings.auth.bearer_token.clone());
+    (base, token)
+}
+
+async fn reload(settings: Settings, a: ServiceArgs) -> ExitCode {
+    let (base, token) = service(&settings, &a);
+    app::install_crypto_provider();
+    let mut req = reqwest::Client::new().post(format!("{}/-/reload", base.trim_end_matches('/')));
+    if let Some(t) = &token {
+        req = req.bearer_auth(t);
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot reach reactor at {base}: {e}")),
+    };
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    if status.is_success() {
+        println!("reloaded: {} playbook(s) in force", v["playbooks"]);
+        return ExitCode::SUCCESS;
+    }
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return fail(unauthorized());
+    }
+    for p in v["problems"].as_array().into_iter().flatten() {
+        eprintln!("{}", p.as_str().unwrap_or_default());
+    }
+    fail(format!(
+        "{status}: {}",
+        v["error"].as_str().unwrap_or_default()
+    ))
+}
+
+fn unauthorized() -> String {
+    "401 Unauthorized: reactor wants its API token; pass --token or set REACTOR_AUTH_TOKEN".into()
 }
 
 async fn serve(settings: Settings) -> ExitCode {
@@ -293,13 +364,7 @@ fn test(settings: Settings, a: TestArgs) -> ExitCode {
 }
 
 async fn runs(settings: Settings, a: RunsArgs) -> ExitCode {
-    let base = a.url.clone().unwrap_or_else(|| {
-        let mut addr = settings.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip([127, 0, 0, 1].into());
-        }
-        format!("http://{addr}")
-    });
+    let (base, token) = service(&settings, &a.service);
     app::install_crypto_provider();
     let path = match &a.show {
         Some(RunsCommand::Show { id, .. }) => format!("/api/v1/runs/{id}"),
@@ -317,7 +382,7 @@ async fn runs(settings: Settings, a: RunsArgs) -> ExitCode {
             format!("/api/v1/runs?{}", q.join("&"))
         }
     };
-    let value = match fetch(&base, &path, settings.auth.bearer_token.as_deref()).await {
+    let value = match fetch(&base, &path, token.as_deref()).await {
         Ok(Some(v)) => v,
         Ok(None) => match from_database(&settings, &a) {
             Ok(v) => v,
@@ -365,6 +430,8 @@ async fn fetch(
             let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
             if status.is_success() {
                 Ok(Some(v))
+            } else if status == reqwest::StatusCode::UNAUTHORIZED {
+                Err(unauthorized())
             } else {
                 Err(format!(
                     "{status}: {}",

@@ -217,40 +217,131 @@ pub struct Notification {
     pub receiver: Option<String>,
 }
 
+/// An alert refused for its size. It is not lost: it is recorded and paged, with a copy cut to the
+/// limits (its identity and routing labels), and nothing remediates it.
+#[derive(Debug, Clone)]
+pub struct Oversized {
+    /// Its place in the payload.
+    pub index: usize,
+    /// The metric label: `too_many_labels`, `label_too_long`, `too_many_annotations`,
+    /// `annotation_too_long`, `generator_url_too_long`.
+    pub reason: &'static str,
+    /// What was over the limit, naming the label.
+    pub detail: String,
+    /// The alert cut to the limits.
+    pub trimmed: Alert,
+}
+
 impl Notification {
-    /// Refuses alerts with more labels, or longer labels, annotations (names and values) or
-    /// generator URLs, than the limits allow.
-    pub fn check_sizes(&self, max_labels: usize, max_bytes: usize) -> Result<(), PayloadError> {
-        for (index, a) in self.alerts.iter().enumerate() {
-            let err = |reason: String| Err(PayloadError::Alert { index, reason });
-            if a.labels.len() > max_labels {
-                return err(format!(
-                    "{} labels; the limit is {max_labels}",
-                    a.labels.len()
-                ));
-            }
-            if a.annotations.len() > max_labels {
-                return err(format!(
-                    "{} annotations; the limit is {max_labels}",
-                    a.annotations.len()
-                ));
-            }
-            let long = a
-                .labels
-                .iter()
-                .chain(a.annotations.iter())
-                .flat_map(|(k, v)| [k, v])
-                .chain(a.generator_url.as_ref())
-                .find(|s| s.len() > max_bytes);
-            if let Some(s) = long {
-                let start: String = s.chars().take(40).collect();
-                return err(format!(
-                    "a label, annotation or generatorURL of {} bytes ({start:?}…); the limit is {max_bytes}",
-                    s.len()
-                ));
+    /// Takes the alerts over the limits (more labels or annotations than `max_labels`, a name or
+    /// value longer than `max_bytes`) out of `alerts`, each with why and a trimmed copy.
+    pub fn take_oversized(&mut self, max_labels: usize, max_bytes: usize) -> Vec<Oversized> {
+        if self
+            .alerts
+            .iter()
+            .all(|a| oversize(a, max_labels, max_bytes).is_none())
+        {
+            return Vec::new();
+        }
+        let mut refused = Vec::new();
+        let mut kept = Vec::with_capacity(self.alerts.len());
+        for (index, a) in std::mem::take(&mut self.alerts).into_iter().enumerate() {
+            match oversize(&a, max_labels, max_bytes) {
+                None => kept.push(a),
+                Some((reason, detail)) => refused.push(Oversized {
+                    index,
+                    reason,
+                    detail,
+                    trimmed: trim(a, max_labels, max_bytes),
+                }),
             }
         }
-        Ok(())
+        self.alerts = kept;
+        refused
+    }
+}
+
+/// Why `a` is over the limits, if it is: the metric label and the detail, naming the label.
+fn oversize(a: &Alert, max_labels: usize, max_bytes: usize) -> Option<(&'static str, String)> {
+    if a.labels.len() > max_labels {
+        let n = a.labels.len();
+        return Some((
+            "too_many_labels",
+            format!("{n} labels; the limit is {max_labels}"),
+        ));
+    }
+    if a.annotations.len() > max_labels {
+        let n = a.annotations.len();
+        return Some((
+            "too_many_annotations",
+            format!("{n} annotations; the limit is {max_labels}"),
+        ));
+    }
+    let start = |s: &str| s.chars().take(40).collect::<String>();
+    let long = |kind: &str, reason, set: &Labels| {
+        set.iter().find_map(|(k, v)| {
+            if k.len() > max_bytes {
+                Some((
+                    reason,
+                    format!(
+                        "{kind} name {:?}… of {} bytes; the limit is {max_bytes}",
+                        start(k),
+                        k.len()
+                    ),
+                ))
+            } else if v.len() > max_bytes {
+                Some((
+                    reason,
+                    format!(
+                        "{kind} {k:?} of {} bytes ({:?}…); the limit is {max_bytes}",
+                        v.len(),
+                        start(v)
+                    ),
+                ))
+            } else {
+                None
+            }
+        })
+    };
+    long("label", "label_too_long", &a.labels)
+        .or_else(|| long("annotation", "annotation_too_long", &a.annotations))
+        .or_else(|| {
+            let url = a.generator_url.as_ref().filter(|u| u.len() > max_bytes)?;
+            Some((
+                "generator_url_too_long",
+                format!(
+                    "generatorURL of {} bytes; the limit is {max_bytes}",
+                    url.len()
+                ),
+            ))
+        })
+}
+
+/// `a` cut to the limits: `alertname` first, then the other labels (and annotations) that fit, in
+/// order, each value cut to `max_bytes`; a generator URL over the limit is dropped.
+fn trim(a: Alert, max_labels: usize, max_bytes: usize) -> Alert {
+    let cut = |s: &str| {
+        let mut end = s.len().min(max_bytes);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].to_owned()
+    };
+    let fit = |set: &Labels, first: Option<&str>| -> Labels {
+        let firsts = first.and_then(|f| set.get_key_value(f));
+        firsts
+            .into_iter()
+            .chain(set.iter().filter(|(k, _)| Some(k.as_str()) != first))
+            .filter(|(k, _)| k.len() <= max_bytes)
+            .take(max_labels)
+            .map(|(k, v)| (k.clone(), cut(v)))
+            .collect()
+    };
+    Alert {
+        labels: fit(&a.labels, Some("alertname")),
+        annotations: fit(&a.annotations, None),
+        generator_url: a.generator_url.filter(|u| u.len() <= max_bytes),
+        ..a
     }
 }
 
@@ -312,9 +403,14 @@ mod tests {
                 r#"{{"status":"firing","labels":{{"alertname":"A"}},"generatorURL":"http://x/{long}","startsAt":"2026-01-01T00:00:00Z","fingerprint":"f1"}}"#
             ),
         ] {
-            let n = decode_webhook(one_alert(&alert).as_bytes()).unwrap();
-            let e = n.check_sizes(10, 256).unwrap_err().to_string();
-            assert!(e.contains("the limit is 256"), "{e}");
+            let mut n = decode_webhook(one_alert(&alert).as_bytes()).unwrap();
+            let refused = n.take_oversized(10, 256);
+            assert_eq!(refused.len(), 1);
+            assert!(
+                refused[0].detail.contains("the limit is 256"),
+                "{:?}",
+                refused[0]
+            );
         }
     }
 
@@ -373,18 +469,52 @@ mod tests {
     }
 
     #[test]
-    fn size_limits_name_the_alert_and_the_limit() {
-        let n = decode_webhook(FIRING.as_bytes()).unwrap();
-        assert!(n.check_sizes(3, 100).is_ok());
-        assert_eq!(
-            n.check_sizes(2, 100).unwrap_err().to_string(),
-            "alerts[0]: 3 labels; the limit is 2"
+    fn an_oversized_alert_is_taken_out_named_and_trimmed_and_the_others_stay() {
+        let alert = |fp: &str, extra: &str| {
+            format!(
+                r#"{{"status":"firing","labels":{{"alertname":"A","team":"db"{extra}}},"startsAt":"2026-01-01T00:00:00Z","fingerprint":"{fp}"}}"#
+            )
+        };
+        let long = "é".repeat(60);
+        let body = format!(
+            r#"{{"version":"4","alerts":[{},{},{}]}}"#,
+            alert("f0", ""),
+            alert("f1", &format!(r#","description":"{long}""#)),
+            alert("f2", ""),
         );
-        assert!(n
-            .check_sizes(3, 10)
-            .unwrap_err()
-            .to_string()
-            .contains("the limit is 10"));
+        let mut n = decode_webhook(body.as_bytes()).unwrap();
+        assert_eq!(n.alerts.len(), 3);
+        let refused = n.take_oversized(3, 100);
+        let kept: Vec<&str> = n.alerts.iter().map(|a| a.fingerprint.as_str()).collect();
+        assert_eq!(kept, ["f0", "f2"]);
+        assert_eq!(refused.len(), 1);
+        let r = &refused[0];
+        assert_eq!((r.index, r.reason), (1, "label_too_long"));
+        assert!(
+            r.detail.starts_with("label \"description\" of 120 bytes"),
+            "{}",
+            r.detail
+        );
+        assert!(r.detail.ends_with("the limit is 100"), "{}", r.detail);
+        assert_eq!(r.trimmed.fingerprint.as_str(), "f1");
+        assert_eq!(r.trimmed.labels["team"], "db");
+        assert_eq!(
+            r.trimmed.labels["description"],
+            "é".repeat(50),
+            "cut on a char boundary"
+        );
+
+        let mut n = decode_webhook(FIRING.as_bytes()).unwrap();
+        let refused = n.take_oversized(2, 100);
+        assert_eq!(refused[0].detail, "3 labels; the limit is 2");
+        assert_eq!(refused[0].trimmed.labels.len(), 2);
+        assert_eq!(
+            refused[0].trimmed.alertname(),
+            "HarnessCurl",
+            "alertname is kept first"
+        );
+        let mut n = decode_webhook(FIRING.as_bytes()).unwrap();
+        assert!(n.take_oversized(3, 100).is_empty());
     }
 
     proptest::proptest! {

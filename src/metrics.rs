@@ -34,6 +34,11 @@ pub struct StepFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PlaybookLabels {
     pub playbook: String,
 }
@@ -75,6 +80,8 @@ pub struct Metrics {
     pub heartbeats: Family<ResultLabels, Counter>,
     pub heartbeat_age: Gauge<f64, AtomicU64>,
     pub self_check_failing: Family<CheckLabels, Gauge>,
+    /// Webhook deliveries and alerts refused, by reason.
+    pub webhook_rejections: Family<ReasonLabels, Counter>,
     /// Alerts Alertmanager held back from humans that reactor read from its API.
     pub held_alerts: Counter,
     pub store_errors: Counter,
@@ -187,6 +194,12 @@ impl Default for Metrics {
             "1 while a self-check fails (dispatcher, stuck_runs, storage, escalation_backlog, escalation_rejected)",
             self_check_failing.clone(),
         );
+        let webhook_rejections = Family::default();
+        registry.register(
+            "webhook_rejections",
+            "Webhook deliveries and alerts refused, by reason (content_type, malformed, too_many_alerts, too_many_labels, label_too_long, ...)",
+            webhook_rejections.clone(),
+        );
         let held_alerts = Counter::default();
         registry.register(
             "held_alerts",
@@ -248,6 +261,7 @@ impl Default for Metrics {
             heartbeats,
             heartbeat_age,
             self_check_failing,
+            webhook_rejections,
             held_alerts,
             store_errors,
             config_last_reload_successful,
@@ -299,6 +313,14 @@ impl Metrics {
         self.config_reloads
             .get_or_create(&ResultLabels {
                 result: result.into(),
+            })
+            .inc();
+    }
+
+    pub fn webhook_rejected(&self, reason: &str) {
+        self.webhook_rejections
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
             })
             .inc();
     }

@@ -43,6 +43,7 @@ impl FromStr for Durability {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     /// What an accepted alert survives once answered: `process` (default) or `power`.
@@ -412,9 +413,9 @@ impl Settings {
     /// `REACTOR_*` variables; `get` is injected so tests need not touch the process environment.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = get("REACTOR_LISTEN") {
-            self.listen = v.parse().map_err(|e| ConfigError::Env {
+            self.listen = parse_listen(&v).map_err(|message| ConfigError::Env {
                 name: "REACTOR_LISTEN",
-                message: format!("expected HOST:PORT, got {v:?}: {e}"),
+                message,
             })?;
         }
         let path = |k: &str, target: &mut PathBuf| {
@@ -498,6 +499,29 @@ impl Settings {
             .trim_end_matches('/')
             .to_owned()
     }
+}
+
+/// A listen address: `IP:PORT` (`127.0.0.1:9097`, `[::1]:9097`), or `localhost:PORT` for the
+/// IPv4 loopback. Other host names are refused rather than resolved: what a name resolves to can
+/// change under a running service, and an address bound by accident may expose it.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let expected =
+        || format!("expected IP:PORT or localhost:PORT, e.g. 127.0.0.1:9097, got {text:?}");
+    match text.rsplit_once(':') {
+        Some((host, port)) if host.eq_ignore_ascii_case("localhost") => {
+            let port: u16 = port.parse().map_err(|_| expected())?;
+            Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+        }
+        _ => Err(expected()),
+    }
+}
+
+fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_listen(&s).map_err(serde::de::Error::custom)
 }
 
 /// A boolean from the environment: `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`, in any case.
@@ -601,6 +625,23 @@ mod tests {
         let value = s.http.credentials[0].value.as_ref().unwrap();
         assert_eq!(value.expose(), "Bearer t0ken");
         assert!(!format!("{s:?}").contains("t0ken"), "never in Debug");
+    }
+
+    #[test]
+    fn a_listen_address_may_name_localhost_and_nothing_else_by_name() {
+        assert_eq!(
+            parse_listen("localhost:9097").unwrap().to_string(),
+            "127.0.0.1:9097"
+        );
+        assert_eq!(parse_listen("[::1]:80").unwrap().to_string(), "[::1]:80");
+        assert_eq!(
+            parse_listen("0.0.0.0:9097").unwrap().to_string(),
+            "0.0.0.0:9097"
+        );
+        for bad in ["example.com:80", "localhost", "localhost:99999", ":9097"] {
+            let e = parse_listen(bad).unwrap_err();
+            assert!(e.contains("expected IP:PORT or localhost:PORT"), "{e}");
+        }
     }
 
     #[test]

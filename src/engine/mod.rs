@@ -157,13 +157,18 @@ impl Engine {
     }
 
     async fn process_inner(self: &Arc<Self>, intake: Intake) -> Result<(), StoreError> {
-        let matched = self.playbooks.current().matching(&intake.alert);
+        // A refused alert is a copy cut to the limits: no playbook may act on it.
+        let matched = match intake.refused {
+            None => self.playbooks.current().matching(&intake.alert),
+            Some(_) => Vec::new(),
+        };
         let now = self.clock.now();
         let Intake {
             seq,
             received_at,
             alert,
             held,
+            refused,
         } = intake;
         let status = alert.status;
         let resolved = (status == AlertStatus::Resolved).then(|| alert.fingerprint.clone());
@@ -173,7 +178,21 @@ impl Engine {
         let mut records = Vec::new();
         let mut runnable = Vec::new();
         let mut pages = Vec::new();
-        if matched.is_empty() {
+        if let Some(why) = refused {
+            let mut run = new_run(0, alert, None);
+            let reason = format!("reactor refused this alert ({why}); it is recorded here with its labels cut to the limits, and nothing remediates it");
+            if status == AlertStatus::Firing {
+                run.settle(Outcome::Failed, &reason, now);
+                pages.push(Page {
+                    alertname: REMEDIATION_FAILED,
+                    run: run.clone(),
+                    playbook: None,
+                });
+            } else {
+                run.settle(Outcome::Skipped, &reason, now);
+            }
+            records.push(run);
+        } else if matched.is_empty() {
             let mut run = new_run(0, alert, None);
             if held && status == AlertStatus::Firing {
                 // Alertmanager holds this alert back from humans because reactor is alive, yet

@@ -42,11 +42,23 @@ pub enum StoreError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("the database in {} is in use by another process (is reactor already running on this data_dir?); stop it, or point data_dir elsewhere", .0.display())]
+    InUse(std::path::PathBuf),
     #[error("corrupt record {key}: {source}")]
     Corrupt {
         key: String,
         source: serde_json::Error,
     },
+}
+
+/// sled's lock error, which names a lock file and an errno, as what it means.
+fn in_use(e: sled::Error, dir: &Path) -> StoreError {
+    match &e {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            StoreError::InUse(dir.to_owned())
+        }
+        _ => StoreError::Sled(e),
+    }
 }
 
 /// The database. Cheap to clone.
@@ -109,13 +121,15 @@ impl Store {
             .path(dir)
             .cache_capacity(16 << 20)
             .flush_every_ms(Some(200))
-            .open()?;
+            .open()
+            .map_err(|e| in_use(e, dir))?;
         let history_dir = dir.join(HISTORY_DIR);
         let history = sled::Config::new()
             .path(&history_dir)
             .cache_capacity(64 << 20)
             .flush_every_ms(Some(200))
-            .open()?;
+            .open()
+            .map_err(|e| in_use(e, dir))?;
         migrate(&db, &history)?;
         let intake = db.open_tree("intake")?;
         let runs = history.open_tree("runs")?;
@@ -185,10 +199,8 @@ impl Store {
         received_at: Timestamp,
         held: bool,
     ) -> Result<Vec<Intake>, StoreError> {
-        let n = alerts.len() as u64;
-        let first = self.inner.next_seq.fetch_add(n, Ordering::Relaxed);
-        self.reserve_through(first + n)?;
-        let intakes: Vec<Intake> = alerts
+        let first = self.reserve(alerts.len())?;
+        let intakes = alerts
             .into_iter()
             .enumerate()
             .map(|(i, alert)| Intake {
@@ -196,8 +208,43 @@ impl Store {
                 received_at,
                 alert,
                 held,
+                refused: None,
             })
             .collect();
+        self.commit_intakes(intakes).await
+    }
+
+    /// Records alerts reactor refused (each with why), so that they are paged, not lost.
+    pub async fn accept_refused(
+        &self,
+        refused: Vec<(Alert, String)>,
+        received_at: Timestamp,
+    ) -> Result<Vec<Intake>, StoreError> {
+        let first = self.reserve(refused.len())?;
+        let intakes = refused
+            .into_iter()
+            .enumerate()
+            .map(|(i, (alert, why))| Intake {
+                seq: first + i as u64,
+                received_at,
+                alert,
+                held: false,
+                refused: Some(why),
+            })
+            .collect();
+        self.commit_intakes(intakes).await
+    }
+
+    /// The first of `n` new sequence numbers.
+    fn reserve(&self, n: usize) -> Result<u64, StoreError> {
+        let n = n as u64;
+        let first = self.inner.next_seq.fetch_add(n, Ordering::Relaxed);
+        self.reserve_through(first + n)?;
+        Ok(first)
+    }
+
+    /// Writes `intakes` and returns them once they are on disk.
+    async fn commit_intakes(&self, intakes: Vec<Intake>) -> Result<Vec<Intake>, StoreError> {
         let inserts = intakes
             .iter()
             .map(|it| Insert {
@@ -533,6 +580,18 @@ mod tests {
     }
 
     #[test]
+    fn a_database_in_use_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let second = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(second, StoreError::InUse(_)), "{second}");
+        assert!(
+            second.to_string().contains("is in use by another process"),
+            "{second}"
+        );
+    }
+
+    #[test]
     fn run_ids_round_trip_and_sort_by_sequence() {
         let id: RunId = "42-1".parse().unwrap();
         assert_eq!(id, RunId { seq: 42, index: 1 });
@@ -722,6 +781,7 @@ mod tests {
                 received_at: Timestamp::now(),
                 alert: alert(),
                 held: false,
+                refused: None,
             };
             db.open_tree("intake")
                 .unwrap()

@@ -96,6 +96,10 @@ pub struct Intake {
     /// (and from reactor's webhook) while reactor's heartbeat is alive.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held: bool,
+    /// Why reactor refused the alert (it was over a size limit); `alert` is then a copy cut to
+    /// the limits. A refused alert is recorded and paged, and never remediated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// How a run ended, or that it has not yet.

@@ -35,6 +35,8 @@ pub struct AppState {
     pub credentials: Arc<[String]>,
     /// Reloads the playbooks (`POST /-/reload`) and holds the set in force.
     pub reloader: Arc<crate::reload::Reloader>,
+    /// Global dry run: `/readyz` says the mode.
+    pub dry_run: bool,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub health: Arc<crate::health::Health>,
 }
@@ -157,7 +159,11 @@ async fn readyz(
     };
     (
         status,
-        Json(serde_json::json!({"ready": ready, "checks": checks})),
+        Json(serde_json::json!({
+            "ready": ready,
+            "mode": if state.dry_run { "dry_run" } else { "live" },
+            "checks": checks,
+        })),
     )
 }
 
@@ -241,7 +247,7 @@ async fn require_auth(State(state): State<AppState>, req: Request, next: Next) -
         });
     if !bool::from(ok) {
         let mut resp =
-            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong credentials").into_response();
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong credentials (the bearer token is auth.bearer_token, or REACTOR_AUTH_TOKEN)").into_response();
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"reactor\", Basic realm=\"reactor\""),

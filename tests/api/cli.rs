@@ -193,3 +193,62 @@ async fn serve_runs_on_embedded_defaults_and_runs_reads_history_live_and_stopped
     let v: serde_json::Value = serde_json::from_str(&shown_offline).unwrap();
     assert_eq!(v["id"].as_str(), Some(id.as_str()));
 }
+
+#[tokio::test]
+async fn the_cli_reaches_a_protected_service_with_a_token_and_says_how_when_it_has_none() {
+    const FIRST: &str = "name: first\nmatch: {alertname: First}\nsteps:\n  - {inline: '1'}\n";
+    let dir = PlaybookDir::new(&[("playbooks/first.yaml", FIRST)]);
+    let port = free_port();
+    let config = dir.binary_config(port, "cli-token", "");
+    let config = config.to_str().unwrap();
+    let listen = format!("localhost:{port}");
+    let mut reactor = spawn_binary(
+        &["--config", config, "serve", "--listen", &listen],
+        dir.path(),
+    );
+    wait_healthy(port).await;
+    let url = format!("http://127.0.0.1:{port}");
+
+    let (code, _, err) = run_binary(&["runs", "--url", &url], dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("pass --token or set REACTOR_AUTH_TOKEN"),
+        "{err}"
+    );
+    let (code, _, err) = run_binary(&["runs", "--url", &url, "--token", "cli-token"], dir.path());
+    assert_eq!(code, 0, "{err}");
+
+    std::fs::write(
+        dir.playbooks().join("second.yaml"),
+        FIRST.replace("first", "second").replace("First", "Second"),
+    )
+    .unwrap();
+    let (code, out, err) = run_binary(
+        &["reload", "--url", &url, "--token", "cli-token"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "reloaded: 2 playbook(s) in force");
+
+    let ready: serde_json::Value = crate::helpers::client()
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["mode"], "live", "{ready}");
+
+    // A second service on the same data directory says so, instead of sled's lock error.
+    let (code, _, err) = run_binary(
+        &["--config", config, "serve", "--listen", "127.0.0.1:0"],
+        dir.path(),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("is in use by another process (is reactor already running on this data_dir?)"),
+        "{err}"
+    );
+    reactor.terminate();
+}

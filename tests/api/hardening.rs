@@ -11,6 +11,7 @@ use reactor::clock::Clock;
 use reactor::domain::Fingerprint;
 use reactor::escalation::outbox::{EntryState, Outbox};
 use reactor::history::{RunId, Store};
+use serde_json::json;
 
 use crate::helpers::{payload, wait_for, Capture, TestApp};
 
@@ -164,9 +165,90 @@ async fn hostile_payloads_are_refused_naming_the_field() {
             .contains("the limit is 1024"),
         "{body}"
     );
+    // The two alerts over the size limits are not lost: each is recorded (and would be paged,
+    // had an Alertmanager been configured), and nothing remediates them.
+    let runs = app
+        .wait_for_runs("limit=10", Duration::from_secs(5), |r| r.len() == 2)
+        .await;
+    for run in &runs {
+        assert_eq!(run["outcome"], "failed", "{run}");
+        let reason = run["reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("reactor refused this alert (alerts[0]: "),
+            "{reason}"
+        );
+        assert!(run["steps"].as_array().unwrap().is_empty());
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_grouped_payload_with_one_oversized_alert_runs_the_others_and_pages_that_one() {
+    let pages = Capture::start().await;
+    let app = TestApp::spawn(|s| {
+        s.alertmanager.url = Some(pages.url());
+        s.limits.max_label_bytes = 1024;
+    })
+    .await;
+    let mut body = payload(&[
+        ("ReactorSelfTestOk", "ok01"),
+        ("ReactorSelfTestOk", "big2"),
+        ("ReactorSelfTestOk", "ok03"),
+    ]);
+    body["alerts"][1]["labels"]["team"] = json!("db");
+    body["alerts"][1]["labels"]["description"] = json!("x".repeat(5000));
+    let r = app.post_webhook(&body).await;
+    assert_eq!(r.status(), 400);
+    let answer: serde_json::Value = r.json().await.unwrap();
+    let error = answer["error"].as_str().unwrap();
     assert!(
-        app.runs("limit=10").await.is_empty(),
-        "nothing was accepted"
+        error.starts_with("alerts[1]: label \"description\" of 5000 bytes")
+            && error.contains("the limit is 1024")
+            && error.ends_with(
+                "1 alert(s) refused and recorded (paged when firing), the other 2 accepted"
+            ),
+        "{error}"
+    );
+    assert_eq!(answer["accepted"], 2);
+
+    let runs = app
+        .wait_for_runs(
+            "alertname=ReactorSelfTestOk",
+            Duration::from_secs(10),
+            |r| r.len() == 3 && r.iter().all(|r| r["outcome"] != "running"),
+        )
+        .await;
+    let outcome = |fp: &str| {
+        let run = runs
+            .iter()
+            .find(|r| r["alert"]["fingerprint"] == fp)
+            .unwrap();
+        run["outcome"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        [outcome("ok01"), outcome("big2"), outcome("ok03")],
+        ["succeeded", "failed", "succeeded"]
+    );
+    let paged = wait_for(Duration::from_secs(10), || async {
+        Some(pages.posted_alerts("RemediationFailed")).filter(|p| !p.is_empty())
+    })
+    .await
+    .expect("the refused alert is paged");
+    assert_eq!(paged.len(), 1, "{paged:#?}");
+    let labels = &paged[0]["labels"];
+    assert_eq!(labels["original_alertname"], "ReactorSelfTestOk");
+    assert_eq!(labels["team"], "db", "routing labels survive the cut");
+    assert_eq!(
+        labels["description"].as_str().unwrap().len(),
+        1024,
+        "the long label is cut to the limit"
+    );
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"reactor_webhook_rejections_total{reason="label_too_long"} 1"#),
+        "{metrics}"
     );
     app.stop().await;
 }

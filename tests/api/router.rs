@@ -42,6 +42,7 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
             Arc::clone(&metrics),
         )),
         metrics,
+        dry_run: false,
     };
     Fixture {
         app: router(state),
@@ -203,7 +204,15 @@ async fn oversized_label_sets_are_400_with_the_limit() {
     let f = fixture(limits, None, 16);
     let (status, body, _) = send(&f.app, webhook(FIRING, Some("application/json"), None)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(body["error"], "alerts[0]: 3 labels; the limit is 2");
+    assert_eq!(
+        body["error"],
+        "alerts[0]: 3 labels; the limit is 2; 1 alert(s) refused and recorded (paged when firing), the other 0 accepted"
+    );
+    assert_eq!(
+        body["refused"][0]["error"],
+        "alerts[0]: 3 labels; the limit is 2"
+    );
+    assert!(body["refused"][0]["intake"].is_u64(), "recorded: {body}");
 }
 
 #[tokio::test]
