@@ -44,6 +44,27 @@ enum Command {
     Runs(RunsArgs),
     /// Ask the running service to reload its playbooks and scripts (as SIGHUP does).
     Reload(ServiceArgs),
+    /// Ask the running service to run one playbook for an alert, through the guards and the
+    /// history like any run.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The playbook to run, whatever its matchers say.
+    playbook: String,
+    /// A file with an alert: a webhook payload (each of its alerts runs), or one alert object
+    /// ("-" reads standard input).
+    #[arg(long)]
+    alert: PathBuf,
+    /// Run every step as a dry run.
+    #[arg(long)]
+    dry_run: bool,
+    /// Who asks, for the record (default: $USER).
+    #[arg(long)]
+    by: Option<String>,
+    #[command(flatten)]
+    service: ServiceArgs,
 }
 
 /// How to reach the running service.
@@ -86,6 +107,9 @@ struct CheckArgs {
     /// Rhai script directory (default: `scripts` beside DIR if it exists, else the configured one).
     #[arg(long)]
     scripts: Option<PathBuf>,
+    /// Exit 1 on warnings too (a step that can only fail under the configuration).
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(Debug, Args)]
@@ -137,6 +161,17 @@ enum RunsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a recorded run's alert again with its playbook, through the guards.
+    Rerun {
+        /// The run's id, e.g. 42-0.
+        id: String,
+        /// Run every step as a dry run.
+        #[arg(long)]
+        dry_run: bool,
+        /// Who asks, for the record (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
 }
 
 /// Parses the command line and runs it.
@@ -184,7 +219,78 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Test(a) => test(settings, a),
         Command::Runs(a) => runs(settings, a).await,
         Command::Reload(a) => reload(settings, a).await,
+        Command::Run(a) => run_by_hand(settings, a).await,
     }
+}
+
+/// Who asks, when the command line does not say.
+fn asker(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok())
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "cli".into())
+}
+
+/// Posts `body` to the service's `path`; prints the run started, or fails with the answer.
+async fn post_run(
+    base: &str,
+    token: Option<&str>,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<String, String> {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}{path}", base.trim_end_matches('/')))
+        .json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach reactor at {base}: {e}"))?;
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(unauthorized());
+    }
+    if !status.is_success() {
+        return Err(format!(
+            "{status}: {}",
+            v["error"].as_str().unwrap_or_default()
+        ));
+    }
+    Ok(v["run"].as_str().unwrap_or_default().to_owned())
+}
+
+async fn run_by_hand(settings: Settings, a: RunArgs) -> ExitCode {
+    let (base, token) = service(&settings, &a.service);
+    let text = if a.alert.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+    } else {
+        std::fs::read_to_string(&a.alert)
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => return fail(format!("{}: {e}", a.alert.display())),
+    };
+    let value: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => return fail(format!("{}: not JSON: {e}", a.alert.display())),
+    };
+    let alerts = match value.get("alerts").and_then(|a| a.as_array()) {
+        Some(list) => list.clone(),
+        None => vec![value],
+    };
+    app::install_crypto_provider();
+    let by = asker(a.by);
+    for alert in alerts {
+        let body = serde_json::json!({"playbook": a.playbook, "alert": alert, "by": by, "dryRun": a.dry_run});
+        match post_run(&base, token.as_deref(), "/api/v1/runs", body).await {
+            Ok(id) => println!("started run {id}"),
+            Err(e) => return fail(e),
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// The service's base URL and token: the flags', or the configured ones.
@@ -278,7 +384,23 @@ fn check(settings: Settings, a: CheckArgs) -> ExitCode {
                 dir.display(),
                 scripts.display()
             );
-            ExitCode::SUCCESS
+            let warnings =
+                playbook::lint::warnings(p.iter().map(|p| &**p), &capabilities(&settings));
+            for w in &warnings {
+                eprintln!("{w}");
+            }
+            if warnings.is_empty() {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!(
+                "{} warning(s): these steps can only fail under the configuration in force",
+                warnings.len()
+            );
+            if a.strict {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(errors) => {
             for e in &errors.0 {
@@ -287,6 +409,21 @@ fn check(settings: Settings, a: CheckArgs) -> ExitCode {
             eprintln!("{} problem(s) found", errors.0.len());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What the configuration lets steps reach, for `check`'s warnings.
+fn capabilities(settings: &Settings) -> playbook::lint::Capabilities {
+    playbook::lint::Capabilities {
+        cluster: !settings.kubernetes.kubeconfig.is_empty() || settings.kubernetes.in_cluster,
+        cleanup_roots: !settings.disk_cleanup.allowed_roots.is_empty(),
+        exec_allow: settings.exec.allow.clone(),
+        http_allow: settings
+            .http
+            .allow
+            .iter()
+            .filter_map(|p| crate::config::url_prefix(p).ok())
+            .collect(),
     }
 }
 
@@ -366,9 +503,20 @@ fn test(settings: Settings, a: TestArgs) -> ExitCode {
 async fn runs(settings: Settings, a: RunsArgs) -> ExitCode {
     let (base, token) = service(&settings, &a.service);
     app::install_crypto_provider();
+    if let Some(RunsCommand::Rerun { id, dry_run, by }) = &a.show {
+        let body = serde_json::json!({"by": asker(by.clone()), "dryRun": dry_run});
+        let path = format!("/api/v1/runs/{id}/rerun");
+        return match post_run(&base, token.as_deref(), &path, body).await {
+            Ok(run) => {
+                println!("started run {run}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        };
+    }
     let path = match &a.show {
         Some(RunsCommand::Show { id, .. }) => format!("/api/v1/runs/{id}"),
-        None => {
+        _ => {
             let mut q = vec![format!("limit={}", a.limit)];
             if let Some(o) = a.outcome {
                 q.push(format!("outcome={o}"));
@@ -399,8 +547,10 @@ async fn runs(settings: Settings, a: RunsArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let text = match (&a.show, value) {
-        (Some(_), v) => serde_json::from_value::<Run>(v).map(|r| show_run(&r)),
-        (None, v) => serde_json::from_value::<Vec<Run>>(v).map(|r| runs_table(&r)),
+        (Some(RunsCommand::Show { .. }), v) => {
+            serde_json::from_value::<Run>(v).map(|r| show_run(&r))
+        }
+        (_, v) => serde_json::from_value::<Vec<Run>>(v).map(|r| runs_table(&r)),
     };
     match text {
         Ok(t) => {
@@ -454,7 +604,7 @@ fn from_database(settings: &Settings, a: &RunsArgs) -> Result<serde_json::Value,
                 .ok_or(format!("no run {id}"))?;
             serde_json::to_value(run)
         }
-        None => serde_json::to_value(
+        _ => serde_json::to_value(
             store
                 .list_runs(&RunFilter {
                     playbook: a.playbook.clone(),
@@ -516,6 +666,14 @@ fn show_run(r: &Run) -> String {
         let _ = writeln!(out, "reason     {reason}");
     }
     let _ = writeln!(out, "playbook   {}", r.playbook.as_deref().unwrap_or("-"));
+    if let Some(m) = &r.manual {
+        let dry = if m.dry_run { ", dry run" } else { "" };
+        let again = m
+            .rerun_of
+            .map(|id| format!(", re-running {id}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "asked by   {}{dry}{again}", m.by);
+    }
     let _ = writeln!(
         out,
         "alert      {} ({}) fingerprint {} startsAt {}",

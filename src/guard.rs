@@ -263,6 +263,19 @@ impl Guards {
         )
     }
 
+    /// A run asked for by hand: no repeat-delivery check (it runs an alert again on purpose), but
+    /// the target's cooldown and attempts window as for any run.
+    pub fn admit_manual(
+        &self,
+        alert: &Alert,
+        playbook: &str,
+        now: Timestamp,
+        p: &GuardPolicy,
+    ) -> Result<TargetDecision, StoreError> {
+        let key = target_key(playbook, alert, p.target_labels.as_deref());
+        self.admit_target(&key, now, p)
+    }
+
     /// Claims in the shared tree; `Some(owner)` when another run owns the delivery.
     fn claim_shared(
         &self,

@@ -56,10 +56,18 @@ impl Engine {
             return Ok(false);
         }
         let policy = &playbook.guards;
-        let decision = match self
-            .guards
-            .admit(alert, &playbook.name, run.id, now, policy)?
-        {
+        let admission = match run.manual {
+            Some(_) => {
+                Admission::Target(
+                    self.guards
+                        .admit_manual(alert, &playbook.name, now, policy)?,
+                )
+            }
+            None => self
+                .guards
+                .admit(alert, &playbook.name, run.id, now, policy)?,
+        };
+        let decision = match admission {
             Admission::RepeatOf(owner) => {
                 run.settle(
                     Outcome::Deduplicated,

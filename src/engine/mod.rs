@@ -157,10 +157,12 @@ impl Engine {
     }
 
     async fn process_inner(self: &Arc<Self>, intake: Intake) -> Result<(), StoreError> {
-        // A refused alert is a copy cut to the limits: no playbook may act on it.
-        let matched = match intake.refused {
-            None => self.playbooks.current().matching(&intake.alert),
-            Some(_) => Vec::new(),
+        // A refused alert is a copy cut to the limits: no playbook may act on it. A run asked
+        // for by hand runs the playbook asked for, whatever its matchers say.
+        let matched = match (&intake.refused, &intake.manual) {
+            (Some(_), _) => Vec::new(),
+            (None, Some(m)) => self.playbooks.get(&m.playbook).into_iter().collect(),
+            (None, None) => self.playbooks.current().matching(&intake.alert),
         };
         let now = self.clock.now();
         let Intake {
@@ -169,11 +171,19 @@ impl Engine {
             alert,
             held,
             refused,
+            manual,
         } = intake;
         let status = alert.status;
         let resolved = (status == AlertStatus::Resolved).then(|| alert.fingerprint.clone());
-        let new_run =
-            |index, alert, playbook| new_run(seq, index, received_at, held, alert, playbook);
+        let new_run = |index, alert, playbook| {
+            let mut run = new_run(seq, index, received_at, held, alert, playbook);
+            if let Some(m) = &manual {
+                let dry = if m.dry_run { " (dry run)" } else { "" };
+                run.note(received_at, format!("asked for by {}{dry}", m.by));
+                run.manual = Some(m.clone());
+            }
+            run
+        };
         // Runs settled here (skipped, deduplicated, ...) and runs admitted to execute.
         let mut records = Vec::new();
         let mut runnable = Vec::new();
@@ -191,6 +201,11 @@ impl Engine {
             } else {
                 run.settle(Outcome::Skipped, &reason, now);
             }
+            records.push(run);
+        } else if let (Some(m), true) = (&manual, matched.is_empty()) {
+            let mut run = new_run(0, alert, None);
+            let reason = format!("playbook {:?} is not loaded", m.playbook);
+            run.settle(Outcome::Skipped, &reason, now);
             records.push(run);
         } else if matched.is_empty() {
             let mut run = new_run(0, alert, None);

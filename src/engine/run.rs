@@ -124,7 +124,10 @@ impl Engine {
                     alert: &run.alert,
                     params: params.clone(),
                     timeout: step.timeout,
-                    dry_run: step.dry_run,
+                    dry_run: match &run.manual {
+                        Some(m) if m.dry_run => Some(true),
+                        _ => step.dry_run,
+                    },
                     cancel: Some(cancel.clone()),
                     args: args.clone(),
                 }) {

@@ -411,6 +411,7 @@ mod tests {
         let action = StepAction::Rhai {
             ast: Arc::new(ex.engine().compile(src).unwrap()),
             source: "test".into(),
+            code: src.into(),
         };
         let Value::Object(params) = params else {
             panic!()
@@ -607,6 +608,7 @@ mod tests {
         let rhai = |src: &str| StepAction::Rhai {
             ast: Arc::new(ex.engine().compile(src).unwrap()),
             source: "test".into(),
+            code: src.into(),
         };
         let alert = alert();
 

@@ -209,6 +209,30 @@ impl Store {
                 alert,
                 held,
                 refused: None,
+                manual: None,
+            })
+            .collect();
+        self.commit_intakes(intakes).await
+    }
+
+    /// Records alerts for a run asked for by hand.
+    pub async fn accept_manual(
+        &self,
+        alerts: Vec<Alert>,
+        received_at: Timestamp,
+        manual: Manual,
+    ) -> Result<Vec<Intake>, StoreError> {
+        let first = self.reserve(alerts.len())?;
+        let intakes = alerts
+            .into_iter()
+            .enumerate()
+            .map(|(i, alert)| Intake {
+                seq: first + i as u64,
+                received_at,
+                alert,
+                held: false,
+                refused: None,
+                manual: Some(manual.clone()),
             })
             .collect();
         self.commit_intakes(intakes).await
@@ -230,6 +254,7 @@ impl Store {
                 alert,
                 held: false,
                 refused: Some(why),
+                manual: None,
             })
             .collect();
         self.commit_intakes(intakes).await
@@ -782,6 +807,7 @@ mod tests {
                 alert: alert(),
                 held: false,
                 refused: None,
+                manual: None,
             };
             db.open_tree("intake")
                 .unwrap()

@@ -100,6 +100,25 @@ pub struct Intake {
     /// the limits. A refused alert is recorded and paged, and never remediated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Asked for by hand (`reactor run`, `reactor runs rerun`, `POST /api/v1/runs`): only this
+    /// playbook runs, through the guards but for the repeat-delivery check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual: Option<Manual>,
+}
+
+/// A run someone asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manual {
+    /// Who asked, as they said.
+    pub by: String,
+    pub playbook: String,
+    /// Every step runs as a dry run.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The run this one runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<RunId>,
 }
 
 /// How a run ended, or that it has not yet.
@@ -258,6 +277,9 @@ pub struct Run {
     pub silence: Option<SilenceRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timeline: Vec<Event>,
+    /// Set on a run asked for by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual: Option<Manual>,
 }
 
 impl Run {
@@ -284,6 +306,7 @@ impl Run {
             verified_at: None,
             silence: None,
             timeline: Vec::new(),
+            manual: None,
         }
     }
 

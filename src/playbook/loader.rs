@@ -242,11 +242,14 @@ fn list_files(dir: &Path, exts: &[&str]) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Compiles every script in the scripts directory; a missing directory simply has no scripts.
+/// A compiled script and its source.
+type Script = (Arc<rhai::AST>, Arc<str>);
+
 fn compile_scripts(
     dir: &Path,
     engine: &rhai::Engine,
     errors: &mut Vec<LoadError>,
-) -> HashMap<String, Arc<rhai::AST>> {
+) -> HashMap<String, Script> {
     let mut out = HashMap::new();
     let Ok(files) = list_files(dir, &["rhai"]) else {
         return out;
@@ -259,10 +262,13 @@ fn compile_scripts(
             .into_owned();
         let compiled = std::fs::read_to_string(&file)
             .map_err(|e| (None, format!("cannot read: {e}")))
-            .and_then(|src| engine.compile(&src).map_err(|e| rhai_error(&e, 0)));
+            .and_then(|src| {
+                let ast = engine.compile(&src).map_err(|e| rhai_error(&e, 0))?;
+                Ok((Arc::new(ast), Arc::from(src)))
+            });
         match compiled {
-            Ok(ast) => {
-                out.insert(name, Arc::new(ast));
+            Ok(script) => {
+                out.insert(name, script);
             }
             Err((line, message)) => errors.push(LoadError {
                 file,
@@ -283,7 +289,7 @@ struct FileCtx<'a> {
     file: &'a Path,
     text: &'a str,
     scripts_dir: &'a Path,
-    scripts: &'a HashMap<String, Arc<rhai::AST>>,
+    scripts: &'a HashMap<String, Script>,
     engine: &'a rhai::Engine,
 }
 
@@ -763,9 +769,10 @@ impl FileCtx<'_> {
             ));
         }
         match self.scripts.get(name) {
-            Some(ast) => Ok(StepAction::Rhai {
+            Some((ast, code)) => Ok(StepAction::Rhai {
                 ast: Arc::clone(ast),
                 source: self.scripts_dir.join(name).display().to_string(),
+                code: Arc::clone(code),
             }),
             None if self.scripts_dir.join(name).is_file() => {
                 // Exists but failed to compile: that error is reported against the script itself.
@@ -800,6 +807,7 @@ impl FileCtx<'_> {
             Ok(ast) => Ok(StepAction::Rhai {
                 ast: Arc::new(ast),
                 source: format!("inline at {}:{}", self.file.display(), line),
+                code: Arc::from(inline.value.as_str()),
             }),
             Err(e) => {
                 let (line, message) = rhai_error(&e, offset);

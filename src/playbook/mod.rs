@@ -4,6 +4,7 @@
 //! it, [`matcher`] and [`template`] are its building blocks.
 
 pub mod kubernetes;
+pub mod lint;
 pub mod loader;
 pub mod matcher;
 pub mod template;
@@ -153,7 +154,12 @@ pub struct Step {
 #[derive(Debug, Clone)]
 pub enum StepAction {
     /// A Rhai script, compiled once at load. `source` names the file or the inline location.
-    Rhai { ast: Arc<rhai::AST>, source: String },
+    Rhai {
+        ast: Arc<rhai::AST>,
+        source: String,
+        /// The script's text, for `reactor check`'s warnings.
+        code: Arc<str>,
+    },
     /// A Kubernetes action (`restart_pod`, `rollout_restart`, `scale_up`, `disk_cleanup`) whose
     /// arguments are the step's templated `params`.
     Kubernetes { action: String },

@@ -73,8 +73,9 @@ async fn reload(State(state): State<AppState>) -> Response {
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/webhook/alertmanager", post(webhook::receive))
-        .route("/api/v1/runs", get(runs::list))
+        .route("/api/v1/runs", get(runs::list).post(runs::start))
         .route("/api/v1/runs/{id}", get(runs::show))
+        .route("/api/v1/runs/{id}/rerun", post(runs::rerun))
         .route("/metrics", get(metrics))
         .route("/-/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));

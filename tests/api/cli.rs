@@ -11,6 +11,18 @@ fn check_accepts_the_shipped_playbooks() {
     let (code, out, err) = run_binary(&["check", "playbooks/"], repo());
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("ok: 10 playbook(s)"), "{out}");
+    // On the embedded defaults, the playbooks that need a program, a URL or a root allowed say
+    // so, as warnings; --strict makes them fail the check.
+    assert!(
+        err.contains("playbooks/systemd.yaml:5: warning: playbook \"systemd-unit-restart\", step \"restart-unit\": exec(\"/usr/bin/systemctl\") is not in exec.allow"),
+        "{err}"
+    );
+    assert!(
+        err.contains("step \"flush-cache\": calls http::, and http.allow is empty"),
+        "{err}"
+    );
+    let (code, _, _) = run_binary(&["check", "--strict", "playbooks/"], repo());
+    assert_eq!(code, 1);
 }
 
 #[test]
@@ -239,6 +251,78 @@ async fn the_cli_reaches_a_protected_service_with_a_token_and_says_how_when_it_h
         .await
         .unwrap();
     assert_eq!(ready["mode"], "live", "{ready}");
+
+    // A run by hand, then the same again in dry run.
+    std::fs::write(
+        dir.path().join("alert.json"),
+        r#"{"labels": {"alertname": "Second", "instance": "web-1"}}"#,
+    )
+    .unwrap();
+    let (code, out, err) = run_binary(
+        &[
+            "run",
+            "second",
+            "--alert",
+            "alert.json",
+            "--by",
+            "carol",
+            "--url",
+            &url,
+            "--token",
+            "cli-token",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().strip_prefix("started run ").unwrap().to_owned();
+    let shown = wait_for(Duration::from_secs(10), || async {
+        let (_, out, _) = run_binary(
+            &["runs", "--url", &url, "--token", "cli-token", "show", &id],
+            dir.path(),
+        );
+        out.contains("outcome    succeeded").then_some(out)
+    })
+    .await
+    .expect("the run by hand succeeds");
+    assert!(shown.contains("asked by   carol"), "{shown}");
+    let (code, out, err) = run_binary(
+        &[
+            "runs",
+            "--url",
+            &url,
+            "--token",
+            "cli-token",
+            "rerun",
+            &id,
+            "--dry-run",
+            "--by",
+            "dave",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let again = out.trim().strip_prefix("started run ").unwrap().to_owned();
+    let shown = wait_for(Duration::from_secs(10), || async {
+        let (_, out, _) = run_binary(
+            &[
+                "runs",
+                "--url",
+                &url,
+                "--token",
+                "cli-token",
+                "show",
+                &again,
+            ],
+            dir.path(),
+        );
+        out.contains("outcome    succeeded").then_some(out)
+    })
+    .await
+    .expect("the re-run succeeds");
+    assert!(
+        shown.contains(&format!("asked by   dave, dry run, re-running {id}")),
+        "{shown}"
+    );
 
     // A second service on the same data directory says so, instead of sled's lock error.
     let (code, _, err) = run_binary(

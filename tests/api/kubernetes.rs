@@ -421,6 +421,7 @@ async fn scripts_inspect_then_act_through_k8s_functions() {
         let action = reactor::playbook::StepAction::Rhai {
             ast: std::sync::Arc::new(ex.engine().compile(src).unwrap()),
             source: "test".into(),
+            code: src.into(),
         };
         let (ex, alert) = (ex.clone(), alert.clone());
         async move {

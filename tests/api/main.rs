@@ -16,6 +16,7 @@ mod guards;
 mod hardening;
 mod helpers;
 mod kubernetes;
+mod manual;
 mod pages;
 mod reload;
 mod router;
