@@ -125,6 +125,54 @@ fn test_prints_what_would_run_and_runs_nothing() {
     assert!(err.contains("malformed JSON"), "{err}");
 }
 
+#[test]
+fn test_reads_an_api_list_says_which_matcher_failed_and_dry_runs_with_run() {
+    let dir = PlaybookDir::new(&[]);
+    // Alertmanager's API list (`GET /api/v2/alerts`): status objects, receivers.
+    let api = serde_json::json!([
+        {
+            "labels": {"alertname": "NodeFilesystemAlmostOutOfSpace", "severity": "warning", "fstype": "tmpfs", "instance": "n1"},
+            "annotations": {}, "startsAt": "2026-11-20T23:35:13Z", "endsAt": "2026-11-20T23:45:13Z",
+            "fingerprint": "aa01", "updatedAt": "2026-11-20T23:35:13Z", "receivers": [{"name": "reactor"}],
+            "status": {"state": "active", "silencedBy": [], "inhibitedBy": []}
+        },
+        {
+            "labels": {"alertname": "ReactorSelfTestOk", "instance": "n1"},
+            "annotations": {}, "startsAt": "2026-11-20T23:35:13Z", "endsAt": "2026-11-20T23:45:13Z",
+            "fingerprint": "aa02", "status": {"state": "active", "silencedBy": [], "inhibitedBy": []}
+        },
+        {
+            "labels": {"alertname": "ReactorSelfTestFail", "instance": "n1"},
+            "annotations": {}, "startsAt": "2026-11-20T23:35:13Z", "endsAt": "2026-11-20T23:45:13Z",
+            "fingerprint": "aa03", "status": {"state": "active", "silencedBy": [], "inhibitedBy": []}
+        }
+    ]);
+    let file = dir.root.path().join("api.json");
+    std::fs::write(&file, api.to_string()).unwrap();
+    let (code, out, err) = run_binary(&["test", "--run", file.to_str().unwrap()], repo());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("node-filesystem-cleanup (playbooks/node-filesystem.yaml:5): does not match: fstype!~\"tmpfs|ramfs|squashfs\" fails (fstype is \"tmpfs\")"),
+        "{out}"
+    );
+    assert!(
+        out.contains("reactor-selftest-ok (playbooks/selftest.yaml:4): would run"),
+        "{out}"
+    );
+    assert!(
+        out.contains("       log: self-test for ReactorSelfTestOk aa02"),
+        "{out}"
+    );
+    assert!(
+        out.contains("       dry run: ok, output {\"instance\":\"n1\",\"ok\":true}"),
+        "{out}"
+    );
+    assert!(
+        out.contains("       dry run: failed (script_threw): script threw: ReactorSelfTestFail always fails (line 2)"),
+        "{out}"
+    );
+}
+
 /// `reactor serve` with no config file in a directory laid out like the repository.
 #[tokio::test]
 async fn serve_runs_on_embedded_defaults_and_runs_reads_history_live_and_stopped() {

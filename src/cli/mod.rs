@@ -1,0 +1,248 @@
+//! The `reactor` command line: `serve`, `check`, `test`, `runs` and `reload`. Each subcommand parses its
+//! flags here and calls into the library; output formatting for humans lives here too.
+
+mod authoring;
+mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{self, Application};
+use crate::config::{Overrides, Settings};
+use crate::history::Outcome;
+use crate::telemetry::{self, LogFormat};
+use authoring::{check, test};
+use service::{reload, run_by_hand, runs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reactor",
+    version,
+    about = "Self-healing remediation engine for Prometheus Alertmanager"
+)]
+pub struct Cli {
+    /// YAML configuration file; REACTOR_* environment variables and flags override it.
+    #[arg(long, global = true, env = "REACTOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the webhook receiver and remediation engine.
+    Serve(ServeArgs),
+    /// Parse every playbook and compile every Rhai script; exit 1 with file:line errors if any.
+    Check(CheckArgs),
+    /// Show which playbooks would run for each alert of a webhook payload or an Alertmanager API
+    /// list of alerts (running nothing, unless --run: a dry run).
+    Test(TestArgs),
+    /// List runs from the history (via the API, or from the database when the service is stopped).
+    Runs(RunsArgs),
+    /// Ask the running service to reload its playbooks and scripts (as SIGHUP does).
+    Reload(ServiceArgs),
+    /// Ask the running service to run one playbook for an alert, through the guards and the
+    /// history like any run.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The playbook to run, whatever its matchers say.
+    playbook: String,
+    /// A file with an alert: a webhook payload (each of its alerts runs), or one alert object
+    /// ("-" reads standard input).
+    #[arg(long)]
+    alert: PathBuf,
+    /// Run every step as a dry run.
+    #[arg(long)]
+    dry_run: bool,
+    /// Who asks, for the record (default: $USER).
+    #[arg(long)]
+    by: Option<String>,
+    #[command(flatten)]
+    service: ServiceArgs,
+}
+
+/// How to reach the running service.
+#[derive(Debug, Args)]
+struct ServiceArgs {
+    /// reactor's base URL (default: http:// plus the configured listen address).
+    #[arg(long)]
+    url: Option<String>,
+    /// The API's bearer token (default: the configured auth.bearer_token).
+    #[arg(long, env = "REACTOR_AUTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on: IP:PORT or localhost:PORT (default 127.0.0.1:9097).
+    #[arg(long, value_parser = crate::config::parse_listen)]
+    listen: Option<SocketAddr>,
+    /// Database directory (default ./data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Playbook directory (default ./playbooks).
+    #[arg(long)]
+    playbooks: Option<PathBuf>,
+    /// Rhai script directory (default ./scripts).
+    #[arg(long)]
+    scripts: Option<PathBuf>,
+    /// Alertmanager base URL that escalations are posted to.
+    #[arg(long)]
+    alertmanager_url: Option<String>,
+    /// Allow a non-loopback listen address without authentication.
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// Playbook directory (default: the configured one, ./playbooks).
+    dir: Option<PathBuf>,
+    /// Rhai script directory (default: `scripts` beside DIR if it exists, else the configured one).
+    #[arg(long)]
+    scripts: Option<PathBuf>,
+    /// Exit 1 on warnings too (a step that can only fail under the configuration).
+    #[arg(long)]
+    strict: bool,
+}
+
+#[derive(Debug, Args)]
+struct TestArgs {
+    /// A webhook payload as Alertmanager sends it, or its API's list of alerts ("-" reads
+    /// standard input).
+    alert: PathBuf,
+    /// Playbook directory or file (default: the configured one, ./playbooks).
+    #[arg(long)]
+    playbooks: Option<PathBuf>,
+    /// Rhai script directory (default: `scripts` beside the playbooks if it exists, else the
+    /// configured one).
+    #[arg(long)]
+    scripts: Option<PathBuf>,
+    /// Also run each step of the playbooks that would run, once, as a dry run (with no
+    /// Kubernetes cluster), and print its output.
+    #[arg(long)]
+    run: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunsArgs {
+    #[command(subcommand)]
+    show: Option<RunsCommand>,
+    /// Only runs with this outcome (succeeded, failed, skipped, deduplicated, verifying, ...).
+    #[arg(long)]
+    outcome: Option<Outcome>,
+    /// Only runs of this playbook.
+    #[arg(long)]
+    playbook: Option<String>,
+    /// Only runs of alerts with this alertname.
+    #[arg(long)]
+    alertname: Option<String>,
+    /// At most this many runs, newest first.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Database directory used when the service is not running (default: the configured one).
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum RunsCommand {
+    /// Show one run with every step attempt, its output and logs.
+    Show {
+        /// The run's id, e.g. 42-0.
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a recorded run's alert again with its playbook, through the guards.
+    Rerun {
+        /// The run's id, e.g. 42-0.
+        id: String,
+        /// Run every step as a dry run.
+        #[arg(long)]
+        dry_run: bool,
+        /// Who asks, for the record (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(run(cli))
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let overrides = match &cli.command {
+        Command::Serve(a) => Overrides {
+            listen: a.listen,
+            data_dir: a.data.clone(),
+            playbooks_dir: a.playbooks.clone(),
+            scripts_dir: a.scripts.clone(),
+            alertmanager_url: a.alertmanager_url.clone(),
+            insecure: a.insecure,
+        },
+        Command::Runs(a) => Overrides {
+            data_dir: a.data.clone(),
+            ..Overrides::default()
+        },
+        _ => Overrides::default(),
+    };
+    let settings = match Settings::load(cli.config.as_deref(), &overrides) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    match cli.command {
+        Command::Serve(_) => serve(settings).await,
+        Command::Check(a) => check(settings, a),
+        Command::Test(a) => test(settings, a).await,
+        Command::Runs(a) => runs(settings, a).await,
+        Command::Reload(a) => reload(settings, a).await,
+        Command::Run(a) => run_by_hand(settings, a).await,
+    }
+}
+
+async fn serve(settings: Settings) -> ExitCode {
+    let app = match Application::build(settings).await {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let token = app.shutdown_token();
+    tokio::spawn(async move {
+        app::shutdown_signal().await;
+        token.cancel();
+    });
+    match app.run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
