@@ -113,11 +113,12 @@ pub enum StepError {
     /// Another helper failed (e.g. `disk_cleanup`), with the class of its failure.
     #[error("{message}")]
     Helper { message: String, class: Class },
-    /// The script threw, itself or by not catching a helper's failure (`cause`).
-    #[error("script threw: {message}{}", at(*line))]
+    /// The script threw, itself or by not catching a helper's failure (`cause`); `at` is the
+    /// file and line (empty when unknown).
+    #[error("script threw: {message}{}", at_place(at))]
     Threw {
         message: String,
-        line: Option<usize>,
+        at: String,
         cause: Option<Box<StepError>>,
     },
     /// The script was stopped by a sandbox limit.
@@ -201,8 +202,12 @@ impl KubeError {
     }
 }
 
-fn at(line: Option<usize>) -> String {
-    line.map(|l| format!(" (line {l})")).unwrap_or_default()
+fn at_place(at: &str) -> String {
+    if at.is_empty() {
+        String::new()
+    } else {
+        format!(" ({at})")
+    }
 }
 
 #[cfg(test)]
@@ -268,17 +273,20 @@ mod tests {
     fn a_script_that_lets_a_helper_failure_through_fails_with_the_helpers_class() {
         let own = StepError::Threw {
             message: "disk still full".into(),
-            line: Some(3),
+            at: "playbooks/disk.yaml:14".into(),
             cause: None,
         };
-        assert_eq!(own.to_string(), "script threw: disk still full (line 3)");
+        assert_eq!(
+            own.to_string(),
+            "script threw: disk still full (playbooks/disk.yaml:14)"
+        );
         assert_eq!(
             (own.metric_label(), own.is_retryable()),
             ("script_threw", true)
         );
         let through = StepError::Threw {
             message: api(403).to_string(),
-            line: Some(1),
+            at: String::new(),
             cause: Some(Box::new(api(403))),
         };
         assert_eq!(

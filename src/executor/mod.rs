@@ -109,7 +109,9 @@ impl Executor {
     /// a helper that blocks or acts is done on return, having had no effect but its result.
     pub fn start<'a>(&'a self, attempt: Attempt<'a>) -> Started<'a> {
         match attempt.action {
-            StepAction::Rhai { ast, .. } => self.start_rhai(Arc::clone(ast), attempt),
+            StepAction::Rhai { ast, at, .. } => {
+                self.start_rhai(Arc::clone(ast), Arc::clone(at), attempt)
+            }
             StepAction::Kubernetes { action } => {
                 Started::Pending(Box::pin(self.run_kubernetes(action, attempt)))
             }
@@ -218,7 +220,12 @@ impl Executor {
         }
     }
 
-    fn start_rhai<'a>(&self, ast: Arc<rhai::AST>, a: Attempt<'a>) -> Started<'a> {
+    fn start_rhai<'a>(
+        &self,
+        ast: Arc<rhai::AST>,
+        at: Arc<crate::playbook::Origin>,
+        a: Attempt<'a>,
+    ) -> Started<'a> {
         let alert = alert_dynamic(a.alert);
         let params = match rhai::serde::to_dynamic(Value::Object(a.params)) {
             Ok(d) => d,
@@ -255,7 +262,7 @@ impl Executor {
             engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
         });
         if res.as_ref().map_or(true, |r| !sandbox::needs_thread(r)) {
-            return Started::Done(finish(res, st, timeout));
+            return Started::Done(finish(res, st, timeout, &at));
         }
         scope.rewind(inputs);
         let span = tracing::Span::current();
@@ -266,7 +273,7 @@ impl Executor {
                 let (res, st) = sandbox::with_state(state(false), || {
                     engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
                 });
-                finish(res, st, timeout)
+                finish(res, st, timeout, &at)
             });
             match tokio::time::timeout(timeout.saturating_add(BACKSTOP_GRACE), task).await {
                 Ok(Ok(r)) => r,
@@ -287,6 +294,7 @@ fn finish(
     res: Result<Result<Dynamic, Box<rhai::EvalAltResult>>, String>,
     state: sandbox::EvalState,
     timeout: Duration,
+    at: &crate::playbook::Origin,
 ) -> AttemptResult {
     let res = match res {
         Ok(res) => res,
@@ -304,7 +312,7 @@ fn finish(
         ..
     } = state;
     let result = res
-        .map_err(|e| sandbox::describe_error(&e, timeout, max_memory, failure))
+        .map_err(|e| sandbox::describe_error(&e, timeout, max_memory, failure, at))
         .and_then(|d| {
             rhai::serde::from_dynamic::<Value>(&d).map_err(|e| {
                 StepError::Script(format!("script returned a value that is not data: {e}"))
@@ -412,6 +420,10 @@ mod tests {
             ast: Arc::new(ex.engine().compile(src).unwrap()),
             source: "test".into(),
             code: src.into(),
+            at: Arc::new(crate::playbook::Origin {
+                file: "test.rhai".into(),
+                line: 0,
+            }),
         };
         let Value::Object(params) = params else {
             panic!()
@@ -455,8 +467,28 @@ mod tests {
         )
         .await;
         let e = r.result.unwrap_err();
-        assert_eq!(e.to_string(), "script threw: disk still full (line 1)");
+        assert_eq!(e.to_string(), "script threw: disk still full (test.rhai:1)");
         assert_eq!(e.metric_label(), "script_threw");
+    }
+
+    #[tokio::test]
+    async fn a_runtime_error_names_the_file_and_line_and_a_missing_label_says_so() {
+        let r = run(
+            &executor(vec![]),
+            "let a = 1;\nlet unit = alert.labels.unit;\nunit.len()",
+            serde_json::json!({}),
+            Duration::from_secs(5),
+        )
+        .await;
+        let e = r.result.unwrap_err().to_string();
+        assert!(
+            e.starts_with("Function not found: len (()) (test.rhai:3)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("a label, annotation or field that is not set reads as ()"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
@@ -609,6 +641,10 @@ mod tests {
             ast: Arc::new(ex.engine().compile(src).unwrap()),
             source: "test".into(),
             code: src.into(),
+            at: Arc::new(crate::playbook::Origin {
+                file: "test.rhai".into(),
+                line: 0,
+            }),
         };
         let alert = alert();
 

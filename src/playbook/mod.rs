@@ -159,6 +159,9 @@ pub enum StepAction {
         source: String,
         /// The script's text, for `reactor check`'s warnings.
         code: Arc<str>,
+        /// Its file, and the line before its first: the script's line N is line `at.line + N`
+        /// of `at.file` (a playbook's, for inline scripts), which errors name.
+        at: Arc<Origin>,
     },
     /// A Kubernetes action (`restart_pod`, `rollout_restart`, `scale_up`, `disk_cleanup`) whose
     /// arguments are the step's templated `params`.

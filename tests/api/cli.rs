@@ -168,7 +168,7 @@ fn test_reads_an_api_list_says_which_matcher_failed_and_dry_runs_with_run() {
         "{out}"
     );
     assert!(
-        out.contains("       dry run: failed (script_threw): script threw: ReactorSelfTestFail always fails (line 2)"),
+        out.contains("       dry run: failed (script_threw): script threw: ReactorSelfTestFail always fails (playbooks/selftest.yaml:24)"),
         "{out}"
     );
 }

@@ -422,6 +422,10 @@ async fn scripts_inspect_then_act_through_k8s_functions() {
             ast: std::sync::Arc::new(ex.engine().compile(src).unwrap()),
             source: "test".into(),
             code: src.into(),
+            at: std::sync::Arc::new(reactor::playbook::Origin {
+                file: "test.rhai".into(),
+                line: 0,
+            }),
         };
         let (ex, alert) = (ex.clone(), alert.clone());
         async move {

@@ -289,14 +289,21 @@ pub fn build_engine_with(limits: &SandboxLimits, helpers: Helpers) -> Engine {
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
-/// Turns an evaluation error into the attempt's error. `failure` is the last helper failure: when
-/// the script let it through uncaught, the error keeps the helper's class.
+/// Turns an evaluation error into the attempt's error, located in its file (`at`: the script's
+/// file and the line before its first). `failure` is the last helper failure: when the script let
+/// it through uncaught, the error keeps the helper's class.
 pub(crate) fn describe_error(
     err: &EvalAltResult,
     timeout: Duration,
     max_memory: usize,
     failure: Option<StepError>,
+    at: &crate::playbook::Origin,
 ) -> StepError {
+    let place = |pos: Position| {
+        pos.line()
+            .map(|l| format!(" ({}:{})", at.file.display(), at.line + l as u64))
+            .unwrap_or_default()
+    };
     match err {
         e if terminated_by(e, DEADLINE_TOKEN) => StepError::Timeout {
             after: timeout,
@@ -307,29 +314,50 @@ pub(crate) fn describe_error(
             "stopped: the script held more than {max_memory} bytes (sandbox.max_memory_bytes)"
         )),
         EvalAltResult::ErrorTooManyOperations(pos) => {
-            StepError::Limit(format!("stopped: operation limit exceeded{}", at(*pos)))
+            StepError::Limit(format!("stopped: operation limit exceeded{}", place(*pos)))
         }
         EvalAltResult::ErrorTooManyVariables(_)
         | EvalAltResult::ErrorTooManyModules(_)
         | EvalAltResult::ErrorStackOverflow(_)
-        | EvalAltResult::ErrorDataTooLarge(..) => StepError::Limit(err.to_string()),
+        | EvalAltResult::ErrorDataTooLarge(..) => StepError::Limit(format!(
+            "{}{}",
+            without_position(err),
+            place(err.position())
+        )),
         EvalAltResult::ErrorRuntime(value, pos) => {
             let message = value.to_string();
             let cause = failure.filter(|f| f.to_string() == message).map(Box::new);
             StepError::Threw {
                 message,
-                line: pos.line(),
+                at: place(*pos).trim().trim_matches(['(', ')']).to_owned(),
                 cause,
             }
         }
-        other => StepError::Script(other.to_string()),
+        other => {
+            // A label the alert does not have reads as (), and the first function given it
+            // fails: say what probably happened.
+            let hint = match other {
+                EvalAltResult::ErrorFunctionNotFound(sig, _) if sig.contains("()") => {
+                    "; a label, annotation or field that is not set reads as (): test it first, e.g. `if \"unit\" in alert.labels`"
+                }
+                _ => "",
+            };
+            StepError::Script(format!(
+                "{}{}{hint}",
+                without_position(other),
+                place(other.position())
+            ))
+        }
     }
 }
 
-fn at(pos: Position) -> String {
-    pos.line()
-        .map(|l| format!(" (line {l})"))
-        .unwrap_or_default()
+/// Rhai's message without the `(line L, position P)` it appends: the caller names the file.
+fn without_position(e: &EvalAltResult) -> String {
+    let text = e.to_string();
+    match text.rfind(" (line ") {
+        Some(i) if !e.position().is_none() => text[..i].to_owned(),
+        _ => text,
+    }
 }
 
 #[cfg(test)]

@@ -279,6 +279,10 @@ impl FileCtx<'_> {
                 ast: Arc::clone(ast),
                 source: self.scripts_dir.join(name).display().to_string(),
                 code: Arc::clone(code),
+                at: Arc::new(Origin {
+                    file: self.scripts_dir.join(name),
+                    line: 0,
+                }),
             }),
             None if self.scripts_dir.join(name).is_file() => {
                 // Exists but failed to compile: that error is reported against the script itself.
@@ -314,6 +318,10 @@ impl FileCtx<'_> {
                 ast: Arc::new(ast),
                 source: format!("inline at {}:{}", self.file.display(), line),
                 code: Arc::from(inline.value.as_str()),
+                at: Arc::new(Origin {
+                    file: self.file.to_owned(),
+                    line: offset,
+                }),
             }),
             Err(e) => {
                 let (line, message) = rhai_error(&e, offset);
