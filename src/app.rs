@@ -331,6 +331,14 @@ impl Application {
             settings.history.clone(),
             shutdown.clone(),
         ));
+        if settings.watch {
+            tracing::info!("reloading the playbooks when their files change (--watch)");
+            background.spawn(crate::reload::watch(
+                Arc::clone(&state.reloader),
+                crate::reload::WATCH_INTERVAL,
+                shutdown.clone(),
+            ));
+        }
         match crate::reload::on_sighup(Arc::clone(&state.reloader), shutdown.clone()) {
             Ok(task) => {
                 background.spawn(task);

@@ -115,3 +115,50 @@ pub fn on_sighup(
         }
     })
 }
+
+/// How often `--watch` looks at the directories.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads when a file in the playbook or script directory changes (`serve --watch`), looking
+/// every `interval`: the names, sizes and modification times of the files, without a file-system
+/// notification API. A change that leaves an invalid set is refused as any reload is.
+pub async fn watch(
+    reloader: Arc<Reloader>,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let dirs = [reloader.playbooks_dir.clone(), reloader.scripts_dir.clone()];
+    let look = move || dirs.iter().map(|d| listing(d)).collect::<Vec<_>>();
+    let mut last = tokio::task::spawn_blocking(look.clone()).await.ok();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let now = tokio::task::spawn_blocking(look.clone()).await.ok();
+        if now != last {
+            last = now;
+            let _ = reloader.reload("a file changed (--watch)").await;
+        }
+    }
+}
+
+/// A directory's files (or the one file), with their sizes and modification times.
+fn listing(path: &std::path::Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let entries: Vec<PathBuf> = if path.is_file() {
+        vec![path.to_owned()]
+    } else {
+        std::fs::read_dir(path)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let mut out: Vec<_> = entries
+        .into_iter()
+        .filter_map(|p| {
+            let m = std::fs::metadata(&p).ok()?;
+            Some((p, m.len(), m.modified().ok()))
+        })
+        .collect();
+    out.sort();
+    out
+}

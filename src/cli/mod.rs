@@ -101,6 +101,9 @@ struct ServeArgs {
     /// Allow a non-loopback listen address without authentication.
     #[arg(long)]
     insecure: bool,
+    /// Reload the playbooks and scripts when a file in their directories changes.
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +213,7 @@ async fn run(cli: Cli) -> ExitCode {
             scripts_dir: a.scripts.clone(),
             alertmanager_url: a.alertmanager_url.clone(),
             insecure: a.insecure,
+            watch: a.watch,
         },
         Command::Runs(a) => Overrides {
             data_dir: a.data.clone(),

@@ -66,6 +66,8 @@ pub struct Settings {
     pub dry_run: bool,
     /// Allow listening on a non-loopback address without authentication.
     pub insecure: bool,
+    /// Reload the playbooks when a file in the playbook or script directory changes.
+    pub watch: bool,
 }
 
 impl Default for Settings {
@@ -89,6 +91,7 @@ impl Default for Settings {
             watchdog: WatchdogSettings::default(),
             dry_run: false,
             insecure: false,
+            watch: false,
         }
     }
 }
@@ -102,6 +105,7 @@ pub struct Overrides {
     pub scripts_dir: Option<PathBuf>,
     pub alertmanager_url: Option<String>,
     pub insecure: bool,
+    pub watch: bool,
 }
 
 /// A setting outside its range: its dotted path and why.
@@ -489,6 +493,7 @@ impl Settings {
             self.alertmanager.url = Some(v.clone());
         }
         self.insecure |= o.insecure;
+        self.watch |= o.watch;
     }
 
     /// The base URL for links to runs.

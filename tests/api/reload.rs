@@ -208,3 +208,43 @@ async fn sighup_reloads_the_running_binary_instead_of_ending_it() {
     assert!(log.contains("playbooks reloaded"), "{log}");
     assert!(reactor.terminate().success());
 }
+
+#[tokio::test]
+async fn with_watch_a_changed_directory_is_reloaded_by_itself() {
+    let dir = PlaybookDir::new(&[("playbooks/first.yaml", FIRST)]);
+    let app = TestApp::spawn(|s| {
+        s.playbooks_dir = dir.playbooks();
+        s.scripts_dir = dir.scripts();
+        s.watch = true;
+    })
+    .await;
+    let loaded = || async {
+        let v: Value = app
+            .client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["playbooks"].as_u64()
+    };
+    assert_eq!(loaded().await, Some(1));
+    std::fs::write(dir.playbooks().join("second.yaml"), SECOND).unwrap();
+    let seen = wait_for(Duration::from_secs(10), || async {
+        (loaded().await == Some(2)).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "the new file was loaded without a signal");
+    // A broken edit is refused; the set in force stays.
+    std::fs::write(dir.playbooks().join("broken.yaml"), BROKEN).unwrap();
+    let refused = wait_for(Duration::from_secs(10), || async {
+        let metrics = app.metrics().await;
+        (metric(&metrics, "reactor_config_last_reload_successful") == Some(0.0)).then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "the broken set was refused");
+    assert_eq!(loaded().await, Some(2));
+    app.stop().await;
+}
