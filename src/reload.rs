@@ -119,26 +119,30 @@ pub fn on_sighup(
 /// How often `--watch` looks at the directories.
 pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Reloads when a file in the playbook or script directory changes (`serve --watch`), looking
-/// every `interval`: the names, sizes and modification times of the files, without a file-system
-/// notification API. A change that leaves an invalid set is refused as any reload is.
-pub async fn watch(
+/// The task that reloads when a file in the playbook or script directory changes (`serve
+/// --watch`), looking every `interval`: the names, sizes and modification times of the files,
+/// without a file-system notification API. The directories are first looked at before this
+/// returns, so a change made once the service answers is never taken for the starting state. A
+/// change that leaves an invalid set is refused as any reload is.
+pub fn watch(
     reloader: Arc<Reloader>,
     interval: std::time::Duration,
     shutdown: CancellationToken,
-) {
+) -> impl std::future::Future<Output = ()> {
     let dirs = [reloader.playbooks_dir.clone(), reloader.scripts_dir.clone()];
     let look = move || dirs.iter().map(|d| listing(d)).collect::<Vec<_>>();
-    let mut last = tokio::task::spawn_blocking(look.clone()).await.ok();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let now = tokio::task::spawn_blocking(look.clone()).await.ok();
-        if now != last {
-            last = now;
-            let _ = reloader.reload("a file changed (--watch)").await;
+    let mut last = Some(look());
+    async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let now = tokio::task::spawn_blocking(look.clone()).await.ok();
+            if now != last {
+                last = now;
+                let _ = reloader.reload("a file changed (--watch)").await;
+            }
         }
     }
 }
