@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs reactor's whole test suite: unit, router, integration and end-to-end tests.
 # The end-to-end tests drive the real Alertmanager and Prometheus from Debian's packages (and
-# their amtool and promtool check the shipped configs); they are installed here when missing, so
-# this works on a fresh machine. Extra arguments go to `cargo test`.
+# their amtool and promtool check the shipped configs), and the email tests Debian's aiosmtpd;
+# they are installed here when missing, so this works on a fresh machine. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 [ -x /usr/bin/prometheus-alertmanager ] && [ -x /usr/bin/amtool ] || missing+=(prometheus-alertmanager)
 [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ] || missing+=(prometheus)
+# The email channel's tests deliver through a real SMTP server on loopback.
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || missing+=(python3-aiosmtpd)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -152,6 +152,7 @@ impl Application {
         }
         let rhai = Arc::new(rhai_engine(&settings, kube.clone()));
         let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
+        playbooks.check_routes(&settings.channel_names())?;
         tracing::info!(count = playbooks.len(), dir = %settings.playbooks_dir.display(), "playbooks loaded");
         if settings.dry_run {
             tracing::warn!(
@@ -191,19 +192,38 @@ impl Application {
             Executor::new(Arc::clone(&rhai), settings.dry_run, kube)
                 .with_max_memory(settings.sandbox.max_memory_bytes)
                 .with_exec(helpers(&settings, None).exec),
-            Escalator::new(http, settings.alertmanager.clone()),
+            Escalator::new(http.clone(), settings.alertmanager.clone()),
             clock,
             settings.external_url(bound),
         )
+        .and_then(|e| {
+            e.with_channels(
+                crate::notify::Channels::new(http, settings.channels.clone()),
+                settings.storm.clone(),
+                settings.route.to.clone(),
+            )
+        })
         .map_err(store_error)?;
+        if let Some(name) = &settings.deadman.alertname {
+            engine.health.expect_deadman(name);
+        }
         let engine = Arc::new(engine);
-        let reloader = Arc::new(crate::reload::Reloader::new(
-            settings.playbooks_dir.clone(),
-            settings.scripts_dir.clone(),
-            rhai,
-            in_force,
-            Arc::clone(&engine.metrics),
-        ));
+        let reloader = Arc::new(
+            crate::reload::Reloader::new(
+                settings.playbooks_dir.clone(),
+                settings.scripts_dir.clone(),
+                rhai,
+                in_force,
+                Arc::clone(&engine.metrics),
+            )
+            .with_channels(
+                settings
+                    .channel_names()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+        );
         let state = AppState {
             store,
             queue,
@@ -278,6 +298,12 @@ impl Application {
             Arc::clone(&engine.metrics),
             shutdown.clone(),
         ));
+        background.spawn(crate::notify::outbox::send_loop(
+            engine.notifier.clone(),
+            Arc::clone(&engine.clock),
+            Arc::clone(&engine.metrics),
+            shutdown.clone(),
+        ));
         let watched = watchdog::Watched {
             health: Arc::clone(&engine.health),
             metrics: Arc::clone(&engine.metrics),
@@ -291,6 +317,10 @@ impl Application {
             engine.escalator.api().clone(),
             settings.watchdog.clone(),
             engine.external_url.clone(),
+            watchdog::Paging {
+                notifier: engine.notifier.clone(),
+                deadman_after: settings.deadman.after,
+            },
             shutdown.clone(),
         ));
         let am = &settings.alertmanager;
@@ -322,6 +352,7 @@ impl Application {
         let retention = crate::retention::Retention {
             store: engine.store.clone(),
             outbox: engine.outbox.clone(),
+            notifier: engine.notifier.clone(),
             guards: engine.guards.clone(),
             clock: Arc::clone(&engine.clock),
             playbooks: Arc::clone(&engine.playbooks),

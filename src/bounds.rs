@@ -97,6 +97,12 @@ pub const RETRY_BACKOFF: Span = Span {
 };
 pub const PAGE_TTL: Span = secs(MINUTE, 30 * DAY);
 pub const POLL_INTERVAL: Span = secs(0, HOUR);
+/// Pages to one channel within the storm window before folding (0: storm control off).
+pub const STORM_THRESHOLD: Count = count(0, 100_000);
+pub const STORM_WINDOW: Span = Span {
+    min: Duration::from_millis(10),
+    max: Duration::from_secs(DAY),
+};
 pub const WATCHDOG_INTERVAL: Span = Span {
     min: Duration::from_millis(10),
     max: Duration::from_secs(DAY),

@@ -116,6 +116,10 @@ pub struct Health {
     origin: Instant,
     /// Milliseconds since `origin` when Alertmanager last accepted the heartbeat; -1: never.
     heartbeat_ok_ms: AtomicI64,
+    /// The dead man's switch: the always-firing alert to expect, and milliseconds since `origin`
+    /// when it last arrived (0: since start).
+    deadman: std::sync::OnceLock<String>,
+    deadman_seen_ms: AtomicI64,
 }
 
 impl Health {
@@ -126,7 +130,34 @@ impl Health {
             report: Mutex::new(BTreeMap::new()),
             origin: Instant::now(),
             heartbeat_ok_ms: AtomicI64::new(-1),
+            deadman: std::sync::OnceLock::new(),
+            deadman_seen_ms: AtomicI64::new(0),
         }
+    }
+
+    /// Sets the dead man's switch's alertname (once, at start).
+    pub fn expect_deadman(&self, alertname: &str) {
+        let _ = self.deadman.set(alertname.to_owned());
+    }
+
+    /// A firing alert named `alertname` arrived: notes it when it is the dead man's switch.
+    pub fn alert_seen(&self, alertname: &str) {
+        if self.deadman.get().is_some_and(|d| d == alertname) {
+            self.deadman_seen_ms
+                .store(self.origin.elapsed().as_millis() as i64, Ordering::Relaxed);
+        }
+    }
+
+    /// Time since the dead man's switch alert last arrived (since start when it never did);
+    /// `None` when no switch is configured.
+    pub fn deadman_age(&self) -> Option<Duration> {
+        self.deadman.get()?;
+        let seen = self.deadman_seen_ms.load(Ordering::Relaxed).max(0) as u64;
+        Some(
+            self.origin
+                .elapsed()
+                .saturating_sub(Duration::from_millis(seen)),
+        )
     }
 
     /// Marks the dispatcher running until the returned guard drops (also on panic).

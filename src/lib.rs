@@ -22,6 +22,7 @@ pub mod guard;
 pub mod health;
 pub mod history;
 pub mod metrics;
+pub mod notify;
 pub mod playbook;
 pub mod poller;
 pub mod reload;

@@ -49,6 +49,12 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelResultLabels {
+    pub channel: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     pub check: String,
 }
@@ -75,6 +81,9 @@ pub struct Metrics {
     /// Pages by final delivery result: `delivered` or `rejected`.
     pub escalations: Family<ResultLabels, Counter>,
     pub escalation_attempts_failed: Counter,
+    /// Notification attempts by channel and result: `delivered`, `resolved`, `retried`,
+    /// `failed`, `rate_limited`.
+    pub notifications: Family<ChannelResultLabels, Counter>,
     pub escalations_pending: Gauge,
     pub escalation_oldest_pending_age: Gauge<f64, AtomicU64>,
     pub heartbeats: Family<ResultLabels, Counter>,
@@ -155,6 +164,12 @@ impl Default for Metrics {
             "escalations",
             "Pages by delivery result (delivered, rejected)",
             escalations.clone(),
+        );
+        let notifications = Family::default();
+        registry.register(
+            "notifications",
+            "Notification attempts by channel and result (delivered, resolved, retried, failed, rate_limited)",
+            notifications.clone(),
         );
         let escalation_attempts_failed = Counter::default();
         registry.register(
@@ -256,6 +271,7 @@ impl Default for Metrics {
             in_flight,
             escalations,
             escalation_attempts_failed,
+            notifications,
             escalations_pending,
             escalation_oldest_pending_age,
             heartbeats,
@@ -321,6 +337,15 @@ impl Metrics {
         self.webhook_rejections
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn notification(&self, channel: &str, result: &str) {
+        self.notifications
+            .get_or_create(&ChannelResultLabels {
+                channel: channel.to_owned(),
+                result: result.to_owned(),
             })
             .inc();
     }

@@ -20,6 +20,8 @@ pub struct Reloader {
     rhai: Arc<rhai::Engine>,
     in_force: Arc<InForce>,
     metrics: Arc<Metrics>,
+    /// The channels an `escalate.to` may name.
+    channels: Vec<String>,
     /// One reload at a time: a second waits for the first and then loads again.
     one_at_a_time: tokio::sync::Mutex<()>,
 }
@@ -40,8 +42,15 @@ impl Reloader {
             rhai,
             in_force,
             metrics,
+            channels: vec![crate::config::ALERTMANAGER_CHANNEL.to_owned()],
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The channels a reloaded playbook's `escalate.to` may name.
+    pub fn with_channels(mut self, channels: Vec<String>) -> Reloader {
+        self.channels = channels;
+        self
     }
 
     /// The set in force.
@@ -67,6 +76,8 @@ impl Reloader {
                     message: format!("loading failed: {join}"),
                 }]))
             });
+        let known: Vec<&str> = self.channels.iter().map(String::as_str).collect();
+        let loaded = loaded.and_then(|p| p.check_routes(&known).map(|()| p));
         match loaded {
             Ok(playbooks) => {
                 let count = playbooks.len();

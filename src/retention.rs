@@ -21,6 +21,7 @@ use crate::playbook::InForce;
 pub struct Retention {
     pub store: Store,
     pub outbox: Outbox,
+    pub notifier: crate::notify::Notifier,
     pub guards: Guards,
     pub clock: Arc<dyn Clock>,
     pub playbooks: Arc<InForce>,
@@ -57,6 +58,7 @@ pub fn prune_once(r: &Retention, settings: &HistorySettings) -> Result<usize, St
     if removed > 0 {
         r.outbox.prune_before(first_kept)?;
     }
+    r.notifier.prune(first_kept, cutoff)?;
     r.guards.prune_claims(cutoff)?;
     let playbooks = r.playbooks.current();
     let horizons: HashMap<&str, Duration> = playbooks

@@ -29,6 +29,7 @@ pub use crate::health::{Backlog, Check, CheckResult, DispatcherGuard, Health};
 use crate::history::Store;
 use crate::metrics::CheckLabels;
 use crate::metrics::Metrics;
+use crate::notify::{Kind, Notice, Notifier, Severity};
 
 pub const REACTOR_HEARTBEAT: &str = "ReactorHeartbeat";
 pub const REACTOR_UNHEALTHY: &str = "ReactorUnhealthy";
@@ -255,14 +256,131 @@ pub fn unhealthy(
     }
 }
 
+/// Paging when the paging path is broken: the watchdog channels, paged directly (not through
+/// Alertmanager) when Alertmanager is unreachable or the dead man's switch alert stops arriving.
+#[derive(Clone)]
+pub struct Paging {
+    pub notifier: Notifier,
+    pub deadman_after: Duration,
+}
+
+/// The page for a broken paging path: `check` names it, `summary` says what is wrong.
+fn path_notice(
+    check: &str,
+    summary: String,
+    description: String,
+    instance: &str,
+    now: Timestamp,
+) -> Notice {
+    let mut labels = Labels::new();
+    labels.insert("alertname".into(), "ReactorPagingPathBroken".into());
+    labels.insert("check".into(), check.into());
+    labels.insert("reactor".into(), instance.into());
+    let mut annotations = Labels::new();
+    annotations.insert("summary".into(), summary.clone());
+    annotations.insert("description".into(), description.clone());
+    Notice {
+        kind: Kind::Watchdog,
+        dedup_key: format!("reactor/watchdog/{check}"),
+        summary,
+        description,
+        severity: Severity::Critical,
+        source: instance.into(),
+        component: "reactor".into(),
+        group: "reactor".into(),
+        class: check.into(),
+        link: format!("{instance}/readyz"),
+        labels,
+        annotations,
+        details: [("check".to_owned(), check.into())].into_iter().collect(),
+        at: now,
+    }
+}
+
+/// Pages or resolves the two broken-path conditions on the watchdog channels.
+async fn page_broken_path(
+    paging: &Paging,
+    settings: &WatchdogSettings,
+    health: &Health,
+    am_down_since: Option<Timestamp>,
+    instance: &str,
+    now: Timestamp,
+) {
+    let channels = &settings.channels;
+    if channels.is_empty() {
+        return;
+    }
+    let down_for = am_down_since.map(|since| {
+        Duration::from_millis(
+            now.as_millisecond()
+                .saturating_sub(since.as_millisecond())
+                .max(0) as u64,
+        )
+    });
+    let am_down = down_for.is_some_and(|d| d >= settings.alertmanager_down_after);
+    let r = paging
+        .notifier
+        .watchdog(
+            "alertmanager_down",
+            am_down,
+            || {
+                path_notice(
+                    "alertmanager_down",
+                    "Alertmanager is unreachable: reactor cannot page through it".into(),
+                    format!(
+                        "reactor could not post to Alertmanager for {}; pages, heartbeats and silences do not get through",
+                        humantime::format_duration(Duration::from_secs(down_for.unwrap_or_default().as_secs()))
+                    ),
+                    instance,
+                    now,
+                )
+            },
+            channels,
+            now,
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "could not store the alertmanager_down notification");
+    }
+    if let Some(age) = health.deadman_age() {
+        let missing = age >= paging.deadman_after;
+        let r = paging
+            .notifier
+            .watchdog(
+                "deadman",
+                missing,
+                || {
+                    path_notice(
+                        "deadman",
+                        "The monitoring pipeline is broken: the dead man's switch alert stopped arriving".into(),
+                        format!(
+                            "reactor has not received the always-firing alert for {}: Prometheus, Alertmanager or the route to reactor is broken",
+                            humantime::format_duration(Duration::from_secs(age.as_secs()))
+                        ),
+                        instance,
+                        now,
+                    )
+                },
+                channels,
+                now,
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "could not store the dead man's switch notification");
+        }
+    }
+}
+
 /// Checks, heartbeats and `ReactorUnhealthy` pages every interval until `shutdown`.
 pub async fn watch(
     watched: Watched,
     api: AlertmanagerApi,
     settings: WatchdogSettings,
     instance: String,
+    paging: Paging,
     shutdown: CancellationToken,
 ) {
+    let mut am_down_since: Option<Timestamp> = None;
     let interval = settings.heartbeat_interval.max(Duration::from_millis(100));
     let mut store_errors_seen = watched.metrics.store_errors.get();
     // Checks failing now (since when), and checks that passed again but whose resolve was not yet
@@ -324,6 +442,7 @@ pub async fn watch(
             if !posts.is_empty() {
                 match api.post_alerts(&posts).await {
                     Ok(()) => {
+                        am_down_since = None;
                         resolving.clear();
                         if !withhold {
                             watched.health.heartbeat_accepted();
@@ -331,6 +450,7 @@ pub async fn watch(
                         }
                     }
                     Err(e) => {
+                        am_down_since.get_or_insert(now);
                         if !withhold {
                             watched.metrics.heartbeat("failed");
                         }
@@ -341,6 +461,15 @@ pub async fn watch(
         } else {
             resolving.clear();
         }
+        page_broken_path(
+            &paging,
+            &settings,
+            &watched.health,
+            am_down_since,
+            &instance,
+            watched.clock.now(),
+        )
+        .await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(interval) => {},

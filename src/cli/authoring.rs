@@ -30,7 +30,9 @@ fn dirs(settings: &Settings, dir: Option<PathBuf>, scripts: Option<PathBuf>) -> 
 
 pub(super) fn check(settings: Settings, a: CheckArgs) -> ExitCode {
     let (dir, scripts) = dirs(&settings, a.dir, a.scripts);
-    match playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings, None)) {
+    let loaded = playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings, None))
+        .and_then(|p| p.check_routes(&settings.channel_names()).map(|()| p));
+    match loaded {
         Ok(p) => {
             println!(
                 "ok: {} playbook(s) in {}, scripts from {}",
@@ -38,6 +40,7 @@ pub(super) fn check(settings: Settings, a: CheckArgs) -> ExitCode {
                 dir.display(),
                 scripts.display()
             );
+            println!("channels: {}", settings.channel_names().join(", "));
             let warnings =
                 playbook::lint::warnings(p.iter().map(|p| &**p), &capabilities(&settings));
             for w in &warnings {

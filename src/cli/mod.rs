@@ -1,7 +1,8 @@
-//! The `reactor` command line: `serve`, `check`, `test`, `runs` and `reload`. Each subcommand parses its
+//! The `reactor` command line: `serve`, `check`, `test`, `runs`, `reload`, `run` and `channels`. Each subcommand parses its
 //! flags here and calls into the library; output formatting for humans lives here too.
 
 mod authoring;
+mod channels;
 mod service;
 
 use std::net::SocketAddr;
@@ -50,6 +51,23 @@ enum Command {
     /// Ask the running service to run one playbook for an alert, through the guards and the
     /// history like any run.
     Run(RunArgs),
+    /// List the notification channels, or send one a test notification.
+    Channels(ChannelsArgs),
+}
+
+#[derive(Debug, Args)]
+struct ChannelsArgs {
+    #[command(subcommand)]
+    command: Option<ChannelsCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ChannelsCommand {
+    /// Send a clearly labelled test notification to channel NAME and print the service's answer.
+    Test {
+        /// The channel's name under `channels:`.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +250,10 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Runs(a) => runs(settings, a).await,
         Command::Reload(a) => reload(settings, a).await,
         Command::Run(a) => run_by_hand(settings, a).await,
+        Command::Channels(a) => match a.command {
+            None => channels::list(&settings),
+            Some(ChannelsCommand::Test { name }) => channels::test(settings, &name).await,
+        },
     }
 }
 

@@ -10,9 +10,11 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 mod alertmanager;
+mod channels;
 mod sections;
 
 pub use alertmanager::*;
+pub use channels::*;
 pub use sections::*;
 
 /// What an accepted alert survives once the webhook has answered 2xx (setting `durability`).
@@ -62,6 +64,12 @@ pub struct Settings {
     pub kubernetes: KubernetesSettings,
     pub history: HistorySettings,
     pub watchdog: WatchdogSettings,
+    /// Notification channels by name, besides the built-in `alertmanager`.
+    pub channels: std::collections::BTreeMap<String, ChannelSettings>,
+    /// Where pages go when a playbook names no `escalate.to`.
+    pub route: RouteSettings,
+    pub storm: StormSettings,
+    pub deadman: DeadmanSettings,
     /// Global dry run: scripts see `dry_run == true` and `disk_cleanup` deletes nothing.
     pub dry_run: bool,
     /// Allow listening on a non-loopback address without authentication.
@@ -89,6 +97,10 @@ impl Default for Settings {
             kubernetes: KubernetesSettings::default(),
             history: HistorySettings::default(),
             watchdog: WatchdogSettings::default(),
+            channels: Default::default(),
+            route: RouteSettings::default(),
+            storm: StormSettings::default(),
+            deadman: DeadmanSettings::default(),
             dry_run: false,
             insecure: false,
             watch: false,
@@ -385,6 +397,45 @@ impl Settings {
         d("watchdog.stall_after", w.stall_after, WATCHDOG_INTERVAL)?;
         d("watchdog.stuck_grace", w.stuck_grace, WATCHDOG_INTERVAL)?;
         d("watchdog.backlog_after", w.backlog_after, WATCHDOG_INTERVAL)?;
+        d(
+            "watchdog.alertmanager_down_after",
+            w.alertmanager_down_after,
+            WATCHDOG_INTERVAL,
+        )?;
+        let names = self.channel_names();
+        let known = |field: &'static str, list: &[String]| match list
+            .iter()
+            .find(|n| !names.contains(&n.as_str()))
+        {
+            Some(n) => Err(InvalidSetting {
+                field,
+                message: format!(
+                    "{field}: unknown channel {n:?} (channels: {})",
+                    names.join(", ")
+                ),
+            }),
+            None => Ok(()),
+        };
+        known("route.to", &self.route.to)?;
+        known("watchdog.channels", &self.watchdog.channels)?;
+        c(
+            "storm.threshold",
+            self.storm.threshold as usize,
+            STORM_THRESHOLD,
+        )?;
+        d("storm.window", self.storm.window, STORM_WINDOW)?;
+        d(
+            "storm.summary_after",
+            self.storm.summary_after,
+            STORM_WINDOW,
+        )?;
+        if self.storm.summary_after > self.storm.window {
+            return Err(InvalidSetting {
+                field: "storm.summary_after",
+                message: "storm.summary_after must not exceed storm.window".into(),
+            });
+        }
+        d("deadman.after", self.deadman.after, WATCHDOG_INTERVAL)?;
         let h = &self.history;
         d("history.max_age", h.max_age, HISTORY_MAX_AGE)?;
         c("history.max_runs", h.max_runs, HISTORY_MAX_RUNS)?;
@@ -467,6 +518,10 @@ impl Settings {
                 c.value = Some(Secret::new(value));
             }
         }
+        resolve_channels(&mut self.channels, &get).map_err(|(_, message)| ConfigError::Env {
+            name: "channels",
+            message,
+        })?;
         if let Some(v) = get("REACTOR_DRY_RUN") {
             self.dry_run = parse_bool(&v).map_err(|message| ConfigError::Env {
                 name: "REACTOR_DRY_RUN",
@@ -494,6 +549,13 @@ impl Settings {
         }
         self.insecure |= o.insecure;
         self.watch |= o.watch;
+    }
+
+    /// Every channel a route may name: `alertmanager` and the configured ones.
+    pub fn channel_names(&self) -> Vec<&str> {
+        std::iter::once(ALERTMANAGER_CHANNEL)
+            .chain(self.channels.keys().map(String::as_str))
+            .collect()
     }
 
     /// The base URL for links to runs.

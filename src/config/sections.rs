@@ -50,6 +50,12 @@ pub struct WatchdogSettings {
     /// A page undelivered for this long: the `escalation_backlog` check fails.
     #[serde(deserialize_with = "duration")]
     pub backlog_after: Duration,
+    /// Channels paged directly when the paging path itself is broken: Alertmanager unreachable,
+    /// or the dead man's switch alert missing.
+    pub channels: Vec<String>,
+    /// Alertmanager unreachable this long: the watchdog channels are paged.
+    #[serde(deserialize_with = "duration")]
+    pub alertmanager_down_after: Duration,
 }
 
 impl Default for WatchdogSettings {
@@ -59,6 +65,8 @@ impl Default for WatchdogSettings {
             stall_after: Duration::from_secs(60),
             stuck_grace: Duration::from_secs(60),
             backlog_after: Duration::from_secs(300),
+            channels: Vec::new(),
+            alertmanager_down_after: Duration::from_secs(120),
         }
     }
 }

@@ -16,6 +16,7 @@
 
 mod admit;
 mod in_flight;
+mod notice;
 mod recover;
 mod run;
 #[cfg(test)]
@@ -35,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::clock::Clock;
+use crate::config::ALERTMANAGER_CHANNEL;
 use crate::domain::{Alert, AlertStatus, Fingerprint};
 use crate::escalation::outbox::Outbox;
 use crate::escalation::{Escalator, REMEDIATION_FAILED, REMEDIATION_LOOP};
@@ -45,6 +47,7 @@ use crate::history::{
     DeliveryStatus, EscalationRecord, Intake, Outcome, Run, RunId, StepRecord, Store, StoreError,
 };
 use crate::metrics::{Metrics, StatusLabels};
+use crate::notify::Notifier;
 use crate::playbook::{render_params, InForce, OnResolved, Playbook, TemplateContext};
 
 pub use in_flight::{InFlight, InFlightRuns};
@@ -59,6 +62,10 @@ pub struct Engine {
     pub(crate) executor: Executor,
     pub(crate) escalator: Escalator,
     pub(crate) outbox: Outbox,
+    /// The notification channels' outbox.
+    pub(crate) notifier: Notifier,
+    /// Where pages go when a playbook names no `escalate.to`.
+    pub(crate) route: Vec<String>,
     pub(crate) guards: Guards,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) metrics: Arc<Metrics>,
@@ -101,6 +108,14 @@ impl Engine {
             health: Arc::new(Health::new(&metrics)),
             metrics,
             outbox: Outbox::open(&store)?,
+            notifier: Notifier::open(
+                &store,
+                crate::notify::Channels::default(),
+                Default::default(),
+                external_url.clone(),
+                clock.now(),
+            )?,
+            route: vec![ALERTMANAGER_CHANNEL.to_owned()],
             guards: Guards::open(&store)?,
             store,
             playbooks,
@@ -114,6 +129,24 @@ impl Engine {
             resolved_seen: Mutex::new(HashSet::new()),
             verify_wake: Notify::new(),
         })
+    }
+
+    /// The notification channels, storm control and the default route.
+    pub fn with_channels(
+        mut self,
+        channels: crate::notify::Channels,
+        storm: crate::config::StormSettings,
+        route: Vec<String>,
+    ) -> Result<Engine, StoreError> {
+        self.notifier = Notifier::open(
+            &self.store,
+            channels,
+            storm,
+            self.external_url.clone(),
+            self.clock.now(),
+        )?;
+        self.route = route;
+        Ok(self)
     }
 
     /// The playbook in force that `run` names, if it is still loaded.
@@ -174,6 +207,9 @@ impl Engine {
             manual,
         } = intake;
         let status = alert.status;
+        if status == AlertStatus::Firing {
+            self.health.alert_seen(alert.alertname());
+        }
         let resolved = (status == AlertStatus::Resolved).then(|| alert.fingerprint.clone());
         let new_run = |index, alert, playbook| {
             let mut run = new_run(seq, index, received_at, held, alert, playbook);
@@ -270,7 +306,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Records that `run` pages the humans and hands the page to the durable outbox.
+    /// Records that `run` pages the humans and hands the page to the durable outboxes: the
+    /// Alertmanager page when its route names `alertmanager`, one notification per other channel.
     async fn escalate(
         &self,
         alertname: &str,
@@ -281,13 +318,23 @@ impl Engine {
         let page = self
             .escalator
             .page_for(alertname, &run, playbook, &self.run_url(run.id), now);
+        let route = self.route_of(playbook);
+        let channels: Vec<String> = route
+            .iter()
+            .filter(|c| *c != ALERTMANAGER_CHANNEL)
+            .cloned()
+            .collect();
+        let to_alertmanager = route.iter().any(|c| c == ALERTMANAGER_CHANNEL);
         let status = if self.escalator.configured() {
             DeliveryStatus::Pending
         } else {
-            tracing::error!(run_id = %run.id, %alertname, "no Alertmanager URL is configured: nobody was paged");
+            if channels.is_empty() {
+                tracing::error!(run_id = %run.id, %alertname, "no Alertmanager URL is configured: nobody was paged");
+            }
             DeliveryStatus::NotConfigured
         };
-        if run.escalation.is_none() {
+        let mut changed = false;
+        if to_alertmanager && run.escalation.is_none() {
             run.escalation = Some(EscalationRecord {
                 alertname: alertname.to_owned(),
                 status,
@@ -297,16 +344,41 @@ impl Engine {
                 resolved_at: None,
             });
             run.note(now, format!("escalation {alertname} queued"));
+            changed = true;
+        }
+        for channel in &channels {
+            if !run.notifications.iter().any(|n| &n.channel == channel) {
+                let record = notice::queued(channel, &run, now);
+                run.notifications.push(record);
+                changed = true;
+            }
+        }
+        if changed {
             self.store.put_run(&run)?;
         }
         let fingerprint = run.alert.fingerprint.clone();
-        if status == DeliveryStatus::Pending
+        if !channels.is_empty() {
+            let notice = notice::for_run(&run, &page, alertname);
+            self.notifier
+                .page_run(run.id, &fingerprint, &notice, &channels, now)
+                .await?;
+        }
+        if to_alertmanager
+            && status == DeliveryStatus::Pending
             && !self.outbox.enqueue(run.id, page, fingerprint, now).await?
         {
             // Re-processed after a crash: this run's page was already queued, maybe delivered.
             self.outbox.sync_run(run.id, now)?;
         }
         Ok(())
+    }
+
+    /// The channels a failed run of `playbook` pages: its `escalate.to`, else `route.to`.
+    fn route_of(&self, playbook: Option<&Playbook>) -> Vec<String> {
+        playbook
+            .and_then(|p| p.escalate.to.as_ref())
+            .map(|(to, _)| to.clone())
+            .unwrap_or_else(|| self.route.clone())
     }
 }
 

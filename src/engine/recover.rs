@@ -81,6 +81,22 @@ impl Engine {
             if run.outcome != Outcome::Running {
                 // The page was recorded as pending but the process died before it reached the
                 // outbox: queue it now (the outbox refuses a second page for the same run).
+                if run.notifications.iter().any(|n| n.state == "queued") {
+                    // Decided, and maybe not stored: `escalate` stores what is missing.
+                    let alertname = run.escalation.as_ref().map_or(REMEDIATION_FAILED, |e| {
+                        if e.alertname == REMEDIATION_LOOP {
+                            REMEDIATION_LOOP
+                        } else {
+                            REMEDIATION_FAILED
+                        }
+                    });
+                    let run = run.clone();
+                    self.escalate(alertname, run, playbook.as_deref()).await?;
+                    continue;
+                }
+                if run.escalation.is_none() {
+                    continue;
+                }
                 if self.outbox.get(run.id)?.is_none() {
                     let looping = run
                         .escalation

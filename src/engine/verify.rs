@@ -81,6 +81,9 @@ impl Engine {
                 self.store.put_run(&run)?;
             }
         }
+        for id in self.notifier.resolve_for(fingerprint, now).await? {
+            tracing::info!(run_id = %id, why, "resolving the notifications");
+        }
         Ok(())
     }
 

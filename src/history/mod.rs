@@ -511,7 +511,8 @@ impl Store {
             let page_pending = run
                 .escalation
                 .as_ref()
-                .is_some_and(|e| e.status == DeliveryStatus::Pending);
+                .is_some_and(|e| e.status == DeliveryStatus::Pending)
+                || run.notifications.iter().any(|n| n.state == "queued");
             if matches!(run.outcome, Outcome::Running | Outcome::Verifying) || page_pending {
                 out.push(run);
             }

@@ -280,6 +280,33 @@ pub struct Run {
     /// Set on a run asked for by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manual: Option<Manual>,
+    /// The pages this run raised on notification channels other than Alertmanager.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<NotificationRecord>,
+}
+
+/// One page on one notification channel: where it stands, as the run shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationRecord {
+    pub channel: String,
+    /// The key the service groups updates by (PagerDuty's `dedup_key`, Opsgenie's alias).
+    pub dedup_key: String,
+    /// `pending`, `checking`, `delivered`, `failed`, `folded`, `resolving`, `resolved`,
+    /// `cancelled`.
+    pub state: String,
+    pub attempts: u32,
+    pub at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The service's id for the request (Opsgenie's `requestId`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The storm summary this page was folded into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folded_into: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<Timestamp>,
 }
 
 impl Run {
@@ -307,6 +334,7 @@ impl Run {
             silence: None,
             timeline: Vec::new(),
             manual: None,
+            notifications: Vec::new(),
         }
     }
 

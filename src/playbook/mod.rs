@@ -248,6 +248,9 @@ pub fn render_params(
 /// How a failed run pages. Unset fields fall back to the global escalation settings.
 #[derive(Debug, Default)]
 pub struct EscalateSpec {
+    /// `escalate.to`: the channels this playbook's pages go to, and the line naming them; unset
+    /// follows the configuration's `route.to`.
+    pub to: Option<(Vec<String>, u64)>,
     pub severity: Option<String>,
     pub summary: Option<Template>,
     pub description: Option<Template>,
@@ -327,6 +330,32 @@ impl Playbooks {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Playbook>> {
         self.list.iter().find(|p| p.name == name)
+    }
+
+    /// Every `escalate.to` naming a channel not in `known`, at its file and line.
+    pub fn check_routes(&self, known: &[&str]) -> Result<(), loader::LoadErrors> {
+        let errors: Vec<loader::LoadError> = self
+            .list
+            .iter()
+            .filter_map(|p| {
+                let (to, line) = p.escalate.to.as_ref()?;
+                let unknown = to.iter().find(|n| !known.contains(&n.as_str()))?;
+                Some(loader::LoadError {
+                    file: p.origin.file.clone(),
+                    line: Some(*line),
+                    message: format!(
+                        "playbook {:?}: escalate.to: unknown channel {unknown:?} (channels: {})",
+                        p.name,
+                        known.join(", ")
+                    ),
+                })
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(loader::LoadErrors(errors))
+        }
     }
 
     /// The playbooks whose matchers accept the alert's labels, in load order. Status is not

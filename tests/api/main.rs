@@ -7,6 +7,7 @@ static ALLOCATOR: reactor::allocator::Allocator = reactor::allocator::Allocator;
 
 mod acting;
 mod alertmanager;
+mod channels;
 mod cli;
 mod closed_loop;
 mod crash;
@@ -18,8 +19,10 @@ mod helpers;
 mod kubernetes;
 mod manual;
 mod pages;
+mod paging_path;
 mod reload;
 mod router;
+mod services;
 mod soak;
 mod structure;
 mod watchdog;

@@ -158,6 +158,8 @@ struct RawStep {
 #[serde(deny_unknown_fields)]
 struct RawEscalate {
     #[serde(default)]
+    to: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
     severity: Option<String>,
     #[serde(default)]
     summary: Option<Spanned<String>>,
@@ -385,6 +387,7 @@ impl FileCtx<'_> {
                 summary
                     .zip(description)
                     .map(|(summary, description)| EscalateSpec {
+                        to: e.value.to.map(|t| (t.value, t.referenced.line())),
                         severity: e.value.severity,
                         summary,
                         description,

@@ -1,0 +1,140 @@
+//! Chat channels: a Slack incoming webhook (`{"text", "blocks"}`) and a Microsoft Teams Workflows
+//! webhook (one Adaptive Card). The webhook URL is the credential, so it never appears in a
+//! message. Slack answers 429 with `Retry-After`, which is honoured; 400, 403, 404 and 410 are
+//! final and their error string (`invalid_payload`, `channel_is_archived`, …) is recorded.
+
+use serde_json::json;
+
+use super::{call, ellipsize, Action, Notice, SendError, Sent};
+use crate::config::ChatSettings;
+
+/// Slack's limits: header text 150 characters, section text 3,000, ten fields of 2,000.
+const HEADER_MAX: usize = 150;
+const TEXT_MAX: usize = 3000;
+const FIELD_MAX: usize = 2000;
+
+fn title(notice: &Notice, action: Action) -> String {
+    match action {
+        Action::Trigger => notice.summary.clone(),
+        Action::Resolve => format!("Resolved: {}", notice.summary),
+    }
+}
+
+/// Slack's `mrkdwn` gives `&`, `<` and `>` meaning; a label value must stay text.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+pub(super) fn slack_body(notice: &Notice, action: Action) -> serde_json::Value {
+    let title = title(notice, action);
+    let fields: Vec<_> = notice
+        .facts()
+        .into_iter()
+        .filter(|(k, _)| k != "error")
+        .take(10)
+        .map(|(k, v)| json!({"type": "mrkdwn", "text": ellipsize(&format!("*{k}*\n{}", escape(&v)), FIELD_MAX)}))
+        .collect();
+    let mut blocks = vec![json!({
+        "type": "header",
+        "text": {"type": "plain_text", "text": ellipsize(&title, HEADER_MAX)},
+    })];
+    if !fields.is_empty() {
+        blocks.push(json!({"type": "section", "fields": fields}));
+    }
+    if !notice.description.is_empty() {
+        blocks.push(json!({
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": ellipsize(&escape(&notice.description), TEXT_MAX)},
+        }));
+    }
+    if !notice.link.is_empty() {
+        blocks.push(json!({
+            "type": "actions",
+            "elements": [{
+                "type": "button",
+                "text": {"type": "plain_text", "text": "Open the run"},
+                "url": notice.link,
+            }],
+        }));
+    }
+    json!({
+        "text": ellipsize(format!("{title} {}", notice.link).trim_end(), TEXT_MAX),
+        "blocks": blocks,
+    })
+}
+
+pub(super) fn teams_body(notice: &Notice, action: Action) -> serde_json::Value {
+    let facts: Vec<_> = notice
+        .facts()
+        .into_iter()
+        .map(|(k, v)| json!({"title": k, "value": v}))
+        .collect();
+    let mut actions = Vec::new();
+    if !notice.link.is_empty() {
+        actions
+            .push(json!({"type": "Action.OpenUrl", "title": "Open the run", "url": notice.link}));
+    }
+    json!({
+        "type": "message",
+        "attachments": [{
+            "contentType": "application/vnd.microsoft.card.adaptive",
+            "contentUrl": null,
+            "content": {
+                "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                "type": "AdaptiveCard",
+                "version": "1.4",
+                "body": [
+                    {"type": "TextBlock", "text": title(notice, action), "weight": "Bolder",
+                     "size": "Medium", "wrap": true},
+                    {"type": "TextBlock", "text": notice.description, "wrap": true},
+                    {"type": "FactSet", "facts": facts},
+                ],
+                "actions": actions,
+            },
+        }],
+    })
+}
+
+fn url(settings: &ChatSettings) -> Result<String, SendError> {
+    let url = settings
+        .url
+        .as_ref()
+        .ok_or_else(|| SendError::final_("url is not configured"))?
+        .read()
+        .map_err(SendError::final_)?;
+    Ok(url.expose().to_owned())
+}
+
+pub(super) async fn send_slack(
+    client: &reqwest::Client,
+    settings: &ChatSettings,
+    notice: &Notice,
+    action: Action,
+) -> Result<Sent, SendError> {
+    call(
+        client
+            .post(url(settings)?)
+            .json(&slack_body(notice, action)),
+    )
+    .await?
+    .classify("Slack")
+    .map(|_| Sent::default())
+}
+
+pub(super) async fn send_teams(
+    client: &reqwest::Client,
+    settings: &ChatSettings,
+    notice: &Notice,
+    action: Action,
+) -> Result<Sent, SendError> {
+    call(
+        client
+            .post(url(settings)?)
+            .json(&teams_body(notice, action)),
+    )
+    .await?
+    .classify("Teams")
+    .map(|_| Sent::default())
+}
