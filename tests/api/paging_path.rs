@@ -52,6 +52,7 @@ async fn pagerduty_down_then_up_gets_the_page_exactly_once_across_a_sigkill() {
         post(port, &payload(&[("DiskFull", "b1b2c3d4e5f60001")])).await,
         202
     );
+    let outage = std::time::Instant::now();
     wait_for(Duration::from_secs(20), || async {
         (pd.seen.requests.load(Ordering::SeqCst) >= 2).then_some(())
     })
@@ -69,12 +70,16 @@ async fn pagerduty_down_then_up_gets_the_page_exactly_once_across_a_sigkill() {
     .expect("the restarted reactor goes on trying");
     assert!(pd.seen.accepted().is_empty());
 
+    // PagerDuty answers 500 for a minute in all.
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(outage.elapsed())).await;
+    assert!(pd.seen.accepted().is_empty());
     pd.seen.recover();
     wait_for(Duration::from_secs(90), || async {
         (!pd.seen.accepted().is_empty()).then_some(())
     })
     .await
     .expect("the page arrives once PagerDuty is back");
+    assert!(outage.elapsed() >= Duration::from_secs(60));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let accepted = pd.seen.accepted();
     assert_eq!(accepted.len(), 1, "exactly one page: {accepted:?}");
@@ -375,4 +380,53 @@ fn check_names_unknown_channels_at_their_lines_and_never_prints_a_secret() {
     // PD_KEY_FOR_TEST is not set for run_binary: the configuration is refused, naming the variable.
     assert_eq!(code, 2);
     assert!(!out.contains(PD_ROUTING_KEY));
+}
+
+/// Multi-threaded: the stand-in answers while the binary runs on this thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_test_sends_a_labelled_test_notification_and_prints_the_answer() {
+    let pd = Service::pagerduty().await;
+    let books = PlaybookDir::new(&[]);
+    secret_file(books.path(), "pd.key", PD_ROUTING_KEY);
+    let config = books.binary_config(
+        free_port(),
+        "tok",
+        &format!(
+            "channels:\n  pd:\n    type: pagerduty\n    url: {}\n    routing_key_file: {}/pd.key\n",
+            pd.url(),
+            books.path().display()
+        ),
+    );
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "channels",
+        "test",
+        "pd",
+    ];
+    let (code, out, err) = run_binary(&args, books.path());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ok: pd (pagerduty) accepted the test notification"),
+        "{out}"
+    );
+    let sent = pd.seen.accepted();
+    assert_eq!(sent.len(), 1);
+    let summary = sent[0]["payload"]["summary"].as_str().unwrap();
+    assert!(summary.contains("test notification"), "{summary}");
+    assert!(!out.contains(PD_ROUTING_KEY) && !err.contains(PD_ROUTING_KEY));
+
+    pd.seen.fail(400, 1);
+    let (code, _, err) = run_binary(&args, books.path());
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PagerDuty answered 400") && err.contains("(final)"),
+        "{err}"
+    );
+    let (code, out, _) = run_binary(
+        &["--config", config.to_str().unwrap(), "channels"],
+        books.path(),
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("pd (pagerduty)"), "{out}");
 }
