@@ -311,62 +311,42 @@ async fn page_broken_path(
         return;
     }
     let down_for = am_down_since.map(|since| {
-        Duration::from_millis(
-            now.as_millisecond()
-                .saturating_sub(since.as_millisecond())
-                .max(0) as u64,
-        )
+        let ms = now.as_millisecond().saturating_sub(since.as_millisecond());
+        Duration::from_millis(ms.max(0) as u64)
     });
-    let am_down = down_for.is_some_and(|d| d >= settings.alertmanager_down_after);
-    let r = paging
-        .notifier
-        .watchdog(
+    let for_ = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs()));
+    let am_down = down_for.filter(|d| *d >= settings.alertmanager_down_after);
+    let conditions = [
+        (
             "alertmanager_down",
-            am_down,
-            || {
-                path_notice(
-                    "alertmanager_down",
-                    "Alertmanager is unreachable: reactor cannot page through it".into(),
-                    format!(
-                        "reactor could not post to Alertmanager for {}; pages, heartbeats and silences do not get through",
-                        humantime::format_duration(Duration::from_secs(down_for.unwrap_or_default().as_secs()))
-                    ),
-                    instance,
-                    now,
-                )
-            },
-            channels,
-            now,
-        )
-        .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "could not store the alertmanager_down notification");
-    }
-    if let Some(age) = health.deadman_age() {
-        let missing = age >= paging.deadman_after;
-        let r = paging
+            am_down.is_some(),
+            "Alertmanager is unreachable: reactor cannot page through it",
+            format!(
+                "reactor could not post to Alertmanager for {}; pages, heartbeats and silences do not get through",
+                for_(down_for.unwrap_or_default())
+            ),
+        ),
+        (
+            "deadman",
+            health.deadman_age().is_some_and(|age| age >= paging.deadman_after),
+            "The monitoring pipeline is broken: the dead man's switch alert stopped arriving",
+            format!(
+                "reactor has not received the always-firing alert for {}: Prometheus, Alertmanager or the route to reactor is broken",
+                for_(health.deadman_age().unwrap_or_default())
+            ),
+        ),
+    ];
+    for (check, firing, summary, description) in conditions {
+        if check == "deadman" && health.deadman_age().is_none() {
+            continue;
+        }
+        let notice = || path_notice(check, summary.into(), description, instance, now);
+        let stored = paging
             .notifier
-            .watchdog(
-                "deadman",
-                missing,
-                || {
-                    path_notice(
-                        "deadman",
-                        "The monitoring pipeline is broken: the dead man's switch alert stopped arriving".into(),
-                        format!(
-                            "reactor has not received the always-firing alert for {}: Prometheus, Alertmanager or the route to reactor is broken",
-                            humantime::format_duration(Duration::from_secs(age.as_secs()))
-                        ),
-                        instance,
-                        now,
-                    )
-                },
-                channels,
-                now,
-            )
+            .watchdog(check, firing, notice, channels, now)
             .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "could not store the dead man's switch notification");
+        if let Err(e) = stored {
+            tracing::error!(check, error = %e, "could not store the watchdog's notification");
         }
     }
 }

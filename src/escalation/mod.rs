@@ -195,6 +195,27 @@ impl Escalator {
     }
 }
 
+/// Waits until `next` (at most a minute; a minute when nothing is due), a wake-up, or
+/// `shutdown`; returns false on shutdown. The senders of both outboxes wait this way.
+pub async fn wait_for_due(
+    next: Option<Timestamp>,
+    clock: &dyn crate::clock::Clock,
+    wake: &tokio::sync::Notify,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    let wait = next
+        .map(|t| {
+            let ms = t.as_millisecond() - clock.now().as_millisecond();
+            Duration::from_millis(ms.clamp(10, 60_000) as u64)
+        })
+        .unwrap_or(Duration::from_secs(60));
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = wake.notified() => true,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
 /// Exponential backoff: `base`, 2×, 4×, … capped at `cap`.
 pub fn backoff(base: Duration, attempt: u32, cap: Duration) -> Duration {
     base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)))

@@ -343,16 +343,8 @@ pub async fn send_loop(
                 Some(clock.now())
             }
         };
-        let wait = next_due
-            .map(|t| {
-                let ms = t.as_millisecond() - clock.now().as_millisecond();
-                Duration::from_millis(ms.clamp(10, 60_000) as u64)
-            })
-            .unwrap_or(Duration::from_secs(60));
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = outbox.wake.notified() => {},
-            _ = tokio::time::sleep(wait) => {},
+        if !super::wait_for_due(next_due, clock.as_ref(), &outbox.wake, &shutdown).await {
+            break;
         }
     }
     tracing::debug!("escalation outbox sender stopped");

@@ -97,44 +97,21 @@ pub(super) fn teams_body(notice: &Notice, action: Action) -> serde_json::Value {
     })
 }
 
-fn url(settings: &ChatSettings) -> Result<String, SendError> {
+/// Posts `body` to the webhook URL of `settings`; `service` names it in errors.
+pub(super) async fn send(
+    client: &reqwest::Client,
+    settings: &ChatSettings,
+    body: serde_json::Value,
+    service: &str,
+) -> Result<Sent, SendError> {
     let url = settings
         .url
         .as_ref()
         .ok_or_else(|| SendError::final_("url is not configured"))?
         .read()
         .map_err(SendError::final_)?;
-    Ok(url.expose().to_owned())
-}
-
-pub(super) async fn send_slack(
-    client: &reqwest::Client,
-    settings: &ChatSettings,
-    notice: &Notice,
-    action: Action,
-) -> Result<Sent, SendError> {
-    call(
-        client
-            .post(url(settings)?)
-            .json(&slack_body(notice, action)),
-    )
-    .await?
-    .classify("Slack")
-    .map(|_| Sent::default())
-}
-
-pub(super) async fn send_teams(
-    client: &reqwest::Client,
-    settings: &ChatSettings,
-    notice: &Notice,
-    action: Action,
-) -> Result<Sent, SendError> {
-    call(
-        client
-            .post(url(settings)?)
-            .json(&teams_body(notice, action)),
-    )
-    .await?
-    .classify("Teams")
-    .map(|_| Sent::default())
+    call(client.post(url.expose()).json(&body))
+        .await?
+        .classify(service)
+        .map(|_| Sent::default())
 }

@@ -224,8 +224,12 @@ impl Channels {
             match &channel.kind {
                 ChannelKind::Pagerduty(c) => pagerduty::send(client, c, notice, action).await,
                 ChannelKind::Opsgenie(c) => opsgenie::send(client, c, notice, action).await,
-                ChannelKind::Slack(c) => chat::send_slack(client, c, notice, action).await,
-                ChannelKind::Msteams(c) => chat::send_teams(client, c, notice, action).await,
+                ChannelKind::Slack(c) => {
+                    chat::send(client, c, chat::slack_body(notice, action), "Slack").await
+                }
+                ChannelKind::Msteams(c) => {
+                    chat::send(client, c, chat::teams_body(notice, action), "Teams").await
+                }
                 ChannelKind::Webhook(c) => webhook::send(client, c, name, notice, action).await,
                 ChannelKind::Email(c) => email::send(c, notice, action, timeout).await,
             }

@@ -771,78 +771,264 @@ fn backoff(attempt: u32) -> Duration {
     crate::escalation::backoff(BASE_BACKOFF, attempt, MAX_BACKOFF)
 }
 
-/// Delivers due entries until `shutdown`: every channel's due entries in order, the channels at
-/// the same time.
+/// Delivers due entries until `shutdown`. Each channel's due entries go out in order on a task of
+/// their own, so a channel that hangs until its timeout, or fails, never holds back another; a
+/// channel is not given a second task while its first is at work.
 pub async fn send_loop(
     notifier: Notifier,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let mut at_work: tokio::task::JoinSet<String> = tokio::task::JoinSet::new();
+    let mut busy: std::collections::HashSet<String> = std::collections::HashSet::new();
     loop {
-        let next = match pass(&notifier, clock.as_ref(), &metrics).await {
-            Ok(next) => next,
+        let next = match due_by_channel(&notifier, clock.now(), &busy) {
+            Ok((due, next)) => {
+                for (channel, entries) in due {
+                    busy.insert(channel.clone());
+                    let (n, c, m) = (notifier.clone(), Arc::clone(&clock), Arc::clone(&metrics));
+                    at_work.spawn(async move {
+                        if let Err(e) = deliver_in_order(&n, entries, c.as_ref(), &m).await {
+                            tracing::error!(%channel, error = %e, "notification outbox failed; retrying");
+                        }
+                        channel
+                    });
+                }
+                next
+            }
             Err(e) => {
                 tracing::error!(error = %e, "notification outbox failed; retrying");
                 Some(later(clock.now(), Duration::from_secs(1)))
             }
         };
-        let wait = next
-            .map(|t| {
-                let ms = t.as_millisecond() - clock.now().as_millisecond();
-                Duration::from_millis(ms.clamp(10, 60_000) as u64)
-            })
-            .unwrap_or(Duration::from_secs(60));
+        let woken =
+            crate::escalation::wait_for_due(next, clock.as_ref(), &notifier.wake, &shutdown);
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = notifier.wake.notified() => {},
-            _ = tokio::time::sleep(wait) => {},
+            go_on = woken => if !go_on { break },
+            Some(done) = at_work.join_next(), if !at_work.is_empty() => {
+                if let Ok(channel) = done {
+                    busy.remove(&channel);
+                } else {
+                    // A task that panicked: look at every channel again.
+                    busy.clear();
+                }
+            }
         }
     }
+    // What is in flight stays pending in the outbox: the next start sends it.
+    at_work.shutdown().await;
     tracing::debug!("notification sender stopped");
 }
 
-/// One pass over the due entries; returns when the next one is due.
-async fn pass(
+/// The due entries of channels not at work, by channel, and when the next entry is due.
+#[allow(clippy::type_complexity)]
+fn due_by_channel(
     notifier: &Notifier,
+    now: Timestamp,
+    busy: &std::collections::HashSet<String>,
+) -> Result<(BTreeMap<String, Vec<Entry>>, Option<Timestamp>), StoreError> {
+    let mut next: Option<Timestamp> = None;
+    let mut due: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    for e in notifier.pending()? {
+        if busy.contains(&e.channel) {
+            continue;
+        }
+        if e.next_attempt > now {
+            next = Some(next.map_or(e.next_attempt, |n| n.min(e.next_attempt)));
+        } else {
+            due.entry(e.channel.clone()).or_default().push(e);
+        }
+    }
+    Ok((due, next))
+}
+
+/// Delivers one channel's due entries, oldest first, within its rate limit: past the limit, the
+/// rest wait (not counted as attempts) until it allows them.
+async fn deliver_in_order(
+    notifier: &Notifier,
+    mut entries: Vec<Entry>,
     clock: &dyn Clock,
     metrics: &Metrics,
-) -> Result<Option<Timestamp>, StoreError> {
-    let now = clock.now();
-    let mut next: Option<Timestamp> = None;
-    let mut soonest = |t: Timestamp| next = Some(next.map_or(t, |n: Timestamp| n.min(t)));
-    let mut by_channel: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
-    for e in notifier.pending()? {
-        if e.next_attempt > now {
-            soonest(e.next_attempt);
-        } else {
-            by_channel.entry(e.channel.clone()).or_default().push(e);
-        }
-    }
-    let sends = by_channel.into_values().map(|mut entries| async move {
-        entries.sort_by_key(|e| (e.next_attempt, e.created));
-        let mut later_due = None;
-        for e in entries {
-            let checking = e.state == State::Checking;
-            if !checking {
-                if let Some(at) = notifier.rate_wait(&e.channel, clock.now()) {
-                    later_due = Some(at);
-                    metrics.notification(&e.channel, "rate_limited");
-                    break;
-                }
+) -> Result<(), StoreError> {
+    entries.sort_by_key(|e| (e.next_attempt, e.created));
+    let mut held_until: Option<Timestamp> = None;
+    for e in entries {
+        let checking = e.state == State::Checking;
+        if !checking {
+            if held_until.is_none() {
+                held_until = notifier.rate_wait(&e.channel, clock.now());
             }
-            notifier.deliver(e, clock, metrics).await?;
+            if let Some(at) = held_until {
+                metrics.notification(&e.channel, "rate_limited");
+                notifier.update(&e.key, |x| {
+                    if x.state == e.state {
+                        x.next_attempt = x.next_attempt.max(at);
+                    }
+                })?;
+                continue;
+            }
         }
-        Ok::<_, StoreError>(later_due)
-    });
-    for r in futures_util::future::join_all(sends).await {
-        if let Some(at) = r? {
-            soonest(at);
+        notifier.deliver(e, clock, metrics).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{resolve_channels, ChannelSettings};
+
+    fn ts(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn notifier(dir: &std::path::Path, yaml: &str, storm: StormSettings) -> Notifier {
+        crate::tls::install_crypto_provider();
+        let mut map: BTreeMap<String, ChannelSettings> = serde_saphyr::from_str(yaml).unwrap();
+        resolve_channels(&mut map, &|_| Some("k".into())).unwrap();
+        let store = Store::open(dir).unwrap();
+        let channels = Channels::new(reqwest::Client::new(), map);
+        Notifier::open(&store, channels, storm, "http://r".into(), ts(0)).unwrap()
+    }
+
+    fn notice(fp: &str) -> Notice {
+        Notice {
+            kind: Kind::Run,
+            dedup_key: format!("reactor/p/{fp}"),
+            summary: "s".into(),
+            description: String::new(),
+            severity: Severity::Critical,
+            source: "host".into(),
+            component: "p".into(),
+            group: String::new(),
+            class: "A".into(),
+            link: String::new(),
+            labels: Default::default(),
+            annotations: Default::default(),
+            details: Default::default(),
+            at: ts(0),
         }
     }
-    // Entries just stored as checking or retried are due soon: look again.
-    for e in notifier.pending()? {
-        soonest(e.next_attempt);
+
+    const PD: &str = "pd:\n  type: pagerduty\n  routing_key_env: K\n  rate_limit_per_minute: 2\n";
+
+    #[test]
+    fn a_channel_sends_at_most_its_rate_a_minute_and_then_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = notifier(dir.path(), PD, StormSettings::default());
+        assert_eq!(n.rate_wait("pd", ts(1_000)), None);
+        assert_eq!(n.rate_wait("pd", ts(1_001)), None);
+        assert_eq!(
+            n.rate_wait("pd", ts(1_002)),
+            Some(ts(1_060)),
+            "third within the minute waits"
+        );
+        assert_eq!(n.rate_wait("pd", ts(1_059)), Some(ts(1_060)));
+        assert_eq!(
+            n.rate_wait("pd", ts(1_060)),
+            None,
+            "the first send left the window"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let default = notifier(
+            dir.path(),
+            "pd:\n  type: pagerduty\n  routing_key_env: K\n",
+            StormSettings::default(),
+        );
+        let allowed = (0..200)
+            .filter(|i| default.rate_wait("pd", ts(2_000 + i / 10)).is_none())
+            .count();
+        assert_eq!(
+            allowed, 120,
+            "PagerDuty's 120 events a minute per routing key"
+        );
     }
-    Ok(next)
+
+    #[tokio::test]
+    async fn pages_past_the_threshold_fold_into_one_summary_that_resolves_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let storm = StormSettings {
+            threshold: 2,
+            window: Duration::from_secs(300),
+            summary_after: Duration::from_secs(30),
+        };
+        let n = notifier(dir.path(), PD, storm);
+        let pd = ["pd".to_owned()];
+        let mut keys = Vec::new();
+        for i in 0..5u64 {
+            let fp = Fingerprint::parse(&format!("{i:016x}")).unwrap();
+            let run = RunId {
+                seq: i + 1,
+                index: 0,
+            };
+            let stored = n
+                .page_run(run, &fp, &notice(fp.as_str()), &pd, ts(10))
+                .await
+                .unwrap();
+            keys.push((fp, stored[0].key.clone(), stored[0].state));
+        }
+        let states: Vec<State> = keys.iter().map(|k| k.2).collect();
+        assert_eq!(
+            states,
+            [
+                State::Pending,
+                State::Pending,
+                State::Folded,
+                State::Folded,
+                State::Folded
+            ]
+        );
+        let summary_key = n.get(&keys[2].1).unwrap().unwrap().folded_into.unwrap();
+        let summary = n.get(&summary_key).unwrap().unwrap();
+        assert_eq!(summary.folded_total, 3);
+        assert_eq!(
+            summary.next_attempt,
+            ts(40),
+            "sent summary_after the first fold"
+        );
+        for (fp, _, _) in &keys[2..4] {
+            n.resolve_for(fp, ts(20)).await.unwrap();
+        }
+        let summary = n.get(&summary_key).unwrap().unwrap();
+        assert_eq!(
+            summary.state,
+            State::Pending,
+            "one folded page is still open"
+        );
+        n.resolve_for(&keys[4].0, ts(21)).await.unwrap();
+        let summary = n.get(&summary_key).unwrap().unwrap();
+        assert_eq!(
+            summary.state,
+            State::Cancelled,
+            "all resolved before it was sent"
+        );
+        n.resolve_for(&keys[0].0, ts(22)).await.unwrap();
+        assert_eq!(n.get(&keys[0].1).unwrap().unwrap().state, State::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn delivered_pages_of_one_key_resolve_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = notifier(dir.path(), PD, StormSettings::default());
+        let fp = Fingerprint::parse("00000000000000aa").unwrap();
+        let pd = ["pd".to_owned()];
+        let mut keys = Vec::new();
+        for seq in 1..=2 {
+            let run = RunId { seq, index: 0 };
+            let stored = n
+                .page_run(run, &fp, &notice(fp.as_str()), &pd, ts(10))
+                .await
+                .unwrap();
+            n.update(&stored[0].key, |e| e.state = State::Delivered)
+                .unwrap();
+            keys.push(stored[0].key.clone());
+        }
+        n.resolve_for(&fp, ts(20)).await.unwrap();
+        let states: Vec<State> = keys
+            .iter()
+            .map(|k| n.get(k).unwrap().unwrap().state)
+            .collect();
+        assert_eq!(states, [State::Resolving, State::Resolved]);
+    }
 }

@@ -29,17 +29,29 @@ pub fn secret_file(dir: &std::path::Path, name: &str, secret: &str) -> String {
     path.display().to_string()
 }
 
-struct Setup {
-    app: TestApp,
-    _books: PlaybookDir,
+/// The app, and the directory it reads (kept until the test ends).
+pub struct Setup {
+    pub app: TestApp,
+    pub _books: PlaybookDir,
 }
 
-async fn start(
+/// The app with `books` (none: the failing playbook), `secrets` written as files in its directory
+/// first, and the channels of `channel_yaml` (`{dir}` stands for that directory), every page
+/// routed to all of them.
+pub async fn start(
     books: &[(&str, &str)],
+    secrets: &[(&str, &str)],
     channel_yaml: &str,
     configure: impl FnOnce(&mut Settings),
 ) -> Setup {
-    let books = PlaybookDir::new(books);
+    let books = PlaybookDir::new(if books.is_empty() {
+        &[("playbooks/fails.yaml", FAILS)]
+    } else {
+        books
+    });
+    for (name, secret) in secrets {
+        secret_file(books.path(), name, secret);
+    }
     let yaml = channel_yaml.replace("{dir}", &books.path().display().to_string());
     let chans = channels(&yaml);
     let (p, s) = (books.playbooks(), books.scripts());
@@ -64,7 +76,7 @@ fn alert(fp: &str, status: &str) -> Value {
     p
 }
 
-async fn wait_accepted(svc: &Service, n: usize, timeout: Duration) -> Vec<Value> {
+pub async fn wait_accepted(svc: &Service, n: usize, timeout: Duration) -> Vec<Value> {
     crate::helpers::wait_for(timeout, || async {
         let a = svc.seen.accepted();
         (a.len() >= n).then_some(a)
@@ -95,22 +107,17 @@ async fn manual_run(app: &TestApp, fp: &str) {
 #[tokio::test]
 async fn a_failed_run_pages_pagerduty_once_and_its_resolution_resolves_the_same_dedup_key() {
     let pd = Service::pagerduty().await;
-    let yaml = format!(
-        "pd:\n  type: pagerduty\n  url: {}\n  routing_key_file: {{dir}}/pd.key\n",
-        pd.url()
-    );
-    let books = PlaybookDir::new(&[("playbooks/fails.yaml", FAILS)]);
-    secret_file(books.path(), "pd.key", PD_ROUTING_KEY);
-    let yaml = yaml.replace("{dir}", &books.path().display().to_string());
-    let chans = channels(&yaml);
-    let (p, s) = (books.playbooks(), books.scripts());
-    let app = TestApp::spawn(move |settings| {
-        settings.playbooks_dir = p;
-        settings.scripts_dir = s;
-        settings.route.to = vec!["pd".into()];
-        settings.channels = chans;
-    })
+    let setup = start(
+        &[],
+        &[("pd.key", PD_ROUTING_KEY)],
+        &format!(
+            "pd:\n  type: pagerduty\n  url: {}\n  routing_key_file: {{dir}}/pd.key\n",
+            pd.url()
+        ),
+        |_| {},
+    )
     .await;
+    let app = &setup.app;
 
     assert_eq!(
         app.post_webhook(&alert("a1b2c3d4e5f60001", "firing"))
@@ -137,7 +144,7 @@ async fn a_failed_run_pages_pagerduty_once_and_its_resolution_resolves_the_same_
         .contains("/api/v1/runs/"));
 
     // The same target fails again by hand: the same dedup key, so PagerDuty updates one alert.
-    manual_run(&app, "a1b2c3d4e5f60001").await;
+    manual_run(app, "a1b2c3d4e5f60001").await;
     let events = wait_accepted(&pd, 2, Duration::from_secs(20)).await;
     assert_eq!(events[1]["event_action"], "trigger");
     assert_eq!(events[1]["dedup_key"], dedup.as_str());
@@ -190,7 +197,7 @@ async fn a_failed_run_pages_pagerduty_once_and_its_resolution_resolves_the_same_
         metrics.contains("reactor_notifications_total{channel=\"pd\",result=\"delivered\"} 2"),
         "{metrics}"
     );
-    app.stop().await;
+    setup.app.stop().await;
 }
 
 #[tokio::test]
@@ -198,24 +205,18 @@ async fn pagerduty_429_and_5xx_are_retried_and_400_is_final() {
     let pd = Service::pagerduty().await;
     pd.seen.fail(500, 2);
     let other = Service::pagerduty().await;
-    let books = PlaybookDir::new(&[("playbooks/fails.yaml", FAILS)]);
-    secret_file(books.path(), "pd.key", PD_ROUTING_KEY);
-    secret_file(books.path(), "bad.key", "not-the-key");
-    let yaml = format!(
-        "pd:\n  type: pagerduty\n  url: {0}\n  routing_key_file: {1}/pd.key\nbad:\n  type: pagerduty\n  url: {2}\n  routing_key_file: {1}/bad.key\n",
-        pd.url(),
-        books.path().display(),
-        other.url()
-    );
-    let chans = channels(&yaml);
-    let (p, s) = (books.playbooks(), books.scripts());
-    let app = TestApp::spawn(move |settings| {
-        settings.playbooks_dir = p;
-        settings.scripts_dir = s;
-        settings.route.to = vec!["pd".into(), "bad".into()];
-        settings.channels = chans;
-    })
+    let setup = start(
+        &[],
+        &[("pd.key", PD_ROUTING_KEY), ("bad.key", "not-the-key")],
+        &format!(
+            "pd:\n  type: pagerduty\n  url: {}\n  routing_key_file: {{dir}}/pd.key\nbad:\n  type: pagerduty\n  url: {}\n  routing_key_file: {{dir}}/bad.key\n",
+            pd.url(),
+            other.url()
+        ),
+        |_| {},
+    )
     .await;
+    let app = &setup.app;
     app.post_webhook(&alert("a1b2c3d4e5f60002", "firing")).await;
     let runs = app
         .wait_for_runs("?playbook=always-fails", Duration::from_secs(30), |r| {
@@ -235,28 +236,23 @@ async fn pagerduty_429_and_5xx_are_retried_and_400_is_final() {
     assert_eq!(bad["attempts"], 1, "400 is final: {bad}");
     assert!(bad["lastError"].as_str().unwrap().contains("400"), "{bad}");
     assert_eq!(pd.seen.accepted().len(), 1);
-    app.stop().await;
+    setup.app.stop().await;
 }
 
 #[tokio::test]
 async fn opsgenie_requests_are_checked_so_a_rejected_one_fails_on_the_run() {
     let og = Service::opsgenie().await;
-    let books = PlaybookDir::new(&[("playbooks/fails.yaml", FAILS)]);
-    secret_file(books.path(), "genie.key", GENIE_KEY);
-    let yaml = format!(
-        "og:\n  type: opsgenie\n  url: {}\n  api_key_file: {}/genie.key\n  responders: [{{type: team, name: SRE}}]\n  tags: [reactor]\n",
-        og.url(),
-        books.path().display()
-    );
-    let chans = channels(&yaml);
-    let (p, s) = (books.playbooks(), books.scripts());
-    let app = TestApp::spawn(move |settings| {
-        settings.playbooks_dir = p;
-        settings.scripts_dir = s;
-        settings.route.to = vec!["og".into()];
-        settings.channels = chans;
-    })
+    let setup = start(
+        &[],
+        &[("genie.key", GENIE_KEY)],
+        &format!(
+            "og:\n  type: opsgenie\n  url: {}\n  api_key_file: {{dir}}/genie.key\n  responders: [{{type: team, name: SRE}}]\n  tags: [reactor]\n",
+            og.url()
+        ),
+        |_| {},
+    )
     .await;
+    let app = &setup.app;
 
     app.post_webhook(&alert("a1b2c3d4e5f60003", "firing")).await;
     let runs = app
@@ -315,29 +311,22 @@ async fn opsgenie_requests_are_checked_so_a_rejected_one_fails_on_the_run() {
         "{:?}",
         og.seen.violations()
     );
-    app.stop().await;
+    setup.app.stop().await;
 }
 
 #[tokio::test]
 async fn slack_429_waits_for_retry_after_and_its_final_errors_are_recorded() {
     let slack = Service::slack().await;
     slack.seen.fail(429, 1);
-    let books = PlaybookDir::new(&[("playbooks/fails.yaml", FAILS)]);
     let hook = format!("{}/services/T000/B000/XXXXSECRET", slack.url());
-    secret_file(books.path(), "slack.url", &hook);
-    let yaml = format!(
-        "chat:\n  type: slack\n  url_file: {}/slack.url\n",
-        books.path().display()
-    );
-    let chans = channels(&yaml);
-    let (p, s) = (books.playbooks(), books.scripts());
-    let app = TestApp::spawn(move |settings| {
-        settings.playbooks_dir = p;
-        settings.scripts_dir = s;
-        settings.route.to = vec!["chat".into()];
-        settings.channels = chans;
-    })
+    let setup = start(
+        &[],
+        &[("slack.url", &hook)],
+        "chat:\n  type: slack\n  url_file: {dir}/slack.url\n",
+        |_| {},
+    )
     .await;
+    let app = &setup.app;
 
     let started = std::time::Instant::now();
     app.post_webhook(&alert("a1b2c3d4e5f60005", "firing")).await;
@@ -380,34 +369,25 @@ async fn slack_429_waits_for_retry_after_and_its_final_errors_are_recorded() {
         "{:?}",
         slack.seen.violations()
     );
-    app.stop().await;
+    setup.app.stop().await;
 }
 
 #[tokio::test]
 async fn teams_gets_one_adaptive_card_and_the_webhook_an_alertmanager_payload() {
     let teams = Service::teams().await;
     let hook = Service::webhook().await;
-    let books = PlaybookDir::new(&[("playbooks/fails.yaml", FAILS)]);
-    secret_file(
-        books.path(),
-        "teams.url",
-        &format!("{}/workflows/abc", teams.url()),
-    );
-    secret_file(books.path(), "hook.token", "hook-token");
-    let yaml = format!(
-        "teams:\n  type: msteams\n  url_file: {0}/teams.url\nhook:\n  type: webhook\n  url: {1}/hook\n  bearer_token_file: {0}/hook.token\n",
-        books.path().display(),
-        hook.url()
-    );
-    let chans = channels(&yaml);
-    let (p, s) = (books.playbooks(), books.scripts());
-    let app = TestApp::spawn(move |settings| {
-        settings.playbooks_dir = p;
-        settings.scripts_dir = s;
-        settings.route.to = vec!["teams".into(), "hook".into()];
-        settings.channels = chans;
-    })
+    let teams_url = format!("{}/workflows/abc", teams.url());
+    let setup = start(
+        &[],
+        &[("teams.url", &teams_url), ("hook.token", "hook-token")],
+        &format!(
+            "teams:\n  type: msteams\n  url_file: {{dir}}/teams.url\nhook:\n  type: webhook\n  url: {}/hook\n  bearer_token_file: {{dir}}/hook.token\n",
+            hook.url()
+        ),
+        |_| {},
+    )
     .await;
+    let app = &setup.app;
     app.post_webhook(&alert("a1b2c3d4e5f60007", "firing")).await;
     let cards = wait_accepted(&teams, 1, Duration::from_secs(20)).await;
     let card = &cards[0]["attachments"][0]["content"];
@@ -431,14 +411,15 @@ async fn teams_gets_one_adaptive_card_and_the_webhook_an_alertmanager_payload() 
     assert_eq!(posts[1]["status"], "resolved");
     assert_eq!(teams.seen.accepted().len(), 1);
     assert!(teams.seen.violations().is_empty() && hook.seen.violations().is_empty());
-    app.stop().await;
+    setup.app.stop().await;
 }
 
 #[tokio::test]
 async fn five_hundred_failures_in_ten_seconds_give_at_most_threshold_plus_one_pages() {
     let hook = Service::webhook().await;
     let setup = start(
-        &[("playbooks/fails.yaml", FAILS)],
+        &[],
+        &[("hook.token", "hook-token")],
         &format!(
             "hook:\n  type: webhook\n  url: {}/hook\n  bearer_token_file: {{dir}}/hook.token\n",
             hook.url()
@@ -451,8 +432,6 @@ async fn five_hundred_failures_in_ten_seconds_give_at_most_threshold_plus_one_pa
         },
     )
     .await;
-    // The token file is read at each send.
-    secret_file(setup._books.path(), "hook.token", "hook-token");
     let app = &setup.app;
     for batch in 0..50 {
         let alerts: Vec<(String, String)> = (0..10)
@@ -507,5 +486,5 @@ async fn five_hundred_failures_in_ten_seconds_give_at_most_threshold_plus_one_pa
         folded, 495,
         "the rest are recorded as folded into the summary"
     );
-    drop(setup);
+    setup.app.stop().await;
 }

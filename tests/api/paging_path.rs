@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::channels::{channels, secret_file};
+use crate::channels::{secret_file, start, wait_accepted};
 use crate::helpers::{
     free_port, get_runs, payload, run_binary, spawn_binary, wait_for, wait_healthy, Alertmanager,
-    PlaybookDir, Proc, TestApp,
+    PlaybookDir, Proc,
 };
 use crate::services::{Service, PD_ROUTING_KEY};
 
@@ -155,19 +155,17 @@ impl Smtp {
 #[tokio::test]
 async fn email_goes_through_a_real_smtp_server_with_text_and_html_and_the_run_link() {
     let smtp = Smtp::start().await;
-    let books = PlaybookDir::new(&[("playbooks/fails.yaml", FAILS)]);
-    let chans = channels(&format!(
-        "mail:\n  type: email\n  smarthost: 127.0.0.1:{}\n  tls: none\n  from: reactor@example.com\n  to: [oncall@example.com]\n",
-        smtp.port
-    ));
-    let (p, s) = (books.playbooks(), books.scripts());
-    let app = TestApp::spawn(move |settings| {
-        settings.playbooks_dir = p;
-        settings.scripts_dir = s;
-        settings.route.to = vec!["mail".into()];
-        settings.channels = chans;
-    })
+    let setup = start(
+        &[],
+        &[],
+        &format!(
+            "mail:\n  type: email\n  smarthost: 127.0.0.1:{}\n  tls: none\n  from: reactor@example.com\n  to: [oncall@example.com]\n",
+            smtp.port
+        ),
+        |_| {},
+    )
     .await;
+    let app = &setup.app;
     app.post_webhook(&payload(&[("DiskFull", "c1b2c3d4e5f60001")]))
         .await;
     let mail = wait_for(Duration::from_secs(20), || async { smtp.messages().pop() })
@@ -190,7 +188,14 @@ async fn email_goes_through_a_real_smtp_server_with_text_and_html_and_the_run_li
             .is_some_and(|run| run["notifications"][0]["state"] == "delivered")
     })
     .await;
-    app.stop().await;
+    setup.app.stop().await;
+}
+
+fn hook_channel(hook: &Service) -> String {
+    format!(
+        "hook:\n  type: webhook\n  url: {}/hook\n  bearer_token_file: {{dir}}/hook.token\n",
+        hook.url()
+    )
 }
 
 const NULL_ROUTE: &str = "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n";
@@ -200,24 +205,19 @@ async fn alertmanager_stopped_pages_the_watchdog_channel_once_and_resolves_when_
     let am_port = free_port();
     let am = Alertmanager::start(am_port, NULL_ROUTE).await;
     let hook = Service::webhook().await;
-    let books = PlaybookDir::new(&[]);
-    secret_file(books.path(), "hook.token", "hook-token");
-    let chans = channels(&format!(
-        "hook:\n  type: webhook\n  url: {}/hook\n  bearer_token_file: {}/hook.token\n",
-        hook.url(),
-        books.path().display()
-    ));
-    let (p, s, url) = (books.playbooks(), books.scripts(), am.url());
-    let app = TestApp::spawn(move |settings| {
-        settings.playbooks_dir = p;
-        settings.scripts_dir = s;
-        settings.alertmanager.url = Some(url);
-        settings.alertmanager.timeout = Duration::from_millis(500);
-        settings.watchdog.heartbeat_interval = Duration::from_millis(200);
-        settings.watchdog.alertmanager_down_after = Duration::from_secs(1);
-        settings.watchdog.channels = vec!["hook".into()];
-        settings.channels = chans;
-    })
+    let url = am.url();
+    let setup = start(
+        &[],
+        &[("hook.token", "hook-token")],
+        &hook_channel(&hook),
+        |s| {
+            s.alertmanager.url = Some(url);
+            s.alertmanager.timeout = Duration::from_millis(500);
+            s.watchdog.heartbeat_interval = Duration::from_millis(200);
+            s.watchdog.alertmanager_down_after = Duration::from_secs(1);
+            s.watchdog.channels = vec!["hook".into()];
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -227,12 +227,7 @@ async fn alertmanager_stopped_pages_the_watchdog_channel_once_and_resolves_when_
 
     drop(am);
     let stopped = std::time::Instant::now();
-    let posts = wait_for(Duration::from_secs(20), || async {
-        let a = hook.seen.accepted();
-        (!a.is_empty()).then_some(a)
-    })
-    .await
-    .expect("the watchdog channel is paged");
+    let posts = wait_accepted(&hook, 1, Duration::from_secs(20)).await;
     // alertmanager_down_after + one heartbeat, with room for the stand-in's delivery.
     assert!(
         stopped.elapsed() < Duration::from_secs(5),
@@ -252,38 +247,28 @@ async fn alertmanager_stopped_pages_the_watchdog_channel_once_and_resolves_when_
     );
 
     let _am = Alertmanager::start(am_port, NULL_ROUTE).await;
-    let posts = wait_for(Duration::from_secs(20), || async {
-        let a = hook.seen.accepted();
-        (a.len() >= 2).then_some(a)
-    })
-    .await
-    .expect("the page resolves when Alertmanager answers again");
+    let posts = wait_accepted(&hook, 2, Duration::from_secs(20)).await;
     assert_eq!(posts[1]["status"], "resolved");
     assert_eq!(posts[1]["groupKey"], posts[0]["groupKey"]);
-    app.stop().await;
+    setup.app.stop().await;
 }
 
 #[tokio::test]
 async fn the_dead_mans_switch_pages_when_its_alert_stops_and_resolves_when_it_returns() {
     let hook = Service::webhook().await;
-    let books = PlaybookDir::new(&[]);
-    secret_file(books.path(), "hook.token", "hook-token");
-    let chans = channels(&format!(
-        "hook:\n  type: webhook\n  url: {}/hook\n  bearer_token_file: {}/hook.token\n",
-        hook.url(),
-        books.path().display()
-    ));
-    let (p, s) = (books.playbooks(), books.scripts());
-    let app = TestApp::spawn(move |settings| {
-        settings.playbooks_dir = p;
-        settings.scripts_dir = s;
-        settings.watchdog.heartbeat_interval = Duration::from_millis(200);
-        settings.watchdog.channels = vec!["hook".into()];
-        settings.deadman.alertname = Some("Watchdog".into());
-        settings.deadman.after = Duration::from_millis(1500);
-        settings.channels = chans;
-    })
+    let setup = start(
+        &[],
+        &[("hook.token", "hook-token")],
+        &hook_channel(&hook),
+        |s| {
+            s.watchdog.heartbeat_interval = Duration::from_millis(200);
+            s.watchdog.channels = vec!["hook".into()];
+            s.deadman.alertname = Some("Watchdog".into());
+            s.deadman.after = Duration::from_millis(1500);
+        },
+    )
     .await;
+    let app = &setup.app;
     let watchdog = payload(&[("Watchdog", "d1b2c3d4e5f60001")]);
     for _ in 0..10 {
         app.post_webhook(&watchdog).await;
@@ -294,24 +279,14 @@ async fn the_dead_mans_switch_pages_when_its_alert_stops_and_resolves_when_it_re
         "the switch's alert arrives: no page"
     );
 
-    let posts = wait_for(Duration::from_secs(20), || async {
-        let a = hook.seen.accepted();
-        (!a.is_empty()).then_some(a)
-    })
-    .await
-    .expect("the monitoring pipeline is paged broken");
+    let posts = wait_accepted(&hook, 1, Duration::from_secs(20)).await;
     assert_eq!(posts[0]["alerts"][0]["labels"]["check"], "deadman");
     assert_eq!(posts[0]["status"], "firing");
 
     app.post_webhook(&watchdog).await;
-    let posts = wait_for(Duration::from_secs(20), || async {
-        let a = hook.seen.accepted();
-        (a.len() >= 2).then_some(a)
-    })
-    .await
-    .expect("the page resolves when the alert returns");
+    let posts = wait_accepted(&hook, 2, Duration::from_secs(20)).await;
     assert_eq!(posts[1]["status"], "resolved");
-    app.stop().await;
+    setup.app.stop().await;
 }
 
 #[test]
