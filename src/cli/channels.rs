@@ -92,6 +92,15 @@ pub(super) async fn test(settings: Settings, name: &str) -> ExitCode {
     match channels.send(name, &notice, Action::Trigger).await {
         Ok(sent) => {
             println!("ok: {name} ({kind}) accepted the test notification");
+            if channel.send_resolved() {
+                // A test must not leave an incident open (PagerDuty pages on-call for it).
+                match channels.send(name, &notice, Action::Resolve).await {
+                    Ok(_) => println!("ok: {name} ({kind}) accepted its resolution"),
+                    Err(e) => {
+                        eprintln!("warning: {name}: resolving the test notification failed: {e}")
+                    }
+                }
+            }
             if let Some(id) = sent.request_id {
                 println!("request id: {id}");
                 for _ in 0..10 {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::alertmanager::Secret;
-use super::duration;
+use super::{duration, InvalidSetting, Settings};
 
 /// The name of the channel that posts pages into Alertmanager (today's behaviour).
 pub const ALERTMANAGER_CHANNEL: &str = "alertmanager";
@@ -361,10 +361,12 @@ pub fn resolve_channels(
                     .into(),
             ));
         }
+        // A URL may carry a password: messages show it without.
         let check_url = |url: &str| -> Result<(), String> {
-            let u = reqwest::Url::parse(url).map_err(|e| format!("url {url:?}: {e}"))?;
+            let shown = super::alertmanager::redact_userinfo(url);
+            let u = reqwest::Url::parse(url).map_err(|e| format!("url {shown:?}: {e}"))?;
             if !matches!(u.scheme(), "http" | "https") {
-                return Err(format!("url {url:?}: expected http:// or https://"));
+                return Err(format!("url {shown:?}: expected http:// or https://"));
             }
             Ok(())
         };
@@ -429,4 +431,80 @@ pub fn resolve_channels(
         }
     }
     Ok(())
+}
+
+impl Settings {
+    /// The paging settings: channel names in routes, storm control and the dead man's switch.
+    pub(super) fn validate_paging(&self) -> Result<(), InvalidSetting> {
+        use crate::bounds::*;
+        let c = |field: &'static str, v: usize, r: Count| {
+            r.check(field, v as u64)
+                .map(drop)
+                .map_err(|message| InvalidSetting { field, message })
+        };
+        let d = |field: &'static str, v: Duration, r: Span| {
+            r.check(field, v)
+                .map(drop)
+                .map_err(|message| InvalidSetting { field, message })
+        };
+        let w = &self.watchdog;
+        d(
+            "watchdog.alertmanager_down_after",
+            w.alertmanager_down_after,
+            WATCHDOG_INTERVAL,
+        )?;
+        let names = self.channel_names();
+        let known = |field: &'static str, list: &[String]| match list
+            .iter()
+            .find(|n| !names.contains(&n.as_str()))
+        {
+            Some(n) => Err(InvalidSetting {
+                field,
+                message: format!(
+                    "{field}: unknown channel {n:?} (channels: {})",
+                    names.join(", ")
+                ),
+            }),
+            None => Ok(()),
+        };
+        known("route.to", &self.route.to)?;
+        if self.route.to.is_empty() {
+            return Err(InvalidSetting {
+                field: "route.to",
+                message: "route.to: name at least one channel (alertmanager is the built-in one)"
+                    .into(),
+            });
+        }
+        known("watchdog.channels", &self.watchdog.channels)?;
+        if self
+            .watchdog
+            .channels
+            .iter()
+            .any(|c| c == ALERTMANAGER_CHANNEL)
+        {
+            return Err(InvalidSetting {
+                field: "watchdog.channels",
+                message: "watchdog.channels: alertmanager cannot carry the pages about a broken paging path (it reaches Alertmanager already, with ReactorUnhealthy); name channels of `channels:`".into(),
+            });
+        }
+        c(
+            "storm.threshold",
+            self.storm.threshold as usize,
+            STORM_THRESHOLD,
+        )?;
+        d("storm.window", self.storm.window, STORM_WINDOW)?;
+        d(
+            "storm.summary_after",
+            self.storm.summary_after,
+            STORM_WINDOW,
+        )?;
+        if self.storm.summary_after > self.storm.window {
+            return Err(InvalidSetting {
+                field: "storm.summary_after",
+                message: "storm.summary_after must not exceed storm.window".into(),
+            });
+        }
+        d("deadman.after", self.deadman.after, WATCHDOG_INTERVAL)?;
+        Ok(())
+    }
 }

@@ -397,45 +397,7 @@ impl Settings {
         d("watchdog.stall_after", w.stall_after, WATCHDOG_INTERVAL)?;
         d("watchdog.stuck_grace", w.stuck_grace, WATCHDOG_INTERVAL)?;
         d("watchdog.backlog_after", w.backlog_after, WATCHDOG_INTERVAL)?;
-        d(
-            "watchdog.alertmanager_down_after",
-            w.alertmanager_down_after,
-            WATCHDOG_INTERVAL,
-        )?;
-        let names = self.channel_names();
-        let known = |field: &'static str, list: &[String]| match list
-            .iter()
-            .find(|n| !names.contains(&n.as_str()))
-        {
-            Some(n) => Err(InvalidSetting {
-                field,
-                message: format!(
-                    "{field}: unknown channel {n:?} (channels: {})",
-                    names.join(", ")
-                ),
-            }),
-            None => Ok(()),
-        };
-        known("route.to", &self.route.to)?;
-        known("watchdog.channels", &self.watchdog.channels)?;
-        c(
-            "storm.threshold",
-            self.storm.threshold as usize,
-            STORM_THRESHOLD,
-        )?;
-        d("storm.window", self.storm.window, STORM_WINDOW)?;
-        d(
-            "storm.summary_after",
-            self.storm.summary_after,
-            STORM_WINDOW,
-        )?;
-        if self.storm.summary_after > self.storm.window {
-            return Err(InvalidSetting {
-                field: "storm.summary_after",
-                message: "storm.summary_after must not exceed storm.window".into(),
-            });
-        }
-        d("deadman.after", self.deadman.after, WATCHDOG_INTERVAL)?;
+        self.validate_paging()?;
         let h = &self.history;
         d("history.max_age", h.max_age, HISTORY_MAX_AGE)?;
         c("history.max_runs", h.max_runs, HISTORY_MAX_RUNS)?;

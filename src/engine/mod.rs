@@ -318,13 +318,25 @@ impl Engine {
         let page = self
             .escalator
             .page_for(alertname, &run, playbook, &self.run_url(run.id), now);
-        let route = self.route_of(playbook);
-        let channels: Vec<String> = route
-            .iter()
-            .filter(|c| *c != ALERTMANAGER_CHANNEL)
-            .cloned()
-            .collect();
-        let to_alertmanager = route.iter().any(|c| c == ALERTMANAGER_CHANNEL);
+        // A run escalated before (and caught by a crash on the way) keeps the channels it
+        // recorded; a reload since must not page others for it.
+        let (to_alertmanager, channels): (bool, Vec<String>) =
+            if run.escalation.is_some() || !run.notifications.is_empty() {
+                let recorded = run
+                    .notifications
+                    .iter()
+                    .map(|n| n.channel.clone())
+                    .collect();
+                (run.escalation.is_some(), recorded)
+            } else {
+                let route = self.route_of(playbook);
+                let others = route
+                    .iter()
+                    .filter(|c| *c != ALERTMANAGER_CHANNEL)
+                    .cloned()
+                    .collect();
+                (route.iter().any(|c| c == ALERTMANAGER_CHANNEL), others)
+            };
         let status = if self.escalator.configured() {
             DeliveryStatus::Pending
         } else {

@@ -55,7 +55,10 @@ pub(super) fn for_run(run: &Run, page: &PostableAlert, alertname: &str) -> Notic
     Notice {
         kind: Kind::Run,
         dedup_key: dedup_key(run),
-        summary: annotation("summary"),
+        // Services refuse an empty summary (PagerDuty's is required, Slack's header too).
+        summary: Some(annotation("summary"))
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| format!("Remediation failed for {}", run.alert.alertname())),
         description: annotation("description"),
         severity: Severity::from_label(page.labels.get("severity").map_or("", String::as_str)),
         source,

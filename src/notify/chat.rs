@@ -66,10 +66,12 @@ pub(super) fn slack_body(notice: &Notice, action: Action) -> serde_json::Value {
 }
 
 pub(super) fn teams_body(notice: &Notice, action: Action) -> serde_json::Value {
+    // Teams refuses a message over about 28 KB: every text is cut to fit.
     let facts: Vec<_> = notice
         .facts()
         .into_iter()
-        .map(|(k, v)| json!({"title": k, "value": v}))
+        .take(10)
+        .map(|(k, v)| json!({"title": ellipsize(&k, 100), "value": ellipsize(&v, FIELD_MAX)}))
         .collect();
     let mut actions = Vec::new();
     if !notice.link.is_empty() {
@@ -86,9 +88,9 @@ pub(super) fn teams_body(notice: &Notice, action: Action) -> serde_json::Value {
                 "type": "AdaptiveCard",
                 "version": "1.4",
                 "body": [
-                    {"type": "TextBlock", "text": title(notice, action), "weight": "Bolder",
-                     "size": "Medium", "wrap": true},
-                    {"type": "TextBlock", "text": notice.description, "wrap": true},
+                    {"type": "TextBlock", "text": ellipsize(&title(notice, action), HEADER_MAX * 2),
+                     "weight": "Bolder", "size": "Medium", "wrap": true},
+                    {"type": "TextBlock", "text": ellipsize(&notice.description, TEXT_MAX), "wrap": true},
                     {"type": "FactSet", "facts": facts},
                 ],
                 "actions": actions,

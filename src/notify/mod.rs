@@ -249,12 +249,24 @@ impl Channels {
         name: &str,
         request_id: &str,
     ) -> Result<RequestStatus, SendError> {
-        match self.get(name).map(|c| &c.kind) {
-            Some(ChannelKind::Opsgenie(c)) => {
-                opsgenie::request_status(&self.client, c, request_id).await
-            }
-            _ => Ok(RequestStatus::Succeeded),
-        }
+        let Some(channel) = self.get(name) else {
+            return Ok(RequestStatus::Succeeded);
+        };
+        let ChannelKind::Opsgenie(c) = &channel.kind else {
+            return Ok(RequestStatus::Succeeded);
+        };
+        let timeout = channel.timeout();
+        tokio::time::timeout(
+            timeout,
+            opsgenie::request_status(&self.client, c, request_id),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(SendError::retry(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            )))
+        })
     }
 }
 

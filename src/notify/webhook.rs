@@ -6,6 +6,14 @@ use serde_json::json;
 use super::{call, Action, Notice, SendError, Sent};
 use crate::config::WebhookSettings;
 
+/// 16 hex digits naming `key` (FNV-1a), stable across restarts and versions.
+fn fingerprint(key: &str) -> String {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
 pub(super) fn body(receiver: &str, notice: &Notice, action: Action) -> serde_json::Value {
     let status = match action {
         Action::Trigger => "firing",
@@ -32,7 +40,8 @@ pub(super) fn body(receiver: &str, notice: &Notice, action: Action) -> serde_jso
             "startsAt": notice.at.to_string(),
             "endsAt": ends_at,
             "generatorURL": notice.link,
-            "fingerprint": notice.dedup_key,
+            // Alertmanager's fingerprints are 16 hex digits; consumers may parse them.
+            "fingerprint": fingerprint(&notice.dedup_key),
         }],
     })
 }

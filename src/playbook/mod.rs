@@ -339,15 +339,23 @@ impl Playbooks {
             .iter()
             .filter_map(|p| {
                 let (to, line) = p.escalate.to.as_ref()?;
-                let unknown = to.iter().find(|n| !known.contains(&n.as_str()))?;
-                Some(loader::LoadError {
-                    file: p.origin.file.clone(),
-                    line: Some(*line),
-                    message: format!(
+                let message = match to.iter().find(|n| !known.contains(&n.as_str())) {
+                    Some(unknown) => format!(
                         "playbook {:?}: escalate.to: unknown channel {unknown:?} (channels: {})",
                         p.name,
                         known.join(", ")
                     ),
+                    None if to.is_empty() => format!(
+                        "playbook {:?}: escalate.to: name at least one channel ({})",
+                        p.name,
+                        known.join(", ")
+                    ),
+                    None => return None,
+                };
+                Some(loader::LoadError {
+                    file: p.origin.file.clone(),
+                    line: Some(*line),
+                    message,
                 })
             })
             .collect();

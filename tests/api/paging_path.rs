@@ -385,8 +385,18 @@ async fn channels_test_sends_a_labelled_test_notification_and_prints_the_answer(
         out.contains("ok: pd (pagerduty) accepted the test notification"),
         "{out}"
     );
+    assert!(
+        out.contains("ok: pd (pagerduty) accepted its resolution"),
+        "{out}"
+    );
     let sent = pd.seen.accepted();
-    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent.len(),
+        2,
+        "the test page, then its resolution: {sent:?}"
+    );
+    assert_eq!(sent[1]["event_action"], "resolve");
+    assert_eq!(sent[1]["dedup_key"], sent[0]["dedup_key"]);
     let summary = sent[0]["payload"]["summary"].as_str().unwrap();
     assert!(summary.contains("test notification"), "{summary}");
     assert!(!out.contains(PD_ROUTING_KEY) && !err.contains(PD_ROUTING_KEY));

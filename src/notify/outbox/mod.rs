@@ -12,24 +12,20 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
-use super::{Action, Channels, Kind, Notice, RequestStatus, Sent, Severity};
-use crate::clock::{later, Clock};
+mod send;
+mod storm;
+
+pub use send::send_loop;
+
+use super::{Action, Channels, Notice};
 use crate::config::StormSettings;
 use crate::domain::Fingerprint;
 use crate::history::{NotificationRecord, RunId, Store, StoreError};
-use crate::metrics::Metrics;
-
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-const BASE_BACKOFF: Duration = Duration::from_secs(1);
-/// How often a request the service took for later is asked about before reactor gives up.
-const MAX_CHECKS: u32 = 20;
 
 /// Where one page on one channel stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +93,10 @@ pub struct Entry {
     /// The storm summary this page was folded into.
     #[serde(default)]
     pub folded_into: Option<String>,
+    /// The problem was fixed while the service still processed the trigger (Opsgenie): resolve
+    /// once the trigger is processed, so the close cannot overtake the create.
+    #[serde(default)]
+    pub resolve_after: bool,
     /// A storm summary: the pages folded into it that have not resolved yet.
     #[serde(default)]
     pub open_folds: Vec<String>,
@@ -130,6 +130,7 @@ impl Entry {
             request_id: None,
             resolved_at: None,
             folded_into: None,
+            resolve_after: false,
             open_folds: Vec::new(),
             folded_total: 0,
             by_playbook: BTreeMap::new(),
@@ -168,6 +169,11 @@ pub struct Notifier {
     tree: sled::Tree,
     /// `fingerprint 0x00 entry-key`, so resolving an alert's pages reads only its entries.
     by_alert: sled::Tree,
+    /// The keys of entries waiting to be sent or checked, so the sender does not read the
+    /// settled ones. A hint: a full pass now and then catches what a race left out of it.
+    due: sled::Tree,
+    /// When the sender last read every entry.
+    full_pass: Arc<Mutex<Option<std::time::Instant>>>,
     store: Store,
     wake: Arc<Notify>,
     storm: StormSettings,
@@ -188,6 +194,8 @@ impl Notifier {
             channels,
             tree: store.tree("notify_outbox")?,
             by_alert: store.tree("notify_by_alert")?,
+            due: store.tree("notify_due")?,
+            full_pass: Arc::default(),
             store: store.clone(),
             wake: Arc::new(Notify::new()),
             storm,
@@ -200,28 +208,6 @@ impl Notifier {
 
     pub fn channels(&self) -> &Channels {
         &self.channels
-    }
-
-    /// Storm control's counts survive a restart: pages stored within the window, and the summary
-    /// still gathering.
-    fn restore_windows(&self, now: Timestamp) -> Result<(), StoreError> {
-        let since = crate::clock::earlier(now, self.storm.window);
-        let mut windows = self.windows.lock().unwrap();
-        for e in self.entries()? {
-            if e.created < since {
-                continue;
-            }
-            let w = windows.entry(e.channel.clone()).or_default();
-            match e.notice.kind {
-                Kind::Run if e.state != State::Folded => w.stored.push_back(e.created),
-                Kind::Storm => w.storm = Some((e.key.clone(), e.created)),
-                _ => {}
-            }
-        }
-        for w in windows.values_mut() {
-            w.stored.make_contiguous().sort();
-        }
-        Ok(())
     }
 
     fn entries(&self) -> Result<Vec<Entry>, StoreError> {
@@ -247,6 +233,15 @@ impl Notifier {
             e.key.as_bytes(),
             serde_json::to_vec(e).expect("an entry serializes"),
         )?;
+        self.index_due(e)
+    }
+
+    fn index_due(&self, e: &Entry) -> Result<(), StoreError> {
+        if e.state.due() {
+            self.due.insert(e.key.as_bytes(), &[])?;
+        } else {
+            self.due.remove(e.key.as_bytes())?;
+        }
         Ok(())
     }
 
@@ -272,6 +267,7 @@ impl Notifier {
                 .compare_and_swap(key.as_bytes(), Some(&old), Some(new))?
                 .is_ok()
             {
+                self.index_due(&e)?;
                 return Ok(Some(e));
             }
         }
@@ -291,6 +287,8 @@ impl Notifier {
         let mut stored = Vec::new();
         for channel in channels {
             let key = format!("run/{run}/{channel}");
+            // The index first: an entry is never stored without it, even across a crash.
+            self.by_alert.insert(index_key(fingerprint, &key), &[])?;
             if let Some(existing) = self.get(&key)? {
                 self.record_on_run(&existing, now)?;
                 continue;
@@ -298,21 +296,31 @@ impl Notifier {
             let mut e = Entry::new(key, channel, notice.clone(), now);
             e.run = Some(run);
             e.fingerprint = Some(fingerprint.clone());
-            if let Some(summary) = self.fold_into(channel, now)? {
+            self.supersede_resolutions(fingerprint, channel, &notice.dedup_key, now)?;
+            let summary = self.fold_into(channel, now)?;
+            if let Some(summary) = &summary {
                 e.state = State::Folded;
                 e.folded_into = Some(summary.clone());
-                self.update(&summary, |s| {
-                    s.open_folds.push(e.key.clone());
-                    s.folded_total += 1;
-                    *s.by_playbook.entry(notice.component.clone()).or_default() += 1;
-                    *s.by_target.entry(notice.source.clone()).or_default() += 1;
-                })?;
             }
             self.put(&e)?;
-            let mut index = fingerprint.as_str().as_bytes().to_vec();
-            index.push(0);
-            index.extend_from_slice(e.key.as_bytes());
-            self.by_alert.insert(index, &[])?;
+            if let Some(summary) = summary {
+                let mut folded = false;
+                self.update(&summary, |s| {
+                    // Closed meanwhile (its folded pages all resolved): this page goes alone.
+                    folded = matches!(s.state, State::Pending | State::Checking | State::Delivered);
+                    if folded {
+                        s.open_folds.push(e.key.clone());
+                        s.folded_total += 1;
+                        *s.by_playbook.entry(notice.component.clone()).or_default() += 1;
+                        *s.by_target.entry(notice.source.clone()).or_default() += 1;
+                    }
+                })?;
+                if !folded {
+                    e.state = State::Pending;
+                    e.folded_into = None;
+                    self.put(&e)?;
+                }
+            }
             self.record_on_run(&e, now)?;
             stored.push(e);
         }
@@ -323,54 +331,45 @@ impl Notifier {
         Ok(stored)
     }
 
-    /// Counts a page for `channel`; past the threshold, returns the key of the storm summary to
-    /// fold it into (stored first when there is none).
-    fn fold_into(&self, channel: &str, now: Timestamp) -> Result<Option<String>, StoreError> {
-        if self.storm.threshold == 0 {
-            return Ok(None);
-        }
-        let since = crate::clock::earlier(now, self.storm.window);
-        let mut windows = self.windows.lock().unwrap();
-        let w = windows.entry(channel.to_owned()).or_default();
-        while w.stored.front().is_some_and(|t| *t < since) {
-            w.stored.pop_front();
-        }
-        if (w.stored.len() as u64) < u64::from(self.storm.threshold) {
-            w.stored.push_back(now);
-            return Ok(None);
-        }
-        if let Some((key, started)) = &w.storm {
-            if *started >= since {
-                if let Some(s) = self.get(key)? {
-                    if matches!(s.state, State::Pending | State::Checking | State::Delivered) {
-                        return Ok(Some(s.key));
+    /// A new trigger for `dedup_key` on `channel` reopens (or updates) the service's incident: a
+    /// resolution of an earlier page with that key still waiting to be sent would close it, so
+    /// it is dropped.
+    fn supersede_resolutions(
+        &self,
+        fingerprint: &Fingerprint,
+        channel: &str,
+        dedup_key: &str,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        for e in self.entries_of(fingerprint)? {
+            if e.state == State::Resolving
+                && e.channel == channel
+                && e.notice.dedup_key == dedup_key
+            {
+                self.update(&e.key, |x| {
+                    if x.state == State::Resolving {
+                        x.state = State::Resolved;
+                        x.resolved_at = Some(now);
+                        x.last_error =
+                            Some("not sent: a new page with the same key came first".into());
                     }
-                }
+                })?;
             }
         }
-        let key = format!("storm/{channel}/{}", now.as_millisecond());
-        let notice = Notice {
-            kind: Kind::Storm,
-            dedup_key: format!("reactor/storm/{channel}/{}", now.as_millisecond()),
-            summary: String::new(),
-            description: String::new(),
-            severity: Severity::Critical,
-            source: "reactor".into(),
-            component: "reactor".into(),
-            group: String::new(),
-            class: "RemediationStorm".into(),
-            link: format!("{}/api/v1/runs?outcome=failed", self.external_url),
-            labels: [("alertname".to_owned(), "RemediationStorm".to_owned())].into(),
-            annotations: Default::default(),
-            details: Default::default(),
-            at: now,
-        };
-        let mut s = Entry::new(key.clone(), channel, notice, now);
-        s.next_attempt = later(now, self.storm.summary_after);
-        self.put(&s)?;
-        w.storm = Some((key.clone(), now));
-        tracing::warn!(%channel, threshold = self.storm.threshold, "page storm: further pages are folded into one summary");
-        Ok(Some(key))
+        Ok(())
+    }
+
+    /// The entries of the alert behind `fingerprint`, through the index.
+    fn entries_of(&self, fingerprint: &Fingerprint) -> Result<Vec<Entry>, StoreError> {
+        let prefix = index_key(fingerprint, "");
+        let mut out = Vec::new();
+        for kv in self.by_alert.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            if let Some(e) = self.get(&String::from_utf8_lossy(&k[prefix.len()..]))? {
+                out.push(e);
+            }
+        }
+        Ok(out)
     }
 
     /// Pages (`firing`) or resolves a watchdog condition named `check` on `channels`. Idempotent:
@@ -388,16 +387,27 @@ impl Notifier {
         let mut built: Option<Notice> = None;
         for channel in channels {
             let key = format!("watchdog/{check}/{channel}");
-            let existing = self.get(&key)?;
-            let open = existing.as_ref().is_some_and(|e| {
-                matches!(e.state, State::Pending | State::Checking | State::Delivered)
+            let state = self.get(&key)?.map(|e| (e.state, e.action));
+            // A page refused for good counts as sent until the condition clears: it is not sent
+            // again at every heartbeat.
+            let paged = state.is_some_and(|(s, a)| {
+                matches!(s, State::Pending | State::Delivered | State::Failed)
+                    || (s == State::Checking && a == Action::Trigger)
             });
-            if firing && !open {
+            if firing && state.is_none_or(|(s, _)| matches!(s, State::Resolved | State::Cancelled))
+            {
                 let n = built.get_or_insert_with(|| (notice.take().expect("built once"))());
                 self.put(&Entry::new(key, channel, n.clone(), now))?;
                 changed = true;
-            } else if !firing && open {
-                self.update(&key, |e| self.close(e, now))?;
+            } else if !firing && paged {
+                self.update(&key, |e| {
+                    if e.state == State::Failed {
+                        e.state = State::Resolved;
+                        e.resolved_at = Some(now);
+                    } else {
+                        self.close(e, now);
+                    }
+                })?;
                 changed = true;
             }
         }
@@ -415,11 +425,16 @@ impl Notifier {
             .channels
             .get(&e.channel)
             .is_some_and(|c| c.send_resolved());
+        if e.state == State::Checking && e.action == Action::Trigger {
+            // The service is still processing the trigger: resolve once it has.
+            e.resolve_after = true;
+            return;
+        }
         e.state = match e.state {
             State::Pending => State::Cancelled,
-            State::Checking if e.action == Action::Resolve => State::Resolving,
-            State::Delivered | State::Checking if send_resolved => State::Resolving,
-            State::Delivered | State::Checking | State::Folded => State::Resolved,
+            State::Checking => State::Resolving,
+            State::Delivered if send_resolved => State::Resolving,
+            State::Delivered | State::Folded => State::Resolved,
             other => other,
         };
         if e.state == State::Resolving {
@@ -440,22 +455,23 @@ impl Notifier {
         fingerprint: &Fingerprint,
         now: Timestamp,
     ) -> Result<Vec<RunId>, StoreError> {
-        let mut prefix = fingerprint.as_str().as_bytes().to_vec();
-        prefix.push(0);
         let mut runs = Vec::new();
-        let mut resolving: Vec<(String, String)> = Vec::new();
-        for kv in self.by_alert.scan_prefix(&prefix) {
-            let (k, _) = kv?;
-            self.by_alert.remove(&k)?;
-            let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        let entries = self.entries_of(fingerprint)?;
+        // One resolution per channel and dedup key: those already on their way count.
+        let mut resolving: Vec<(String, String)> = entries
+            .iter()
+            .filter(|e| e.state == State::Resolving)
+            .map(|e| (e.channel.clone(), e.notice.dedup_key.clone()))
+            .collect();
+        for entry in entries {
             let mut folded_into = None;
             let mut closed = false;
-            let updated = self.update(&key, |e| {
+            let updated = self.update(&entry.key, |e| {
                 folded_into = None;
                 closed = matches!(
                     e.state,
                     State::Pending | State::Checking | State::Delivered | State::Folded
-                );
+                ) && !e.resolve_after;
                 if !closed {
                     return;
                 }
@@ -463,13 +479,10 @@ impl Notifier {
                     folded_into = e.folded_into.clone();
                 }
                 self.close(e, now);
-                if e.state == State::Resolving {
-                    let id = (e.channel.clone(), e.notice.dedup_key.clone());
-                    // One resolution per channel and dedup key.
-                    if resolving.contains(&id) || self.resolution_pending(&id).unwrap_or(false) {
-                        e.state = State::Resolved;
-                        e.resolved_at = Some(now);
-                    }
+                let id = (e.channel.clone(), e.notice.dedup_key.clone());
+                if e.state == State::Resolving && resolving.contains(&id) {
+                    e.state = State::Resolved;
+                    e.resolved_at = Some(now);
                 }
             })?;
             let Some(e) = updated.filter(|_| closed) else {
@@ -489,26 +502,6 @@ impl Notifier {
             self.wake.notify_one();
         }
         Ok(runs)
-    }
-
-    /// Whether another entry is already sending the resolution for this channel and dedup key.
-    fn resolution_pending(&self, id: &(String, String)) -> Result<bool, StoreError> {
-        // Rare enough (several delivered pages of one target) to scan only on demand.
-        Ok(self.entries()?.iter().any(|e| {
-            e.state == State::Resolving && e.channel == id.0 && e.notice.dedup_key == id.1
-        }))
-    }
-
-    fn unfold(&self, summary: &str, folded: &str, now: Timestamp) -> Result<(), StoreError> {
-        self.update(summary, |s| {
-            s.open_folds.retain(|k| k != folded);
-            if s.open_folds.is_empty() {
-                // Every page folded into it resolved: so does the summary (cancelled if not sent
-                // yet; a later fold opens a new one).
-                self.close(s, now);
-            }
-        })?;
-        Ok(())
     }
 
     /// Copies an entry's state onto its run.
@@ -542,13 +535,42 @@ impl Notifier {
         Ok(())
     }
 
-    /// Entries waiting to be sent or checked.
+    /// Entries waiting to be sent or checked: those the index names, and once a minute (and at
+    /// the first call) every entry, which also mends the index.
     pub fn pending(&self) -> Result<Vec<Entry>, StoreError> {
-        Ok(self
-            .entries()?
-            .into_iter()
-            .filter(|e| e.state.due())
-            .collect())
+        let full = {
+            let mut last = self.full_pass.lock().unwrap();
+            let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60));
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        let mut out = Vec::new();
+        if full {
+            for e in self.entries()? {
+                self.index_due(&e)?;
+                if e.state.due() {
+                    out.push(e);
+                }
+            }
+            return Ok(out);
+        }
+        for kv in self.due.iter() {
+            let (k, _) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            match self.get(&key)? {
+                Some(e) if e.state.due() => out.push(e),
+                _ => {
+                    self.due.remove(&k)?;
+                    // Made due again in between: keep it named.
+                    if let Some(e) = self.get(&key)? {
+                        self.index_due(&e)?;
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Removes settled entries of runs below `seq` (retention) and settled watchdog, storm and
@@ -557,327 +579,43 @@ impl Notifier {
         let mut n = 0;
         for e in self.entries()? {
             let settled = matches!(e.state, State::Resolved | State::Cancelled | State::Failed);
-            let old = match e.run {
-                Some(run) => run.seq < seq,
-                None => e.created < before,
+            let (old, done) = match e.run {
+                // A run retention removed: its pages are forgotten, open or not.
+                Some(run) => (
+                    run.seq < seq,
+                    settled || matches!(e.state, State::Delivered | State::Folded),
+                ),
+                None => (e.created < before, settled),
             };
-            if settled && old {
+            if done && old {
                 self.tree.remove(e.key.as_bytes())?;
+                self.due.remove(e.key.as_bytes())?;
+                if let Some(fp) = &e.fingerprint {
+                    self.by_alert.remove(index_key(fp, &e.key))?;
+                }
                 n += 1;
             }
         }
         Ok(n)
     }
-
-    /// Sends `e` (one attempt) and stores what came of it. The entry may have changed while the
-    /// request was out (the alert resolved, pages were folded into a summary): what came of the
-    /// attempt is applied to the entry as it is then.
-    async fn deliver(
-        &self,
-        mut e: Entry,
-        clock: &dyn Clock,
-        metrics: &Metrics,
-    ) -> Result<(), StoreError> {
-        if e.notice.kind == Kind::Storm && e.action == Action::Trigger {
-            self.describe_storm(&mut e);
-        }
-        let (start_state, start_action) = (e.state, e.action);
-        let action = if e.state == State::Resolving {
-            Action::Resolve
-        } else {
-            e.action
-        };
-        let checking = e.state == State::Checking;
-        let attempts = e.attempts + 1;
-        let result = if checking {
-            let id = e.request_id.clone().unwrap_or_default();
-            match self.channels.request_status(&e.channel, &id).await {
-                Ok(RequestStatus::Succeeded) => Ok(Sent::default()),
-                Ok(RequestStatus::Processing) if attempts < MAX_CHECKS => Err(
-                    super::SendError::retry("the service has not processed the request yet"),
-                ),
-                Ok(RequestStatus::Processing) => Err(super::SendError::final_(format!(
-                    "request {id} was still not processed after {MAX_CHECKS} checks"
-                ))),
-                Ok(RequestStatus::Failed(why)) => Err(super::SendError::final_(format!(
-                    "the service rejected request {id}: {why}"
-                ))),
-                Err(err) => Err(err),
-            }
-        } else {
-            self.channels.send(&e.channel, &e.notice, action).await
-        };
-        let now = clock.now();
-        let channel = e.channel.clone();
-        let send_resolved = self
-            .channels
-            .get(&channel)
-            .is_some_and(|c| c.send_resolved());
-        let storm_text = (e.notice.kind == Kind::Storm).then(|| e.notice.clone());
-        let outcome = |x: &mut Entry| {
-            if let Some(n) = &storm_text {
-                x.notice = n.clone();
-            }
-            if x.state != start_state || x.action != start_action {
-                // Changed while the request was out: the alert resolved. A trigger that got
-                // through after all must be resolved too.
-                let sent_trigger = action == Action::Trigger && result.is_ok();
-                if sent_trigger && matches!(x.state, State::Cancelled) {
-                    if send_resolved {
-                        x.state = State::Resolving;
-                        x.action = Action::Resolve;
-                        x.attempts = 0;
-                        x.next_attempt = now;
-                        x.resolved_at = None;
-                    } else {
-                        x.state = State::Resolved;
-                    }
-                }
-                return;
-            }
-            x.attempts = attempts;
-            match &result {
-                Ok(Sent {
-                    request_id: Some(id),
-                }) if !checking => {
-                    // Taken for later: check the request before calling it delivered.
-                    x.request_id = Some(id.clone());
-                    x.state = State::Checking;
-                    x.action = action;
-                    x.attempts = 0;
-                    x.last_error = None;
-                    x.next_attempt = later(now, Duration::from_millis(200));
-                }
-                Ok(_) => {
-                    x.last_error = None;
-                    if action == Action::Resolve {
-                        x.state = State::Resolved;
-                        x.resolved_at = Some(now);
-                    } else {
-                        x.state = State::Delivered;
-                    }
-                }
-                Err(err) if err.retryable => {
-                    let delay = err.retry_after.unwrap_or_else(|| backoff(attempts));
-                    x.next_attempt = later(now, delay.max(Duration::from_millis(10)));
-                    if !checking {
-                        x.last_error = Some(err.reason.clone());
-                    }
-                }
-                Err(err) => {
-                    x.last_error = Some(err.reason.clone());
-                    x.state = if action == Action::Resolve {
-                        State::Resolved
-                    } else {
-                        State::Failed
-                    };
-                }
-            }
-        };
-        let Some(stored) = self.update(&e.key, outcome)? else {
-            return Ok(());
-        };
-        match &result {
-            Ok(Sent {
-                request_id: Some(_),
-            }) if !checking => {}
-            Ok(_) => {
-                let label = if action == Action::Resolve {
-                    "resolved"
-                } else {
-                    "delivered"
-                };
-                metrics.notification(&channel, label);
-                tracing::info!(key = %e.key, %channel, attempts, ?action, "notification delivered");
-            }
-            Err(err) if checking && err.retryable => {}
-            Err(err) => {
-                metrics.notification(&channel, err.result_label());
-                if err.retryable {
-                    tracing::warn!(key = %e.key, %channel, attempts, error = %err, "notification not delivered yet; will retry");
-                } else {
-                    tracing::error!(key = %e.key, %channel, error = %err, "the channel refused the notification for good");
-                }
-            }
-        }
-        if !stored.state.due() || stored.state == State::Checking {
-            self.store.history_durable().await?;
-        }
-        self.record_on_run(&stored, now)
-    }
-
-    /// Fills a storm summary's text from what was folded into it.
-    fn describe_storm(&self, e: &mut Entry) {
-        let window = humantime::format_duration(self.storm.window);
-        let top = |m: &BTreeMap<String, u32>| {
-            let mut v: Vec<_> = m.iter().collect();
-            v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            v.iter()
-                .take(5)
-                .map(|(k, n)| format!("{k} ({n})"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let n = e.folded_total + self.storm.threshold;
-        e.notice.summary = format!(
-            "{n} remediations failed within {window} on {}: further pages are folded into this one",
-            e.channel
-        );
-        e.notice.description = format!(
-            "Top playbooks: {}. Top targets: {}. {} page(s) folded; the first {} were sent on their own.",
-            top(&e.by_playbook),
-            top(&e.by_target),
-            e.folded_total,
-            self.storm.threshold
-        );
-        e.notice.details = [
-            ("folded".to_owned(), e.folded_total.into()),
-            ("top_playbooks".to_owned(), top(&e.by_playbook).into()),
-            ("top_targets".to_owned(), top(&e.by_target).into()),
-        ]
-        .into_iter()
-        .collect();
-        e.notice.annotations = [
-            ("summary".to_owned(), e.notice.summary.clone()),
-            ("description".to_owned(), e.notice.description.clone()),
-        ]
-        .into();
-    }
-
-    /// Whether `channel` may send now; if not, when it may.
-    fn rate_wait(&self, channel: &str, now: Timestamp) -> Option<Timestamp> {
-        let per_minute = self
-            .channels
-            .get(channel)
-            .map_or(0, |c| c.rate_per_minute());
-        if per_minute == 0 {
-            return None;
-        }
-        let minute_ago = crate::clock::earlier(now, Duration::from_secs(60));
-        let mut windows = self.windows.lock().unwrap();
-        let w = windows.entry(channel.to_owned()).or_default();
-        while w.sent.front().is_some_and(|t| *t <= minute_ago) {
-            w.sent.pop_front();
-        }
-        if w.sent.len() >= per_minute as usize {
-            return w.sent.front().map(|t| later(*t, Duration::from_secs(60)));
-        }
-        w.sent.push_back(now);
-        None
-    }
 }
 
-fn backoff(attempt: u32) -> Duration {
-    crate::escalation::backoff(BASE_BACKOFF, attempt, MAX_BACKOFF)
-}
-
-/// Delivers due entries until `shutdown`. Each channel's due entries go out in order on a task of
-/// their own, so a channel that hangs until its timeout, or fails, never holds back another; a
-/// channel is not given a second task while its first is at work.
-pub async fn send_loop(
-    notifier: Notifier,
-    clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let mut at_work: tokio::task::JoinSet<String> = tokio::task::JoinSet::new();
-    let mut busy: std::collections::HashSet<String> = std::collections::HashSet::new();
-    loop {
-        let next = match due_by_channel(&notifier, clock.now(), &busy) {
-            Ok((due, next)) => {
-                for (channel, entries) in due {
-                    busy.insert(channel.clone());
-                    let (n, c, m) = (notifier.clone(), Arc::clone(&clock), Arc::clone(&metrics));
-                    at_work.spawn(async move {
-                        if let Err(e) = deliver_in_order(&n, entries, c.as_ref(), &m).await {
-                            tracing::error!(%channel, error = %e, "notification outbox failed; retrying");
-                        }
-                        channel
-                    });
-                }
-                next
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "notification outbox failed; retrying");
-                Some(later(clock.now(), Duration::from_secs(1)))
-            }
-        };
-        let woken =
-            crate::escalation::wait_for_due(next, clock.as_ref(), &notifier.wake, &shutdown);
-        tokio::select! {
-            go_on = woken => if !go_on { break },
-            Some(done) = at_work.join_next(), if !at_work.is_empty() => {
-                if let Ok(channel) = done {
-                    busy.remove(&channel);
-                } else {
-                    // A task that panicked: look at every channel again.
-                    busy.clear();
-                }
-            }
-        }
-    }
-    // What is in flight stays pending in the outbox: the next start sends it.
-    at_work.shutdown().await;
-    tracing::debug!("notification sender stopped");
-}
-
-/// The due entries of channels not at work, by channel, and when the next entry is due.
-#[allow(clippy::type_complexity)]
-fn due_by_channel(
-    notifier: &Notifier,
-    now: Timestamp,
-    busy: &std::collections::HashSet<String>,
-) -> Result<(BTreeMap<String, Vec<Entry>>, Option<Timestamp>), StoreError> {
-    let mut next: Option<Timestamp> = None;
-    let mut due: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
-    for e in notifier.pending()? {
-        if busy.contains(&e.channel) {
-            continue;
-        }
-        if e.next_attempt > now {
-            next = Some(next.map_or(e.next_attempt, |n| n.min(e.next_attempt)));
-        } else {
-            due.entry(e.channel.clone()).or_default().push(e);
-        }
-    }
-    Ok((due, next))
-}
-
-/// Delivers one channel's due entries, oldest first, within its rate limit: past the limit, the
-/// rest wait (not counted as attempts) until it allows them.
-async fn deliver_in_order(
-    notifier: &Notifier,
-    mut entries: Vec<Entry>,
-    clock: &dyn Clock,
-    metrics: &Metrics,
-) -> Result<(), StoreError> {
-    entries.sort_by_key(|e| (e.next_attempt, e.created));
-    let mut held_until: Option<Timestamp> = None;
-    for e in entries {
-        let checking = e.state == State::Checking;
-        if !checking {
-            if held_until.is_none() {
-                held_until = notifier.rate_wait(&e.channel, clock.now());
-            }
-            if let Some(at) = held_until {
-                metrics.notification(&e.channel, "rate_limited");
-                notifier.update(&e.key, |x| {
-                    if x.state == e.state {
-                        x.next_attempt = x.next_attempt.max(at);
-                    }
-                })?;
-                continue;
-            }
-        }
-        notifier.deliver(e, clock, metrics).await?;
-    }
-    Ok(())
+/// `fingerprint 0x00 key`: the index of entries by their alert.
+fn index_key(fingerprint: &Fingerprint, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(fingerprint.as_str().len() + 1 + key.len());
+    k.extend_from_slice(fingerprint.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::config::{resolve_channels, ChannelSettings};
+    use crate::notify::{Kind, Severity};
 
     fn ts(s: i64) -> Timestamp {
         Timestamp::from_second(s).unwrap()
@@ -1030,5 +768,72 @@ mod tests {
             .map(|k| n.get(k).unwrap().unwrap().state)
             .collect();
         assert_eq!(states, [State::Resolving, State::Resolved]);
+    }
+
+    #[tokio::test]
+    async fn a_new_page_drops_an_unsent_resolution_of_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = notifier(dir.path(), PD, StormSettings::default());
+        let fp = Fingerprint::parse("00000000000000bb").unwrap();
+        let pd = ["pd".to_owned()];
+        let first = n
+            .page_run(
+                RunId { seq: 1, index: 0 },
+                &fp,
+                &notice(fp.as_str()),
+                &pd,
+                ts(10),
+            )
+            .await
+            .unwrap();
+        n.update(&first[0].key, |e| e.state = State::Delivered)
+            .unwrap();
+        n.resolve_for(&fp, ts(20)).await.unwrap();
+        assert_eq!(
+            n.get(&first[0].key).unwrap().unwrap().state,
+            State::Resolving
+        );
+        // The alert fires again and the fix fails again before the resolution went out: that
+        // resolution would close the incident the new page reopens.
+        n.page_run(
+            RunId { seq: 2, index: 0 },
+            &fp,
+            &notice(fp.as_str()),
+            &pd,
+            ts(30),
+        )
+        .await
+        .unwrap();
+        let old = n.get(&first[0].key).unwrap().unwrap();
+        assert_eq!(old.state, State::Resolved);
+        assert!(old.last_error.unwrap().contains("new page"));
+    }
+
+    #[tokio::test]
+    async fn a_trigger_still_being_processed_is_resolved_only_after_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = notifier(dir.path(), PD, StormSettings::default());
+        let fp = Fingerprint::parse("00000000000000cc").unwrap();
+        let stored = n
+            .page_run(
+                RunId { seq: 1, index: 0 },
+                &fp,
+                &notice(fp.as_str()),
+                &["pd".to_owned()],
+                ts(10),
+            )
+            .await
+            .unwrap();
+        n.update(&stored[0].key, |e| {
+            e.state = State::Checking;
+            e.request_id = Some("req-1".into());
+        })
+        .unwrap();
+        n.resolve_for(&fp, ts(20)).await.unwrap();
+        let e = n.get(&stored[0].key).unwrap().unwrap();
+        assert_eq!(
+            (e.state, e.action, e.resolve_after),
+            (State::Checking, Action::Trigger, true)
+        );
     }
 }
