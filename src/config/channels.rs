@@ -253,6 +253,9 @@ pub struct EmailSettings {
     pub smarthost: String,
     #[serde(default)]
     pub tls: SmtpTls,
+    /// PEM certificates trusted besides the platform's roots (a relay with a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     pub from: String,
     pub to: Vec<String>,
     #[serde(default)]

@@ -1,11 +1,13 @@
 //! Email through SMTP with lettre: STARTTLS (default), TLS from the first byte, or none (a relay
 //! on loopback). One message with a plain-text and an HTML part carrying the same content and
-//! the run's link. A permanent SMTP refusal (5xx) is final; anything else is tried again.
+//! the run's link. The server's certificate is verified against the platform's roots and, when
+//! set, `ca_file`'s. A permanent SMTP refusal (5xx) is final; anything else is tried again.
 
 use std::time::Duration;
 
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::{Action, Notice, SendError, Sent};
@@ -109,12 +111,29 @@ pub(super) async fn send(
             SendError::retry(reason)
         }
     };
-    let mut transport = match settings.tls {
-        SmtpTls::Starttls => {
-            AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host).map_err(smtp_error)?
+    // The platform's roots, plus `ca_file`'s certificates when set (read at each send).
+    let extra_roots = match &settings.ca_file {
+        None => None,
+        Some(path) => {
+            let ca_error = |e: &dyn std::fmt::Display| {
+                SendError::final_(format!("ca_file {}: {e}", path.display()))
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_error(&e))?;
+            let cert = Certificate::from_pem(&pem).map_err(|e| ca_error(&e))?;
+            let params = TlsParameters::builder(host.to_owned())
+                .add_root_certificate(cert)
+                .build_rustls()
+                .map_err(smtp_error)?;
+            Some(params)
         }
-        SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(host).map_err(smtp_error)?,
-        SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host),
+    };
+    type Transport = AsyncSmtpTransport<Tokio1Executor>;
+    let mut transport = match (settings.tls, extra_roots) {
+        (SmtpTls::Starttls, None) => Transport::starttls_relay(host).map_err(smtp_error)?,
+        (SmtpTls::Starttls, Some(p)) => Transport::builder_dangerous(host).tls(Tls::Required(p)),
+        (SmtpTls::Tls, None) => Transport::relay(host).map_err(smtp_error)?,
+        (SmtpTls::Tls, Some(p)) => Transport::builder_dangerous(host).tls(Tls::Wrapper(p)),
+        (SmtpTls::None, _) => Transport::builder_dangerous(host),
     }
     .port(port)
     .timeout(Some(timeout));

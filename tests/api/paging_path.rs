@@ -114,10 +114,16 @@ struct Smtp {
 
 impl Smtp {
     async fn start() -> Smtp {
+        Smtp::start_with(&[]).await
+    }
+
+    /// With extra arguments (`--tlscert`, `--tlskey`: STARTTLS required).
+    async fn start_with(extra: &[&str]) -> Smtp {
         let port = free_port();
         let maildir = tempfile::tempdir().unwrap();
         let child = Command::new("/usr/bin/python3")
             .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .args(["-c", "aiosmtpd.handlers.Mailbox"])
             .arg(maildir.path().join("mail"))
             .stdout(Stdio::null())
@@ -196,6 +202,131 @@ fn hook_channel(hook: &Service) -> String {
         "hook:\n  type: webhook\n  url: {}/hook\n  bearer_token_file: {{dir}}/hook.token\n",
         hook.url()
     )
+}
+
+/// A certificate authority and a certificate for `localhost` it signed, made with openssl in
+/// `dir`: (ca.pem, leaf.pem, leaf.key).
+fn certificates(dir: &std::path::Path) -> (String, String, String) {
+    let path = |name: &str| dir.join(name).display().to_string();
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &path("ca.key"),
+            "-out",
+            &path("ca.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=reactor test CA",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &path("leaf.key"),
+            "-out",
+            &path("leaf.csr"),
+            "-subj",
+            "/CN=localhost",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &path("leaf.csr"),
+            "-CA",
+            &path("ca.pem"),
+            "-CAkey",
+            &path("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &path("leaf.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            &path("leaf.ext"),
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (path("ca.pem"), path("leaf.pem"), path("leaf.key"))
+}
+
+#[tokio::test]
+async fn email_over_starttls_verifies_the_server_against_the_configured_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(certs.path());
+    let smtp = Smtp::start_with(&["--tlscert", &cert, "--tlskey", &key]).await;
+    let mail = |name: &str, ca: &str| {
+        format!(
+            "{name}:\n  type: email\n  smarthost: localhost:{}\n  tls: starttls\n{ca}  from: reactor@example.com\n  to: [oncall@example.com]\n",
+            smtp.port
+        )
+    };
+    let yaml = format!(
+        "{}{}",
+        mail("trusted", &format!("  ca_file: {ca}\n")),
+        mail("untrusted", "")
+    );
+    let setup = start(&[], &[], &yaml, |_| {}).await;
+    let app = &setup.app;
+    app.post_webhook(&payload(&[("DiskFull", "c1b2c3d4e5f60002")]))
+        .await;
+    let runs = app
+        .wait_for_runs("?playbook=always-fails", Duration::from_secs(20), |r| {
+            r.first().is_some_and(|run| {
+                let n = run["notifications"].as_array().cloned().unwrap_or_default();
+                n.iter()
+                    .any(|x| x["channel"] == "trusted" && x["state"] == "delivered")
+                    && n.iter()
+                        .any(|x| x["channel"] == "untrusted" && x["attempts"].as_u64() >= Some(1))
+            })
+        })
+        .await;
+    let untrusted = runs[0]["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["channel"] == "untrusted")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        untrusted["state"], "pending",
+        "a server reactor cannot verify gets no page: {untrusted}"
+    );
+    let error = untrusted["lastError"].as_str().unwrap_or_default();
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    let delivered = wait_for(Duration::from_secs(10), || async { smtp.messages().pop() })
+        .await
+        .expect("the trusted channel's message arrived over TLS");
+    assert!(delivered.contains("disk still full"), "{delivered}");
+    assert_eq!(
+        smtp.messages().len(),
+        1,
+        "only the verified server got the page"
+    );
+    setup.app.stop().await;
 }
 
 const NULL_ROUTE: &str = "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n";
