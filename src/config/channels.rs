@@ -440,16 +440,7 @@ impl Settings {
     /// The paging settings: channel names in routes, storm control and the dead man's switch.
     pub(super) fn validate_paging(&self) -> Result<(), InvalidSetting> {
         use crate::bounds::*;
-        let c = |field: &'static str, v: usize, r: Count| {
-            r.check(field, v as u64)
-                .map(drop)
-                .map_err(|message| InvalidSetting { field, message })
-        };
-        let d = |field: &'static str, v: Duration, r: Span| {
-            r.check(field, v)
-                .map(drop)
-                .map_err(|message| InvalidSetting { field, message })
-        };
+        let (c, d) = (super::in_count, super::in_span);
         let w = &self.watchdog;
         d(
             "watchdog.alertmanager_down_after",

@@ -224,16 +224,7 @@ impl Settings {
     /// code.
     pub fn validate(&self) -> Result<(), InvalidSetting> {
         use crate::bounds::*;
-        let c = |field: &'static str, v: usize, r: Count| {
-            r.check(field, v as u64)
-                .map(drop)
-                .map_err(|message| InvalidSetting { field, message })
-        };
-        let d = |field: &'static str, v: Duration, r: Span| {
-            r.check(field, v)
-                .map(drop)
-                .map_err(|message| InvalidSetting { field, message })
-        };
+        let (c, d) = (in_count, in_span);
         let sb = &self.sandbox;
         c(
             "sandbox.max_operations",
@@ -528,6 +519,20 @@ impl Settings {
             .trim_end_matches('/')
             .to_owned()
     }
+}
+
+/// `v` within `r`, else the setting `field` outside its range.
+fn in_count(field: &'static str, v: usize, r: crate::bounds::Count) -> Result<(), InvalidSetting> {
+    r.check(field, v as u64)
+        .map(drop)
+        .map_err(|message| InvalidSetting { field, message })
+}
+
+/// `v` within `r`, else the setting `field` outside its range.
+fn in_span(field: &'static str, v: Duration, r: crate::bounds::Span) -> Result<(), InvalidSetting> {
+    r.check(field, v)
+        .map(drop)
+        .map_err(|message| InvalidSetting { field, message })
 }
 
 /// A listen address: `IP:PORT` (`127.0.0.1:9097`, `[::1]:9097`), or `localhost:PORT` for the

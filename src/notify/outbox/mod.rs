@@ -138,6 +138,16 @@ impl Entry {
         }
     }
 
+    /// Its resolution is to be sent now.
+    fn resolve_next(&mut self, now: Timestamp) {
+        self.state = State::Resolving;
+        self.action = Action::Resolve;
+        self.attempts = 0;
+        self.next_attempt = now;
+        self.request_id = None;
+        self.resolved_at = None;
+    }
+
     fn record(&self, at: Timestamp) -> NotificationRecord {
         NotificationRecord {
             channel: self.channel.clone(),
@@ -245,6 +255,13 @@ impl Notifier {
         Ok(())
     }
 
+    /// Waits until the changes made so far are on disk, then wakes the sender.
+    async fn durable_then_wake(&self) -> Result<(), StoreError> {
+        self.store.history_durable().await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// Changes the stored entry `key` with `f`, atomically: the sender, the engine and the
     /// watchdog change entries from different tasks, and no change may overwrite another.
     /// Returns the entry as stored, or `None` when there is none.
@@ -325,8 +342,7 @@ impl Notifier {
             stored.push(e);
         }
         if !stored.is_empty() {
-            self.store.history_durable().await?;
-            self.wake.notify_one();
+            self.durable_then_wake().await?;
         }
         Ok(stored)
     }
@@ -412,8 +428,7 @@ impl Notifier {
             }
         }
         if changed {
-            self.store.history_durable().await?;
-            self.wake.notify_one();
+            self.durable_then_wake().await?;
         }
         Ok(())
     }
@@ -438,10 +453,7 @@ impl Notifier {
             other => other,
         };
         if e.state == State::Resolving {
-            e.action = Action::Resolve;
-            e.attempts = 0;
-            e.next_attempt = now;
-            e.request_id = None;
+            e.resolve_next(now);
         } else if matches!(e.state, State::Resolved | State::Cancelled) {
             e.resolved_at = Some(now);
         }
@@ -498,8 +510,7 @@ impl Notifier {
             runs.extend(e.run);
         }
         if !runs.is_empty() {
-            self.store.history_durable().await?;
-            self.wake.notify_one();
+            self.durable_then_wake().await?;
         }
         Ok(runs)
     }

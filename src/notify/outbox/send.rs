@@ -99,11 +99,7 @@ impl Notifier {
                         x.next_attempt = later(now, Duration::from_millis(200));
                         x.resolved_at = None;
                     } else if send_resolved {
-                        x.state = State::Resolving;
-                        x.action = Action::Resolve;
-                        x.attempts = 0;
-                        x.next_attempt = now;
-                        x.resolved_at = None;
+                        x.resolve_next(now);
                     } else {
                         x.state = State::Resolved;
                     }
@@ -131,15 +127,12 @@ impl Notifier {
                     } else if x.resolve_after {
                         // Processed, and the problem was fixed meanwhile.
                         x.resolve_after = false;
-                        x.state = if send_resolved {
-                            State::Resolving
+                        if send_resolved {
+                            x.resolve_next(now);
                         } else {
-                            State::Resolved
-                        };
-                        x.action = Action::Resolve;
-                        x.attempts = 0;
-                        x.next_attempt = now;
-                        x.request_id = None;
+                            x.state = State::Resolved;
+                            x.resolved_at = Some(now);
+                        }
                     } else {
                         x.state = State::Delivered;
                     }
