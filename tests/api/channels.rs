@@ -201,22 +201,27 @@ async fn a_failed_run_pages_pagerduty_once_and_its_resolution_resolves_the_same_
 }
 
 #[tokio::test]
-async fn pagerduty_429_and_5xx_are_retried_and_400_is_final() {
+async fn pagerduty_429_and_5xx_are_retried_and_400_is_final_and_one_channel_never_waits_for_another(
+) {
     let pd = Service::pagerduty().await;
-    pd.seen.fail(500, 2);
+    pd.seen.answer_first(&[429, 500]);
     let other = Service::pagerduty().await;
+    // A third channel's server takes the connection and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let setup = start(
         &[],
         &[("pd.key", PD_ROUTING_KEY), ("bad.key", "not-the-key")],
         &format!(
-            "pd:\n  type: pagerduty\n  url: {}\n  routing_key_file: {{dir}}/pd.key\nbad:\n  type: pagerduty\n  url: {}\n  routing_key_file: {{dir}}/bad.key\n",
+            "pd:\n  type: pagerduty\n  url: {}\n  routing_key_file: {{dir}}/pd.key\nbad:\n  type: pagerduty\n  url: {}\n  routing_key_file: {{dir}}/bad.key\nsilent:\n  type: webhook\n  url: http://{}/hook\n  timeout: 5m\n",
             pd.url(),
-            other.url()
+            other.url(),
+            silent.local_addr().unwrap()
         ),
         |_| {},
     )
     .await;
     let app = &setup.app;
+    let posted = std::time::Instant::now();
     app.post_webhook(&alert("a1b2c3d4e5f60002", "firing")).await;
     let runs = app
         .wait_for_runs("?playbook=always-fails", Duration::from_secs(30), |r| {
@@ -231,12 +236,23 @@ async fn pagerduty_429_and_5xx_are_retried_and_400_is_final() {
         .await;
     let n = runs[0]["notifications"].as_array().unwrap();
     let pd_record = n.iter().find(|x| x["channel"] == "pd").unwrap();
-    assert_eq!(pd_record["attempts"], 3, "two 500s then 202: {pd_record}");
+    assert_eq!(
+        pd_record["attempts"], 3,
+        "429, then 500, then 202: {pd_record}"
+    );
     let bad = n.iter().find(|x| x["channel"] == "bad").unwrap();
     assert_eq!(bad["attempts"], 1, "400 is final: {bad}");
     assert!(bad["lastError"].as_str().unwrap().contains("400"), "{bad}");
     assert_eq!(pd.seen.accepted().len(), 1);
+    assert!(
+        posted.elapsed() < Duration::from_secs(30),
+        "the silent channel held nobody back: {:?}",
+        posted.elapsed()
+    );
+    let silent_record = n.iter().find(|x| x["channel"] == "silent").unwrap();
+    assert_eq!(silent_record["state"], "pending", "{silent_record}");
     setup.app.stop().await;
+    drop(silent);
 }
 
 #[tokio::test]

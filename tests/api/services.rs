@@ -29,6 +29,8 @@ pub struct Seen {
     pub fail_with: AtomicU32,
     /// Answer `fail_with` this many more times, then take requests (u32::MAX: until changed).
     pub failures_left: AtomicU32,
+    /// Statuses to answer first, one per request, before `fail_with` applies.
+    pub answers_first: Mutex<std::collections::VecDeque<u16>>,
     /// Opsgenie: processing of the next created alert fails.
     pub reject_processing: std::sync::atomic::AtomicBool,
     /// Opsgenie: request id → (success, status), and how often each was asked about.
@@ -55,8 +57,16 @@ impl Seen {
     }
 
     /// The status to fail this request with, if any.
+    /// Answers these statuses to the next requests, one each, in order.
+    pub fn answer_first(&self, statuses: &[u16]) {
+        self.answers_first.lock().unwrap().extend(statuses);
+    }
+
     fn failing(&self) -> Option<StatusCode> {
         self.requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(status) = self.answers_first.lock().unwrap().pop_front() {
+            return StatusCode::from_u16(status).ok();
+        }
         let left = self.failures_left.load(Ordering::SeqCst);
         if left == 0 {
             return None;
