@@ -31,6 +31,8 @@ pub enum StartupError {
     Config(#[from] crate::config::InvalidSetting),
     #[error("invalid playbooks, refusing to start:\n{0}")]
     Playbooks(#[from] LoadErrors),
+    #[error("invalid on-call files, refusing to start:\n{0}")]
+    OnCall(LoadErrors),
     #[error("cannot open the database in {dir}: {source}")]
     Store { dir: String, source: StoreError },
     #[error("cannot listen on {addr}: {source}")]
@@ -224,6 +226,14 @@ impl Application {
                     .collect(),
             ),
         );
+        let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir)
+            .map_err(StartupError::OnCall)?;
+        tracing::info!(services = oncall.services.len(), teams = oncall.teams.len(), dir = %settings.oncall_dir.display(), "on-call files loaded");
+        let desk = Arc::new(crate::incident::Desk {
+            incidents: crate::incident::Incidents::open(&store).map_err(store_error)?,
+            oncall,
+            clock: Arc::clone(&engine.clock),
+        });
         let state = AppState {
             store,
             queue,
@@ -233,6 +243,7 @@ impl Application {
             dry_run: settings.dry_run,
             metrics: Arc::clone(&engine.metrics),
             health: Arc::clone(&engine.health),
+            desk,
         };
         Ok(Application {
             listener,

@@ -21,6 +21,7 @@ pub mod executor;
 pub mod guard;
 pub mod health;
 pub mod history;
+pub mod incident;
 pub mod metrics;
 pub mod notify;
 pub mod playbook;

@@ -32,6 +32,27 @@ pub(super) fn check(settings: Settings, a: CheckArgs) -> ExitCode {
     let (dir, scripts) = dirs(&settings, a.dir, a.scripts);
     let loaded = playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings, None))
         .and_then(|p| p.check_routes(&settings.channel_names()).map(|()| p));
+    // The on-call files are checked with the playbooks.
+    let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir);
+    let loaded = match (loaded, oncall) {
+        (Ok(p), Ok(o)) => {
+            if !o.services.is_empty() {
+                println!(
+                    "ok: {} service(s) of {} team(s) in {}",
+                    o.services.len(),
+                    o.teams.len(),
+                    settings.oncall_dir.display()
+                );
+            }
+            Ok(p)
+        }
+        (Ok(_), Err(e)) => Err(e),
+        (Err(mut e), Err(o)) => {
+            e.0.extend(o.0);
+            Err(e)
+        }
+        (Err(e), Ok(_)) => Err(e),
+    };
     match loaded {
         Ok(p) => {
             println!(

@@ -52,6 +52,8 @@ pub struct Settings {
     pub durability: Durability,
     pub playbooks_dir: PathBuf,
     pub scripts_dir: PathBuf,
+    /// Teams and the services they own (`*.yaml`); a missing directory holds none.
+    pub oncall_dir: PathBuf,
     /// Base URL humans use to reach reactor, for links in pages. Defaults to `http://<listen>`.
     pub external_url: Option<String>,
     pub auth: AuthSettings,
@@ -86,6 +88,7 @@ impl Default for Settings {
             durability: Durability::default(),
             playbooks_dir: "playbooks".into(),
             scripts_dir: "scripts".into(),
+            oncall_dir: "oncall".into(),
             external_url: None,
             auth: AuthSettings::default(),
             alertmanager: AlertmanagerSettings::default(),
@@ -440,6 +443,7 @@ impl Settings {
         }
         path("REACTOR_PLAYBOOKS_DIR", &mut self.playbooks_dir);
         path("REACTOR_SCRIPTS_DIR", &mut self.scripts_dir);
+        path("REACTOR_ONCALL_DIR", &mut self.oncall_dir);
         if let Some(v) = get("REACTOR_ALERTMANAGER_URL") {
             self.alertmanager.url = Some(v);
         }

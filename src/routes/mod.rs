@@ -6,6 +6,7 @@
 
 mod body;
 mod connection;
+mod incidents;
 mod runs;
 pub mod serve;
 mod webhook;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub dry_run: bool,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub health: Arc<crate::health::Health>,
+    /// The incidents and the services they may name.
+    pub desk: Arc<crate::incident::Desk>,
 }
 
 impl AppState {
@@ -76,6 +79,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/runs", get(runs::list).post(runs::start))
         .route("/api/v1/runs/{id}", get(runs::show))
         .route("/api/v1/runs/{id}/rerun", post(runs::rerun))
+        .route(
+            "/api/v1/incidents",
+            get(incidents::list).put(incidents::create),
+        )
+        .route(
+            "/api/v1/incidents/{number}",
+            get(incidents::show).post(incidents::update),
+        )
+        .route("/api/v1/incidents/{number}/report", get(incidents::report))
         .route("/metrics", get(metrics))
         .route("/-/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));

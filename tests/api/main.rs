@@ -16,6 +16,7 @@ mod fake_kube;
 mod guards;
 mod hardening;
 mod helpers;
+mod incidents;
 mod kubernetes;
 mod manual;
 mod pages;

@@ -22,9 +22,9 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (queue, rx) = tokio::sync::mpsc::channel(capacity);
     let metrics = Arc::new(reactor::metrics::Metrics::default());
+    let store = Store::open(dir.path()).unwrap();
     let state = AppState {
         health: Arc::new(reactor::watchdog::Health::new(&metrics)),
-        store: Store::open(dir.path()).unwrap(),
         queue,
         limits: Arc::new(limits),
         credentials: reactor::routes::credentials(&AuthSettings {
@@ -41,6 +41,12 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
             Arc::default(),
             Arc::clone(&metrics),
         )),
+        desk: Arc::new(reactor::incident::Desk {
+            incidents: reactor::incident::Incidents::open(&store).unwrap(),
+            oncall: Default::default(),
+            clock: Arc::new(reactor::clock::SystemClock),
+        }),
+        store,
         metrics,
         dry_run: false,
     };

@@ -1,0 +1,457 @@
+//! Incidents: what a human owns. Any monitoring system (or reactor itself) opens one for a
+//! service; it is `OPEN` until someone claims it (`CLAIMED`) and `RESOLVED` when fixed, and can
+//! be reopened. Numbers are sequential and durable; a `dedup_key` maps repeated reports of one
+//! problem onto the incident still open for it. Every change is on the incident's timeline. The
+//! services an incident may name come from the on-call files ([`oncall`]).
+
+pub mod oncall;
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Clock;
+use crate::history::{Store, StoreError};
+use oncall::OnCall;
+
+/// What the incident API works with: the incidents, the services they may name, the clock.
+pub struct Desk {
+    pub incidents: Incidents,
+    pub oncall: OnCall,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Longest title, message, source, dedup key and note an incident keeps.
+pub const TITLE_MAX: usize = 1024;
+pub const MESSAGE_MAX: usize = 64 << 10;
+pub const SOURCE_MAX: usize = 256;
+pub const DEDUP_KEY_MAX: usize = 255;
+pub const BY_MAX: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Severity {
+    #[serde(rename = "CRIT")]
+    Crit,
+    #[serde(rename = "ERR")]
+    Err,
+    #[serde(rename = "WARN")]
+    Warn,
+}
+
+impl Severity {
+    /// `CRIT`/`ERR`/`WARN`, or `critical`/`error`/`warning`, in any case.
+    pub fn parse(s: &str) -> Option<Severity> {
+        match s.to_ascii_lowercase().as_str() {
+            "crit" | "critical" => Some(Severity::Crit),
+            "err" | "error" => Some(Severity::Err),
+            "warn" | "warning" => Some(Severity::Warn),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Crit => "CRIT",
+            Severity::Err => "ERR",
+            Severity::Warn => "WARN",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    Open,
+    Claimed,
+    Resolved,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Open => "OPEN",
+            State::Claimed => "CLAIMED",
+            State::Resolved => "RESOLVED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        match s.to_ascii_uppercase().as_str() {
+            "OPEN" => Some(State::Open),
+            "CLAIMED" => Some(State::Claimed),
+            "RESOLVED" => Some(State::Resolved),
+            _ => None,
+        }
+    }
+}
+
+/// One line of an incident's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub at: Timestamp,
+    /// `created`, `reported again`, `claimed`, `resolved`, `reopened`, `note`.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    pub number: u64,
+    pub service: String,
+    pub severity: Severity,
+    pub state: State,
+    pub title: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub source: String,
+    pub detected_at: Timestamp,
+    pub created_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<Timestamp>,
+    #[serde(default)]
+    pub timeline: Vec<Event>,
+}
+
+/// A validated request to open an incident.
+#[derive(Debug, Clone)]
+pub struct NewIncident {
+    pub service: String,
+    pub severity: Severity,
+    pub title: String,
+    pub message: String,
+    pub source: String,
+    pub detected_at: Option<Timestamp>,
+    pub dedup_key: Option<String>,
+}
+
+/// A change a human (or reactor) asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Claim,
+    Resolve,
+    Reopen,
+    Note,
+}
+
+impl Action {
+    /// As in "it cannot be claimed".
+    fn done(self) -> &'static str {
+        match self {
+            Action::Claim => "claimed",
+            Action::Resolve => "resolved",
+            Action::Reopen => "reopened",
+            Action::Note => "noted",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IncidentError {
+    #[error("no incident {0}")]
+    NotFound(u64),
+    /// The transition is not allowed from the current state.
+    #[error("incident {number} is {state}: it cannot be {action}", state = state.as_str(), action = action.done())]
+    Conflict {
+        number: u64,
+        state: State,
+        action: Action,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sled::Error> for IncidentError {
+    fn from(e: sled::Error) -> Self {
+        IncidentError::Store(e.into())
+    }
+}
+
+impl IncidentError {
+    /// The label of a metric or log for this failure.
+    pub fn label(&self) -> &'static str {
+        match self {
+            IncidentError::NotFound(_) => "not_found",
+            IncidentError::Conflict { .. } => "conflict",
+            IncidentError::Store(_) => "store",
+        }
+    }
+}
+
+/// What to list.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub state: Option<State>,
+    pub service: Option<String>,
+    pub since: Option<Timestamp>,
+    pub limit: usize,
+}
+
+/// The incidents in sled: one tree by number, an index of open dedup keys, and the counter.
+#[derive(Clone)]
+pub struct Incidents {
+    store: Store,
+    by_number: sled::Tree,
+    /// `dedup_key` → the number of the last incident opened for it.
+    by_dedup: sled::Tree,
+    meta: sled::Tree,
+}
+
+const NEXT: &[u8] = b"next_number";
+
+impl Incidents {
+    pub fn open(store: &Store) -> Result<Incidents, StoreError> {
+        Ok(Incidents {
+            store: store.clone(),
+            by_number: store.tree("incidents")?,
+            by_dedup: store.tree("incidents_by_dedup")?,
+            meta: store.tree("incidents_meta")?,
+        })
+    }
+
+    pub fn get(&self, number: u64) -> Result<Option<Incident>, StoreError> {
+        Ok(self
+            .by_number
+            .get(number.to_be_bytes())?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    fn put(&self, i: &Incident) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(i).expect("an incident serializes");
+        self.by_number.insert(i.number.to_be_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// The next number: 1, 2, 3 … never reused.
+    fn next_number(&self) -> Result<u64, StoreError> {
+        let v = self.meta.update_and_fetch(NEXT, |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some(n.saturating_add(1).to_be_bytes().to_vec())
+        })?;
+        Ok(v.and_then(|b| <[u8; 8]>::try_from(&*b).ok())
+            .map_or(1, u64::from_be_bytes))
+    }
+
+    /// Opens an incident, or returns the one still open for the same `dedup_key` (noting the
+    /// repeated report on it). `true` when a new one was opened. Durable when this returns.
+    pub async fn create(
+        &self,
+        new: NewIncident,
+        now: Timestamp,
+    ) -> Result<(Incident, bool), IncidentError> {
+        let dedup = new.dedup_key.clone();
+        let mut reserved: Option<u64> = None;
+        loop {
+            let current = match &dedup {
+                Some(k) => self.by_dedup.get(k.as_bytes())?,
+                None => None,
+            };
+            if let Some(n) = current
+                .as_ref()
+                .and_then(|b| <[u8; 8]>::try_from(&**b).ok())
+            {
+                let number = u64::from_be_bytes(n);
+                if let Some(mut open) = self.get(number)?.filter(|i| i.state != State::Resolved) {
+                    open.timeline.push(Event {
+                        at: now,
+                        event: "reported again".into(),
+                        by: Some(new.source.clone()).filter(|s| !s.is_empty()),
+                        note: None,
+                    });
+                    self.put(&open)?;
+                    self.store.history_durable().await?;
+                    return Ok((open, false));
+                }
+            }
+            let number = match reserved {
+                Some(n) => n,
+                None => *reserved.insert(self.next_number()?),
+            };
+            let incident = Incident {
+                number,
+                service: new.service.clone(),
+                severity: new.severity,
+                state: State::Open,
+                title: new.title.clone(),
+                message: new.message.clone(),
+                source: new.source.clone(),
+                detected_at: new.detected_at.unwrap_or(now),
+                created_at: now,
+                dedup_key: dedup.clone(),
+                claimed_by: None,
+                claimed_at: None,
+                resolved_by: None,
+                resolved_at: None,
+                timeline: vec![Event {
+                    at: now,
+                    event: "created".into(),
+                    by: Some(new.source.clone()).filter(|s| !s.is_empty()),
+                    note: None,
+                }],
+            };
+            self.put(&incident)?;
+            if let Some(k) = &dedup {
+                // Another report of the same key may have opened one meanwhile: it wins.
+                let swapped = self.by_dedup.compare_and_swap(
+                    k.as_bytes(),
+                    current,
+                    Some(number.to_be_bytes().to_vec()),
+                )?;
+                if swapped.is_err() {
+                    self.by_number.remove(number.to_be_bytes())?;
+                    continue;
+                }
+            }
+            self.store.history_durable().await?;
+            return Ok((incident, true));
+        }
+    }
+
+    /// Applies `action` by `by`; a transition the state does not allow is a conflict and changes
+    /// nothing. Durable when this returns.
+    pub async fn act(
+        &self,
+        number: u64,
+        action: Action,
+        by: &str,
+        note: Option<String>,
+        now: Timestamp,
+    ) -> Result<Incident, IncidentError> {
+        loop {
+            let old = self
+                .by_number
+                .get(number.to_be_bytes())?
+                .ok_or(IncidentError::NotFound(number))?;
+            let mut i: Incident =
+                serde_json::from_slice(&old).map_err(|_| IncidentError::NotFound(number))?;
+            let conflict = IncidentError::Conflict {
+                number,
+                state: i.state,
+                action,
+            };
+            let event = match (action, i.state) {
+                (Action::Claim, State::Open) => {
+                    i.state = State::Claimed;
+                    i.claimed_by = Some(by.to_owned());
+                    i.claimed_at = Some(now);
+                    "claimed"
+                }
+                (Action::Resolve, State::Open | State::Claimed) => {
+                    i.state = State::Resolved;
+                    i.resolved_by = Some(by.to_owned());
+                    i.resolved_at = Some(now);
+                    "resolved"
+                }
+                (Action::Reopen, State::Resolved) => {
+                    i.state = State::Open;
+                    i.claimed_by = None;
+                    i.claimed_at = None;
+                    i.resolved_by = None;
+                    i.resolved_at = None;
+                    "reopened"
+                }
+                (Action::Note, _) => "note",
+                _ => return Err(conflict),
+            };
+            i.timeline.push(Event {
+                at: now,
+                event: event.into(),
+                by: Some(by.to_owned()),
+                note: note.clone(),
+            });
+            let new = serde_json::to_vec(&i).expect("an incident serializes");
+            if self
+                .by_number
+                .compare_and_swap(number.to_be_bytes(), Some(old), Some(new))?
+                .is_ok()
+            {
+                self.store.history_durable().await?;
+                return Ok(i);
+            }
+        }
+    }
+
+    /// Newest first.
+    pub fn list(&self, f: &Filter) -> Result<Vec<Incident>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.by_number.iter().rev() {
+            if out.len() >= f.limit {
+                break;
+            }
+            let (_, v) = kv?;
+            let Ok(i) = serde_json::from_slice::<Incident>(&v) else {
+                continue;
+            };
+            if f.since.is_some_and(|s| i.created_at < s) {
+                break;
+            }
+            if f.state.is_some_and(|s| i.state != s)
+                || f.service.as_ref().is_some_and(|s| &i.service != s)
+            {
+                continue;
+            }
+            out.push(i);
+        }
+        Ok(out)
+    }
+}
+
+/// The post-incident report in Markdown: summary, time to claim and to resolve, the timeline.
+pub fn report(i: &Incident) -> String {
+    let span = |from: Timestamp, to: Option<Timestamp>| match to {
+        Some(t) => {
+            let secs = (t.as_second() - from.as_second()).max(0) as u64;
+            humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+        }
+        None => "not yet".to_owned(),
+    };
+    let mut md = format!(
+        "# Incident {}: {}\n\n| | |\n| --- | --- |\n| service | {} |\n| severity | {} |\n| state | {} |\n| source | {} |\n| detected | {} |\n| opened | {} |\n| time to claim | {} |\n| time to resolve | {} |\n",
+        i.number,
+        i.title,
+        i.service,
+        i.severity.as_str(),
+        i.state.as_str(),
+        if i.source.is_empty() { "-".to_owned() } else { i.source.replace('|', "\\|") },
+        i.detected_at,
+        i.created_at,
+        span(i.created_at, i.claimed_at),
+        span(i.created_at, i.resolved_at),
+    );
+    if let Some(by) = &i.claimed_by {
+        md.push_str(&format!("| claimed by | {by} |\n"));
+    }
+    if let Some(by) = &i.resolved_by {
+        md.push_str(&format!("| resolved by | {by} |\n"));
+    }
+    if !i.message.is_empty() {
+        md.push_str(&format!("\n## Summary\n\n{}\n", i.message));
+    }
+    md.push_str("\n## Timeline\n\n");
+    for e in &i.timeline {
+        md.push_str(&format!("- {} {}", e.at, e.event));
+        if let Some(by) = &e.by {
+            md.push_str(&format!(" by {by}"));
+        }
+        if let Some(note) = &e.note {
+            md.push_str(&format!(": {note}"));
+        }
+        md.push('\n');
+    }
+    md
+}

@@ -1,0 +1,321 @@
+//! The incident API, as a monitoring system and an on-call human use it: open (once per dedup
+//! key), claim, resolve, reopen, note, read, list, report; and every bad request refused with
+//! the field or the state it got wrong, changing nothing.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::{PlaybookDir, TestApp};
+
+const ONCALL: &str = "teams:\n  - name: devops\nservices:\n  - name: athens\n    team: devops\n";
+
+struct Desk {
+    app: TestApp,
+    _dir: PlaybookDir,
+}
+
+impl Desk {
+    async fn start() -> Desk {
+        let dir = PlaybookDir::new(&[]);
+        std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
+        std::fs::write(dir.path().join("oncall/devops.yaml"), ONCALL).unwrap();
+        let (oncall, books, scripts) = (dir.path().join("oncall"), dir.playbooks(), dir.scripts());
+        let app = TestApp::spawn(move |s| {
+            s.oncall_dir = oncall;
+            s.playbooks_dir = books;
+            s.scripts_dir = scripts;
+            s.auth.bearer_token = Some("desk-token".into());
+        })
+        .await;
+        Desk { app, _dir: dir }
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(Some("desk-token"), method, path, body).await
+    }
+
+    async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.app.client.request(method, self.app.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn all(&self) -> Vec<Value> {
+        let (status, list) = self
+            .call(Method::GET, "/api/v1/incidents?limit=1000", None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        list.as_array().unwrap().clone()
+    }
+}
+
+fn nagios(dedup: &str) -> Value {
+    json!({"service": "athens", "severity": "critical", "title": "athens: HTTP 502 on /login",
+           "message": "check_http failed 3 times", "source": "nagios", "dedup_key": dedup})
+}
+
+#[tokio::test]
+async fn an_incident_is_opened_once_per_key_claimed_resolved_and_reported() {
+    let desk = Desk::start().await;
+    let (status, first) = desk
+        .call(Method::PUT, "/api/v1/incidents", Some(nagios("athens-502")))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["number"], 1);
+    assert_eq!(first["state"], "OPEN");
+    assert_eq!(first["severity"], "CRIT", "critical is CRIT");
+
+    let (status, again) = desk
+        .call(Method::PUT, "/api/v1/incidents", Some(nagios("athens-502")))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the open incident of that key, not a second one"
+    );
+    assert_eq!(again["number"], 1);
+    assert_eq!(again["timeline"][1]["event"], "reported again");
+
+    let (status, other) = desk
+        .call(
+            Method::PUT,
+            "/api/v1/incidents",
+            Some(json!({"service": "athens", "severity": "WARN", "title": "disk 85%"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(other["number"], 2);
+
+    let claim = json!({"action": "claim", "by": "alice"});
+    let (status, claimed) = desk
+        .call(Method::POST, "/api/v1/incidents/1", Some(claim.clone()))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{claimed}");
+    assert_eq!(
+        (claimed["state"].as_str(), claimed["claimed_by"].as_str()),
+        (Some("CLAIMED"), Some("alice"))
+    );
+    let (status, conflict) = desk
+        .call(Method::POST, "/api/v1/incidents/1", Some(claim))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        conflict["error"].as_str().unwrap().contains("is CLAIMED"),
+        "{conflict}"
+    );
+
+    let note = json!({"action": "note", "by": "alice", "note": "rolled back the release"});
+    assert_eq!(
+        desk.call(Method::POST, "/api/v1/incidents/1", Some(note))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (status, resolved) = desk
+        .call(
+            Method::POST,
+            "/api/v1/incidents/1",
+            Some(json!({"action": "resolve", "by": "alice"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(resolved["state"], "RESOLVED");
+
+    // Resolved: the same key opens a new incident; the old one can be reopened.
+    let (status, third) = desk
+        .call(Method::PUT, "/api/v1/incidents", Some(nagios("athens-502")))
+        .await;
+    assert_eq!(
+        (status, third["number"].as_u64()),
+        (StatusCode::CREATED, Some(3))
+    );
+    let (status, reopened) = desk
+        .call(
+            Method::POST,
+            "/api/v1/incidents/1",
+            Some(json!({"action": "reopen", "by": "bob"})),
+        )
+        .await;
+    assert_eq!(
+        (status, reopened["state"].as_str()),
+        (StatusCode::OK, Some("OPEN"))
+    );
+
+    let (status, open) = desk
+        .call(
+            Method::GET,
+            "/api/v1/incidents?state=OPEN&service=athens",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let numbers: Vec<u64> = open
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [3, 2, 1], "newest first");
+
+    let resp = desk
+        .app
+        .client
+        .get(desk.app.url("/api/v1/incidents/1/report"))
+        .bearer_auth("desk-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-type"],
+        "text/markdown; charset=utf-8"
+    );
+    let report = resp.text().await.unwrap();
+    for part in [
+        "# Incident 1: athens: HTTP 502 on /login",
+        "| time to claim |",
+        "claimed by alice",
+        "note by alice: rolled back the release",
+        "resolved by alice",
+        "reopened by bob",
+    ] {
+        assert!(report.contains(part), "{part:?} missing from:\n{report}");
+    }
+    desk.app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_name_the_field_or_state_and_change_nothing() {
+    let desk = Desk::start().await;
+    let cases = [
+        (json!({"service": "athens", "severity": "CRIT"}), "`title`"),
+        (
+            json!({"service": "rome", "severity": "CRIT", "title": "x"}),
+            "unknown service \"rome\" (services: athens)",
+        ),
+        (
+            json!({"service": "athens", "severity": "urgent", "title": "x"}),
+            "`severity`",
+        ),
+        (
+            json!({"service": "athens", "severity": "CRIT", "title": "x", "detected_at": "yesterday"}),
+            "`detected_at`",
+        ),
+        (
+            json!({"service": "athens", "severity": "CRIT", "title": "x", "colour": "red"}),
+            "colour",
+        ),
+        (
+            json!({"service": "athens", "severity": "CRIT", "title": "x".repeat(2000)}),
+            "`title` is longer than 1024",
+        ),
+    ];
+    for (body, names) in cases {
+        let (status, error) = desk
+            .call(Method::PUT, "/api/v1/incidents", Some(body.clone()))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {error}");
+        assert!(
+            error["error"].as_str().unwrap_or_default().contains(names),
+            "{body}: {error} should name {names}"
+        );
+    }
+    for token in [None, Some("wrong")] {
+        let (status, _) = desk
+            .call_as(token, Method::PUT, "/api/v1/incidents", Some(nagios("k")))
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert!(desk.all().await.is_empty(), "nothing was opened");
+
+    let (_, opened) = desk
+        .call(Method::PUT, "/api/v1/incidents", Some(nagios("k")))
+        .await;
+    let before = desk.all().await;
+    let bad_updates = [
+        (
+            json!({"action": "reopen", "by": "bob"}),
+            StatusCode::CONFLICT,
+            "is OPEN",
+        ),
+        (
+            json!({"action": "escalate", "by": "bob"}),
+            StatusCode::BAD_REQUEST,
+            "`action`",
+        ),
+        (json!({"action": "claim"}), StatusCode::BAD_REQUEST, "`by`"),
+        (
+            json!({"action": "note", "by": "bob"}),
+            StatusCode::BAD_REQUEST,
+            "`note`",
+        ),
+    ];
+    for (body, code, names) in bad_updates {
+        let (status, error) = desk
+            .call(Method::POST, "/api/v1/incidents/1", Some(body.clone()))
+            .await;
+        assert_eq!(status, code, "{body}: {error}");
+        assert!(
+            error["error"].as_str().unwrap_or_default().contains(names),
+            "{body}: {error} should name {names}"
+        );
+    }
+    let (status, _) = desk
+        .call(
+            Method::POST,
+            "/api/v1/incidents/99",
+            Some(json!({"action": "claim", "by": "bob"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        desk.all().await,
+        before,
+        "no refused request changed anything"
+    );
+    assert_eq!(opened["number"], 1);
+    desk.app.stop().await;
+}
+
+#[test]
+fn check_reports_an_on_call_file_naming_an_unknown_team_at_its_line() {
+    let dir = PlaybookDir::new(&[(
+        "playbooks/ok.yaml",
+        "name: ok\nmatch:\n  alertname: A\nsteps:\n  - inline: '1'\n",
+    )]);
+    std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
+    std::fs::write(
+        dir.path().join("oncall/devops.yaml"),
+        "teams:\n  - name: devops\nservices:\n  - name: athens\n    team: devopz\n",
+    )
+    .unwrap();
+    let (code, out, err) = crate::helpers::run_binary(&["check", "playbooks"], dir.path());
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("devops.yaml:5:") && err.contains("unknown team \"devopz\" (teams: devops)"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("oncall/devops.yaml"), ONCALL).unwrap();
+    let (code, out, err) = crate::helpers::run_binary(&["check", "playbooks"], dir.path());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ok: 1 service(s) of 1 team(s) in oncall"),
+        "{out}"
+    );
+}
