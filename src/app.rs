@@ -231,6 +231,7 @@ impl Application {
         tracing::info!(services = oncall.services.len(), teams = oncall.teams.len(), dir = %settings.oncall_dir.display(), "on-call files loaded");
         let desk = Arc::new(crate::incident::Desk {
             incidents: crate::incident::Incidents::open(&store).map_err(store_error)?,
+            keys: crate::incident::keys::Keys::open(&store).map_err(store_error)?,
             oncall,
             clock: Arc::clone(&engine.clock),
         });

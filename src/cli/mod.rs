@@ -3,6 +3,7 @@
 
 mod authoring;
 mod channels;
+mod keys;
 mod service;
 
 use std::net::SocketAddr;
@@ -53,6 +54,33 @@ enum Command {
     Run(RunArgs),
     /// List the notification channels, or send one a test notification.
     Channels(ChannelsArgs),
+    /// Make, list or revoke API keys of the incident API (through the running service).
+    Keys(KeysArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeysArgs {
+    #[command(subcommand)]
+    command: KeysCommand,
+    #[command(flatten)]
+    service: ServiceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make a key and print it, once.
+    Create {
+        /// Who uses it (e.g. nagios).
+        #[arg(long)]
+        name: String,
+        /// incidents:write, incidents:ack or read; repeat for several.
+        #[arg(long, required = true)]
+        scope: Vec<String>,
+    },
+    /// The keys, with their scopes (never the keys themselves).
+    List,
+    /// Revoke a key by its name.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -250,6 +278,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Runs(a) => runs(settings, a).await,
         Command::Reload(a) => reload(settings, a).await,
         Command::Run(a) => run_by_hand(settings, a).await,
+        Command::Keys(a) => keys::keys(settings, a.command, a.service).await,
         Command::Channels(a) => match a.command {
             None => channels::list(&settings),
             Some(ChannelsCommand::Test { name }) => channels::test(settings, &name).await,

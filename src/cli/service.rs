@@ -80,7 +80,7 @@ pub(super) async fn run_by_hand(settings: Settings, a: RunArgs) -> ExitCode {
 }
 
 /// The service's base URL and token: the flags', or the configured ones.
-fn service(settings: &Settings, a: &ServiceArgs) -> (String, Option<String>) {
+pub(super) fn service(settings: &Settings, a: &ServiceArgs) -> (String, Option<String>) {
     let base = a.url.clone().unwrap_or_else(|| {
         let mut addr = settings.listen;
         if addr.ip().is_unspecified() {
@@ -124,7 +124,7 @@ pub(super) async fn reload(settings: Settings, a: ServiceArgs) -> ExitCode {
     ))
 }
 
-fn unauthorized() -> String {
+pub(super) fn unauthorized() -> String {
     "401 Unauthorized: reactor wants its API token; pass --token or set REACTOR_AUTH_TOKEN".into()
 }
 

@@ -4,6 +4,7 @@
 //! problem onto the incident still open for it. Every change is on the incident's timeline. The
 //! services an incident may name come from the on-call files ([`oncall`]).
 
+pub mod keys;
 pub mod oncall;
 
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use oncall::OnCall;
 /// What the incident API works with: the incidents, the services they may name, the clock.
 pub struct Desk {
     pub incidents: Incidents,
+    /// The API keys and their scopes.
+    pub keys: keys::Keys,
     pub oncall: OnCall,
     pub clock: Arc<dyn Clock>,
 }

@@ -1,18 +1,21 @@
 //! The incident API: `PUT /api/v1/incidents` opens one (or returns the one still open for its
 //! `dedup_key`), `POST /api/v1/incidents/{number}` claims, resolves, reopens or notes it,
 //! `GET /api/v1/incidents[/{number}]` reads them, and `GET /api/v1/incidents/{number}/report`
-//! writes the post-incident report. A field that is missing or wrong is a 400 naming it; a
+//! writes the post-incident report. Besides the service's own credentials, it takes API keys
+//! (`/api/v1/keys`, made with the service's credentials), each good for its scopes. A field that is missing or wrong is a 400 naming it; a
 //! transition the state does not allow is a 409 naming the state; neither changes anything.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
+use crate::incident::keys::{ApiKey, Scope};
 use crate::incident::{
     Action, Filter, Incident, IncidentError, NewIncident, Severity, State as IncidentState, BY_MAX,
     DEDUP_KEY_MAX, MESSAGE_MAX, SOURCE_MAX, TITLE_MAX,
@@ -251,4 +254,132 @@ pub async fn list(
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
     Ok(Json(found))
+}
+
+/// The scope a request to the incident API needs: `incidents:write` to open, `incidents:ack`
+/// to claim, resolve, reopen or note, `read` to read. The service's own credentials may do all.
+pub async fn require_scope(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if super::admin(&state, &req) {
+        return next.run(req).await;
+    }
+    let needed = match *req.method() {
+        Method::PUT => Scope::IncidentsWrite,
+        Method::POST => Scope::IncidentsAck,
+        _ => Scope::Read,
+    };
+    let secret: Option<String> = {
+        let headers = req.headers();
+        let text = |v: &header::HeaderValue| v.to_str().ok().map(str::to_owned);
+        headers.get("x-api-key").and_then(text).or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(text)
+                .and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned))
+        })
+    };
+    let Some(secret) = secret else {
+        return super::unauthorized(
+            "missing credentials: an API key (X-API-Key or Authorization: Bearer) or the service's token",
+        );
+    };
+    let found = state.desk.keys.find(&secret);
+    match found {
+        Err(e) => ApiError::internal(e).into_response(),
+        Ok(None) => super::unauthorized("unknown API key"),
+        Ok(Some(k)) if !k.scopes.contains(&needed) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the API key {:?} lacks the scope {}",
+                k.name,
+                needed.as_str()
+            ),
+        )
+        .into_response(),
+        Ok(Some(_)) => next.run(req).await,
+    }
+}
+
+/// `POST /api/v1/keys` (the service's credentials only).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    name: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+pub async fn create_key(
+    State(state): State<AppState>,
+    body: Result<Json<NewKey>, JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let Json(body) = body.map_err(json_error)?;
+    let name = text("name", body.name, 128, true)?;
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(bad(format!(
+            "field `name`: {name:?}: expected letters, digits, '-', '_' or '.'"
+        )));
+    }
+    if body.scopes.is_empty() {
+        return Err(bad(
+            "field `scopes`: name at least one of incidents:write, incidents:ack, read",
+        ));
+    }
+    let mut scopes = Vec::new();
+    for s in &body.scopes {
+        let scope = Scope::parse(s).ok_or_else(|| {
+            bad(format!(
+                "field `scopes`: {s:?}: expected incidents:write, incidents:ack or read"
+            ))
+        })?;
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    let now = state.desk.clock.now();
+    match state
+        .desk
+        .keys
+        .create(&name, scopes, now)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some((secret, key)) => {
+            tracing::info!(name = %key.name, "API key created");
+            let body = serde_json::json!({"name": key.name, "scopes": key.scopes,
+                                          "created_at": key.created_at, "key": secret});
+            Ok((StatusCode::CREATED, Json(body)))
+        }
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("an API key named {name:?} exists; revoke it first"),
+        )),
+    }
+}
+
+pub async fn list_keys(State(state): State<AppState>) -> Result<Json<Vec<ApiKey>>, ApiError> {
+    state.desk.keys.list().map(Json).map_err(ApiError::internal)
+}
+
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state
+        .desk
+        .keys
+        .revoke(&name)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        tracing::info!(%name, "API key revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no API key named {name:?}"),
+        ))
+    }
 }

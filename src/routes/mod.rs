@@ -80,6 +80,19 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/runs/{id}", get(runs::show))
         .route("/api/v1/runs/{id}/rerun", post(runs::rerun))
         .route(
+            "/api/v1/keys",
+            get(incidents::list_keys).post(incidents::create_key),
+        )
+        .route(
+            "/api/v1/keys/{name}",
+            axum::routing::delete(incidents::revoke_key),
+        )
+        .route("/metrics", get(metrics))
+        .route("/-/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+    // The incident API also takes API keys, each good for its scopes.
+    let incident_api = Router::new()
+        .route(
             "/api/v1/incidents",
             get(incidents::list).put(incidents::create),
         )
@@ -88,13 +101,15 @@ pub fn router(state: AppState) -> Router {
             get(incidents::show).post(incidents::update),
         )
         .route("/api/v1/incidents/{number}/report", get(incidents::report))
-        .route("/metrics", get(metrics))
-        .route("/-/reload", post(reload))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            incidents::require_scope,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(protected)
+        .merge(incident_api)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(Extension(body::BodyBudget::new(
             state.limits.max_buffered_body_bytes,
@@ -242,9 +257,11 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn require_auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Whether the request carries the service's own credentials (`auth:`): true when none are
+/// configured.
+fn admin(state: &AppState, req: &Request) -> bool {
     if state.credentials.is_empty() {
-        return next.run(req).await;
+        return true;
     }
     let presented = req
         .headers()
@@ -258,14 +275,22 @@ async fn require_auth(State(state): State<AppState>, req: Request, next: Next) -
         .fold(subtle::Choice::from(0), |acc, c| {
             acc | presented.ct_eq(c.as_bytes())
         });
-    if !bool::from(ok) {
-        let mut resp =
-            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong credentials (the bearer token is auth.bearer_token, or REACTOR_AUTH_TOKEN)").into_response();
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"reactor\", Basic realm=\"reactor\""),
-        );
-        return resp;
+    bool::from(ok)
+}
+
+/// 401 with the schemes reactor takes.
+fn unauthorized(message: &str) -> Response {
+    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"reactor\", Basic realm=\"reactor\""),
+    );
+    resp
+}
+
+async fn require_auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if !admin(&state, &req) {
+        return unauthorized("missing or wrong credentials (the bearer token is auth.bearer_token, or REACTOR_AUTH_TOKEN)");
     }
     next.run(req).await
 }

@@ -319,3 +319,174 @@ fn check_reports_an_on_call_file_naming_an_unknown_team_at_its_line() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn api_keys_open_what_their_scopes_allow_and_nothing_else() {
+    let desk = Desk::start().await;
+    let make = |name: &str, scopes: &[&str]| json!({"name": name, "scopes": scopes});
+    let (status, nagios_key) = desk
+        .call(
+            Method::POST,
+            "/api/v1/keys",
+            Some(make("nagios", &["incidents:write", "read"])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{nagios_key}");
+    let nagios_secret = nagios_key["key"].as_str().unwrap().to_owned();
+    let (_, viewer_key) = desk
+        .call(
+            Method::POST,
+            "/api/v1/keys",
+            Some(make("viewer", &["read"])),
+        )
+        .await;
+    let viewer_secret = viewer_key["key"].as_str().unwrap().to_owned();
+    let (status, _) = desk
+        .call(
+            Method::POST,
+            "/api/v1/keys",
+            Some(make("nagios", &["read"])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "a name is taken once");
+    let (status, error) = desk
+        .call(Method::POST, "/api/v1/keys", Some(make("x", &["admin"])))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error["error"].as_str().unwrap().contains("`scopes`"),
+        "{error}"
+    );
+
+    // The key opens incidents, as X-API-Key or as a bearer token.
+    let resp = desk
+        .app
+        .client
+        .put(desk.app.url("/api/v1/incidents"))
+        .header("X-API-Key", &nagios_secret)
+        .json(&nagios("via-key"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let (status, _) = desk
+        .call_as(
+            Some(&viewer_secret),
+            Method::GET,
+            "/api/v1/incidents/1",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "read may read");
+
+    // Without the scope: 403 naming it, and nothing changes.
+    let before = desk.all().await;
+    let (status, error) = desk
+        .call_as(
+            Some(&viewer_secret),
+            Method::PUT,
+            "/api/v1/incidents",
+            Some(nagios("other")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        error["error"].as_str().unwrap().contains("incidents:write"),
+        "{error}"
+    );
+    let claim = json!({"action": "claim", "by": "nagios"});
+    let (status, _) = desk
+        .call_as(
+            Some(&nagios_secret),
+            Method::POST,
+            "/api/v1/incidents/1",
+            Some(claim),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "claiming needs incidents:ack"
+    );
+    let (status, _) = desk
+        .call_as(Some("rk_not-a-key"), Method::GET, "/api/v1/incidents", None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A key is for incidents only: the run history wants the service's credentials.
+    let (status, _) = desk
+        .call_as(Some(&nagios_secret), Method::GET, "/api/v1/runs", None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(desk.all().await, before);
+
+    // Listed without secrets; revoked, it opens nothing.
+    let (_, keys) = desk.call(Method::GET, "/api/v1/keys", None).await;
+    assert!(
+        !keys.to_string().contains(&nagios_secret) && !keys.to_string().contains("digest"),
+        "{keys}"
+    );
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    assert_eq!(
+        desk.call(Method::DELETE, "/api/v1/keys/nagios", None)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    let (status, _) = desk
+        .call_as(Some(&nagios_secret), Method::GET, "/api/v1/incidents", None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    desk.app.stop().await;
+}
+
+#[tokio::test]
+async fn reactor_keys_makes_a_key_once_lists_it_without_it_and_revokes_it() {
+    let dir = PlaybookDir::new(&[]);
+    std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
+    std::fs::write(dir.path().join("oncall/devops.yaml"), ONCALL).unwrap();
+    let port = crate::helpers::free_port();
+    let config = dir.binary_config(
+        port,
+        "tok",
+        &format!("oncall_dir: {}\n", dir.path().join("oncall").display()),
+    );
+    let config = config.to_str().unwrap();
+    let _reactor = crate::helpers::spawn_binary(&["--config", config, "serve"], dir.path());
+    crate::helpers::wait_healthy(port).await;
+    let keys = |args: &[&str]| {
+        let mut all = vec!["--config", config, "keys"];
+        all.extend_from_slice(args);
+        crate::helpers::run_binary(&all, dir.path())
+    };
+    let (code, out, err) = keys(&["create", "--name", "nagios", "--scope", "incidents:write"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let secret = out.trim().to_owned();
+    assert!(secret.starts_with("rk_") && secret.len() > 40, "{out}");
+    assert!(err.contains("shown this once"), "{err}");
+
+    let resp = crate::helpers::client()
+        .put(format!("http://127.0.0.1:{port}/api/v1/incidents"))
+        .header("X-API-Key", &secret)
+        .json(&nagios("cli-key"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    let (code, out, _) = keys(&["list"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("nagios\tincidents:write\t"), "{out}");
+    assert!(!out.contains(&secret));
+    let (code, out, _) = keys(&["revoke", "nagios"]);
+    assert_eq!((code, out.trim()), (0, "revoked: nagios"));
+    let resp = crate::helpers::client()
+        .get(format!("http://127.0.0.1:{port}/api/v1/incidents"))
+        .header("X-API-Key", &secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let (code, _, err) = keys(&["revoke", "nagios"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no API key named \"nagios\""), "{err}");
+}

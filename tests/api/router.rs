@@ -43,6 +43,7 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
         )),
         desk: Arc::new(reactor::incident::Desk {
             incidents: reactor::incident::Incidents::open(&store).unwrap(),
+            keys: reactor::incident::keys::Keys::open(&store).unwrap(),
             oncall: Default::default(),
             clock: Arc::new(reactor::clock::SystemClock),
         }),
