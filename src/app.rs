@@ -155,6 +155,23 @@ impl Application {
         let rhai = Arc::new(rhai_engine(&settings, kube.clone()));
         let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
         playbooks.check_routes(&settings.channel_names())?;
+        let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir)
+            .map_err(StartupError::OnCall)?;
+        tracing::info!(services = oncall.services.len(), teams = oncall.teams.len(), dir = %settings.oncall_dir.display(), "on-call files loaded");
+        let services: Vec<String> = oncall.services.keys().cloned().collect();
+        let known: Vec<&str> = services.iter().map(String::as_str).collect();
+        playbooks.check_services(&known)?;
+        if let Some(default) = settings.incidents.service.as_deref() {
+            if !known.contains(&default) {
+                return Err(StartupError::Config(crate::config::InvalidSetting {
+                    field: "incidents.service",
+                    message: format!(
+                        "incidents.service: unknown service {default:?} (services of the on-call files: {})",
+                        known.join(", ")
+                    ),
+                }));
+            }
+        }
         tracing::info!(count = playbooks.len(), dir = %settings.playbooks_dir.display(), "playbooks loaded");
         if settings.dry_run {
             tracing::warn!(
@@ -199,11 +216,15 @@ impl Application {
             settings.external_url(bound),
         )
         .and_then(|e| {
-            e.with_channels(
+            Ok(e.with_channels(
                 crate::notify::Channels::new(http, settings.channels.clone()),
                 settings.storm.clone(),
                 settings.route.to.clone(),
-            )
+            )?
+            .with_incidents(
+                crate::incident::Incidents::open(&store)?,
+                settings.incidents.service.clone(),
+            ))
         })
         .map_err(store_error)?;
         if let Some(name) = &settings.deadman.alertname {
@@ -226,9 +247,6 @@ impl Application {
                     .collect(),
             ),
         );
-        let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir)
-            .map_err(StartupError::OnCall)?;
-        tracing::info!(services = oncall.services.len(), teams = oncall.teams.len(), dir = %settings.oncall_dir.display(), "on-call files loaded");
         let desk = Arc::new(crate::incident::Desk {
             incidents: crate::incident::Incidents::open(&store).map_err(store_error)?,
             keys: crate::incident::keys::Keys::open(&store).map_err(store_error)?,

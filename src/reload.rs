@@ -22,6 +22,8 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     /// The channels an `escalate.to` may name.
     channels: Vec<String>,
+    /// The services an `escalate.incident` may name.
+    services: Vec<String>,
     /// One reload at a time: a second waits for the first and then loads again.
     one_at_a_time: tokio::sync::Mutex<()>,
 }
@@ -43,8 +45,15 @@ impl Reloader {
             in_force,
             metrics,
             channels: vec![crate::config::ALERTMANAGER_CHANNEL.to_owned()],
+            services: Vec::new(),
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The services a reloaded playbook's `escalate.incident` may name.
+    pub fn with_services(mut self, services: Vec<String>) -> Reloader {
+        self.services = services;
+        self
     }
 
     /// The channels a reloaded playbook's `escalate.to` may name.
@@ -77,7 +86,10 @@ impl Reloader {
                 }]))
             });
         let known: Vec<&str> = self.channels.iter().map(String::as_str).collect();
-        let loaded = loaded.and_then(|p| p.check_routes(&known).map(|()| p));
+        let services: Vec<&str> = self.services.iter().map(String::as_str).collect();
+        let loaded = loaded
+            .and_then(|p| p.check_routes(&known).map(|()| p))
+            .and_then(|p| p.check_services(&services).map(|()| p));
         match loaded {
             Ok(playbooks) => {
                 let count = playbooks.len();

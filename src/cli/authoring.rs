@@ -36,6 +36,14 @@ pub(super) fn check(settings: Settings, a: CheckArgs) -> ExitCode {
     let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir);
     let loaded = match (loaded, oncall) {
         (Ok(p), Ok(o)) => {
+            let services: Vec<&str> = o.services.keys().map(String::as_str).collect();
+            if let Err(e) = p.check_services(&services) {
+                for e in &e.0 {
+                    eprintln!("{e}");
+                }
+                eprintln!("{} problem(s) found", e.0.len());
+                return ExitCode::FAILURE;
+            }
             if !o.services.is_empty() {
                 println!(
                     "ok: {} service(s) of {} team(s) in {}",

@@ -72,6 +72,7 @@ pub struct Settings {
     pub route: RouteSettings,
     pub storm: StormSettings,
     pub deadman: DeadmanSettings,
+    pub incidents: IncidentSettings,
     /// Global dry run: scripts see `dry_run == true` and `disk_cleanup` deletes nothing.
     pub dry_run: bool,
     /// Allow listening on a non-loopback address without authentication.
@@ -104,6 +105,7 @@ impl Default for Settings {
             route: RouteSettings::default(),
             storm: StormSettings::default(),
             deadman: DeadmanSettings::default(),
+            incidents: IncidentSettings::default(),
             dry_run: false,
             insecure: false,
             watch: false,

@@ -347,3 +347,11 @@ impl Default for CleanupJobSettings {
         }
     }
 }
+
+/// reactor's own incidents: the service a failed run opens an incident for when its playbook
+/// names none (`escalate.incident.service`). Unset: only playbooks that name one open incidents.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IncidentSettings {
+    pub service: Option<String>,
+}

@@ -66,6 +66,9 @@ pub struct Engine {
     pub(crate) notifier: Notifier,
     /// Where pages go when a playbook names no `escalate.to`.
     pub(crate) route: Vec<String>,
+    /// The incidents a failed run opens, and the service when its playbook names none.
+    pub(crate) incidents: Option<crate::incident::Incidents>,
+    pub(crate) incident_service: Option<String>,
     pub(crate) guards: Guards,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) metrics: Arc<Metrics>,
@@ -116,6 +119,8 @@ impl Engine {
                 clock.now(),
             )?,
             route: vec![ALERTMANAGER_CHANNEL.to_owned()],
+            incidents: None,
+            incident_service: None,
             guards: Guards::open(&store)?,
             store,
             playbooks,
@@ -147,6 +152,17 @@ impl Engine {
         )?;
         self.route = route;
         Ok(self)
+    }
+
+    /// The incidents a failed run opens, and the default service.
+    pub fn with_incidents(
+        mut self,
+        incidents: crate::incident::Incidents,
+        service: Option<String>,
+    ) -> Engine {
+        self.incidents = Some(incidents);
+        self.incident_service = service;
+        self
     }
 
     /// The playbook in force that `run` names, if it is still loaded.
@@ -375,6 +391,13 @@ impl Engine {
                 .page_run(run.id, &fingerprint, &notice, &channels, now)
                 .await?;
         }
+        let service = playbook
+            .and_then(|p| p.escalate.incident.as_ref())
+            .map(|(s, _)| s.clone())
+            .or_else(|| self.incident_service.clone());
+        if let Some(service) = service {
+            self.open_incident(&run, &page, alertname, service).await?;
+        }
         if to_alertmanager
             && status == DeliveryStatus::Pending
             && !self.outbox.enqueue(run.id, page, fingerprint, now).await?
@@ -383,6 +406,59 @@ impl Engine {
             self.outbox.sync_run(run.id, now)?;
         }
         Ok(())
+    }
+
+    /// Opens (or updates, by the page's dedup key) the incident of `service` for a failed run,
+    /// and links the run to it.
+    async fn open_incident(
+        &self,
+        run: &Run,
+        page: &crate::alertmanager::PostableAlert,
+        alertname: &str,
+        service: String,
+    ) -> Result<(), StoreError> {
+        use crate::incident::{IncidentError, NewIncident, Severity};
+        let Some(incidents) = &self.incidents else {
+            return Ok(());
+        };
+        let notice = notice::for_run(run, page, alertname);
+        let severity = match notice.severity {
+            crate::notify::Severity::Critical => Severity::Crit,
+            crate::notify::Severity::Error => Severity::Err,
+            _ => Severity::Warn,
+        };
+        let new = NewIncident {
+            service,
+            severity,
+            title: notice.summary.clone(),
+            message: format!("{}\n\nThe run: {}", notice.description, notice.link),
+            source: "reactor".into(),
+            detected_at: Some(run.received_at),
+            dedup_key: Some(notice.dedup_key.clone()),
+            run: Some(run.id.to_string()),
+            fingerprint: Some(run.alert.fingerprint.to_string()),
+        };
+        let now = self.clock.now();
+        match incidents.create(new, now).await {
+            Ok((incident, opened)) => {
+                let what = if opened { "opened" } else { "updated" };
+                tracing::info!(run_id = %run.id, incident = incident.number, what, "incident");
+                // The run as stored now: the outboxes may have written it since.
+                if let Some(mut stored) = self.store.get_run(run.id)? {
+                    if stored.incident != Some(incident.number) {
+                        stored.incident = Some(incident.number);
+                        stored.note(now, format!("incident {} {what}", incident.number));
+                        self.store.put_run(&stored)?;
+                    }
+                }
+                Ok(())
+            }
+            Err(IncidentError::Store(e)) => Err(e),
+            Err(e) => {
+                tracing::error!(run_id = %run.id, error = %e, "could not open the run's incident");
+                Ok(())
+            }
+        }
     }
 
     /// The channels a failed run of `playbook` pages: its `escalate.to`, else `route.to`.

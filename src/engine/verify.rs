@@ -84,6 +84,20 @@ impl Engine {
         for id in self.notifier.resolve_for(fingerprint, now).await? {
             tracing::info!(run_id = %id, why, "resolving the notifications");
         }
+        if let Some(incidents) = &self.incidents {
+            match incidents
+                .resolve_for_alert(fingerprint.as_str(), "reactor", now)
+                .await
+            {
+                Ok(numbers) => {
+                    for n in numbers {
+                        tracing::info!(incident = n, why, "incident resolved");
+                    }
+                }
+                Err(crate::incident::IncidentError::Store(e)) => return Err(e),
+                Err(e) => tracing::error!(error = %e, "could not resolve the alert's incidents"),
+            }
+        }
         Ok(())
     }
 

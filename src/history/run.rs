@@ -283,6 +283,9 @@ pub struct Run {
     /// The pages this run raised on notification channels other than Alertmanager.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<NotificationRecord>,
+    /// The incident this run opened or updated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<u64>,
 }
 
 /// One page on one notification channel: where it stands, as the run shows it.
@@ -335,6 +338,7 @@ impl Run {
             timeline: Vec::new(),
             manual: None,
             notifications: Vec::new(),
+            incident: None,
         }
     }
 

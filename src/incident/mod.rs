@@ -126,6 +126,9 @@ pub struct Incident {
     pub resolved_at: Option<Timestamp>,
     #[serde(default)]
     pub timeline: Vec<Event>,
+    /// The remediation runs behind it (reactor's own incidents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<String>,
 }
 
 /// A validated request to open an incident.
@@ -138,6 +141,10 @@ pub struct NewIncident {
     pub source: String,
     pub detected_at: Option<Timestamp>,
     pub dedup_key: Option<String>,
+    /// The run that reports it (reactor's own incidents), and the fingerprint of its alert, so
+    /// the alert's resolution resolves the incident.
+    pub run: Option<String>,
+    pub fingerprint: Option<String>,
 }
 
 /// A change a human (or reactor) asks for.
@@ -210,6 +217,8 @@ pub struct Incidents {
     by_number: sled::Tree,
     /// `dedup_key` → the number of the last incident opened for it.
     by_dedup: sled::Tree,
+    /// `fingerprint 0x00 number`: the incidents reactor opened for an alert.
+    by_alert: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -221,6 +230,7 @@ impl Incidents {
             store: store.clone(),
             by_number: store.tree("incidents")?,
             by_dedup: store.tree("incidents_by_dedup")?,
+            by_alert: store.tree("incidents_by_alert")?,
             meta: store.tree("incidents_meta")?,
         })
     }
@@ -270,6 +280,14 @@ impl Incidents {
             {
                 let number = u64::from_be_bytes(n);
                 if let Some(mut open) = self.get(number)?.filter(|i| i.state != State::Resolved) {
+                    if let Some(run) = &new.run {
+                        if open.runs.contains(run) {
+                            // The same report again (a restart): nothing new.
+                            return Ok((open, false));
+                        }
+                        open.runs.push(run.clone());
+                    }
+                    self.index_alert(&new, number)?;
                     open.timeline.push(Event {
                         at: now,
                         event: "reported again".into(),
@@ -306,6 +324,7 @@ impl Incidents {
                     by: Some(new.source.clone()).filter(|s| !s.is_empty()),
                     note: None,
                 }],
+                runs: new.run.iter().cloned().collect(),
             };
             self.put(&incident)?;
             if let Some(k) = &dedup {
@@ -320,9 +339,47 @@ impl Incidents {
                     continue;
                 }
             }
+            self.index_alert(&new, number)?;
             self.store.history_durable().await?;
             return Ok((incident, true));
         }
+    }
+
+    fn index_alert(&self, new: &NewIncident, number: u64) -> Result<(), StoreError> {
+        if let Some(fp) = &new.fingerprint {
+            let mut k = fp.as_bytes().to_vec();
+            k.push(0);
+            k.extend_from_slice(&number.to_be_bytes());
+            self.by_alert.insert(k, &[])?;
+        }
+        Ok(())
+    }
+
+    /// The alert behind `fingerprint` resolved, or a later run fixed it: the incidents reactor
+    /// opened for it and not resolved yet are resolved by `by`. Returns their numbers.
+    pub async fn resolve_for_alert(
+        &self,
+        fingerprint: &str,
+        by: &str,
+        now: Timestamp,
+    ) -> Result<Vec<u64>, IncidentError> {
+        let mut prefix = fingerprint.as_bytes().to_vec();
+        prefix.push(0);
+        let mut resolved = Vec::new();
+        for kv in self.by_alert.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            self.by_alert.remove(&k)?;
+            let Some(n) = <[u8; 8]>::try_from(&k[prefix.len()..]).ok() else {
+                continue;
+            };
+            let number = u64::from_be_bytes(n);
+            match self.act(number, Action::Resolve, by, None, now).await {
+                Ok(_) => resolved.push(number),
+                Err(IncidentError::Conflict { .. } | IncidentError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(resolved)
     }
 
     /// Applies `action` by `by`; a transition the state does not allow is a conflict and changes
@@ -414,8 +471,9 @@ impl Incidents {
     }
 }
 
-/// The post-incident report in Markdown: summary, time to claim and to resolve, the timeline.
-pub fn report(i: &Incident) -> String {
+/// The post-incident report in Markdown: summary, time to claim and to resolve, the timeline,
+/// and the remediation runs behind it with their steps and the pages they sent.
+pub fn report(i: &Incident, runs: &[crate::history::Run]) -> String {
     let span = |from: Timestamp, to: Option<Timestamp>| match to {
         Some(t) => {
             let secs = (t.as_second() - from.as_second()).max(0) as u64;
@@ -455,6 +513,41 @@ pub fn report(i: &Incident) -> String {
             md.push_str(&format!(": {note}"));
         }
         md.push('\n');
+    }
+    if !runs.is_empty() {
+        md.push_str("\n## Remediation runs\n");
+    }
+    for run in runs {
+        md.push_str(&format!(
+            "\n### Run {} ({}): {}\n\n",
+            run.id,
+            run.playbook.as_deref().unwrap_or("-"),
+            run.outcome
+        ));
+        for step in &run.steps {
+            let result = match &step.error {
+                Some(e) => format!("failed: {e}"),
+                None => "ok".to_owned(),
+            };
+            md.push_str(&format!(
+                "- step {} attempt {} at {}: {result}\n",
+                step.name, step.attempt, step.started_at
+            ));
+        }
+        if let Some(e) = &run.escalation {
+            md.push_str(&format!(
+                "- page {} to alertmanager: {} ({} attempt(s))\n",
+                e.alertname,
+                e.status.as_str(),
+                e.attempts
+            ));
+        }
+        for n in &run.notifications {
+            md.push_str(&format!(
+                "- page to {}: {} ({} attempt(s), at {})\n",
+                n.channel, n.state, n.attempts, n.at
+            ));
+        }
     }
     md
 }

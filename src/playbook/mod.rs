@@ -251,6 +251,9 @@ pub struct EscalateSpec {
     /// `escalate.to`: the channels this playbook's pages go to, and the line naming them; unset
     /// follows the configuration's `route.to`.
     pub to: Option<(Vec<String>, u64)>,
+    /// `escalate.incident.service`: the service a failed run opens an incident for, and the
+    /// line naming it; unset follows the configuration's `incidents.service`.
+    pub incident: Option<(String, u64)>,
     pub severity: Option<String>,
     pub summary: Option<Template>,
     pub description: Option<Template>,
@@ -330,6 +333,31 @@ impl Playbooks {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Playbook>> {
         self.list.iter().find(|p| p.name == name)
+    }
+
+    /// Every `escalate.incident.service` naming a service not in `known`, at its file and line.
+    pub fn check_services(&self, known: &[&str]) -> Result<(), loader::LoadErrors> {
+        let errors: Vec<loader::LoadError> = self
+            .list
+            .iter()
+            .filter_map(|p| {
+                let (service, line) = p.escalate.incident.as_ref()?;
+                (!known.contains(&service.as_str())).then(|| loader::LoadError {
+                    file: p.origin.file.clone(),
+                    line: Some(*line),
+                    message: format!(
+                        "playbook {:?}: escalate.incident.service: unknown service {service:?} (services of the on-call files: {})",
+                        p.name,
+                        known.join(", ")
+                    ),
+                })
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(loader::LoadErrors(errors))
+        }
     }
 
     /// Every `escalate.to` naming a channel not in `known`, at its file and line.

@@ -102,6 +102,8 @@ impl Create {
             source: text("source", self.source, SOURCE_MAX, false)?,
             detected_at,
             dedup_key: Some(dedup_key).filter(|k| !k.is_empty()),
+            run: None,
+            fingerprint: None,
         })
     }
 }
@@ -205,11 +207,19 @@ pub async fn report(State(state): State<AppState>, Path(n): Path<String>) -> Res
             .ok_or_else(|| incident_error(IncidentError::NotFound(n)))
     });
     match found {
-        Ok(i) => (
-            [(header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
-            crate::incident::report(&i),
-        )
-            .into_response(),
+        Ok(i) => {
+            let runs: Vec<_> = i
+                .runs
+                .iter()
+                .filter_map(|id| id.parse().ok())
+                .filter_map(|id| state.store.get_run(id).ok().flatten())
+                .collect();
+            (
+                [(header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
+                crate::incident::report(&i, &runs),
+            )
+                .into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -318,6 +318,19 @@ fn check_reports_an_on_call_file_naming_an_unknown_team_at_its_line() {
         out.contains("ok: 1 service(s) of 1 team(s) in oncall"),
         "{out}"
     );
+
+    std::fs::write(
+        dir.path().join("playbooks/ok.yaml"),
+        "name: ok\nmatch:\n  alertname: A\nescalate:\n  incident: {service: rome}\nsteps:\n  - inline: '1'\n",
+    )
+    .unwrap();
+    let (code, out, err) = crate::helpers::run_binary(&["check", "playbooks"], dir.path());
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("ok.yaml:5:")
+            && err.contains("escalate.incident.service: unknown service \"rome\""),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -489,4 +502,121 @@ async fn reactor_keys_makes_a_key_once_lists_it_without_it_and_revokes_it() {
     let (code, _, err) = keys(&["revoke", "nagios"]);
     assert_eq!(code, 2);
     assert!(err.contains("no API key named \"nagios\""), "{err}");
+}
+
+const FAILS_FOR_ATHENS: &str = "name: always-fails\nmatch:\n  alertname: DiskFull\nescalate:\n  incident: {service: athens}\nguards:\n  max_attempts: 100\n  circuit_breaker: {failures: 0}\nsteps:\n  - name: clean\n    inline: 'throw \"disk still full\"'\n";
+
+#[tokio::test]
+async fn a_failed_remediation_opens_one_incident_that_its_alert_resolves() {
+    let hook = crate::services::Service::webhook().await;
+    let dir = PlaybookDir::new(&[("playbooks/fails.yaml", FAILS_FOR_ATHENS)]);
+    std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
+    std::fs::write(dir.path().join("oncall/devops.yaml"), ONCALL).unwrap();
+    crate::channels::secret_file(dir.path(), "hook.token", "hook-token");
+    let chans = crate::channels::channels(&format!(
+        "hook:\n  type: webhook\n  url: {}/hook\n  bearer_token_file: {}/hook.token\n",
+        hook.url(),
+        dir.path().display()
+    ));
+    let (oncall, books, scripts) = (dir.path().join("oncall"), dir.playbooks(), dir.scripts());
+    let app = TestApp::spawn(move |s| {
+        s.oncall_dir = oncall;
+        s.playbooks_dir = books;
+        s.scripts_dir = scripts;
+        s.auth.bearer_token = Some("desk-token".into());
+        s.route.to = vec!["hook".into()];
+        s.channels = chans;
+    })
+    .await;
+    let desk = Desk { app, _dir: dir };
+    let alert = |status: &str| {
+        let mut p = crate::helpers::payload(&[("DiskFull", "e1b2c3d4e5f60001")]);
+        p["alerts"][0]["status"] = status.into();
+        p["status"] = status.into();
+        p
+    };
+    desk.app.post_webhook(&alert("firing")).await;
+    let first = crate::helpers::wait_for(std::time::Duration::from_secs(20), || async {
+        desk.all()
+            .await
+            .into_iter()
+            .find(|i| i["runs"].as_array().is_some_and(|r| r.len() == 1))
+    })
+    .await
+    .expect("the failed run opened an incident");
+    assert_eq!(
+        (first["number"].as_u64(), first["service"].as_str()),
+        (Some(1), Some("athens"))
+    );
+    assert_eq!(
+        (first["source"].as_str(), first["state"].as_str()),
+        (Some("reactor"), Some("OPEN"))
+    );
+    assert!(
+        first["title"].as_str().unwrap().contains("always-fails"),
+        "{first}"
+    );
+
+    // The same target fails again (by hand): the same incident, with both runs.
+    let resp = desk
+        .app
+        .client
+        .post(desk.app.url("/api/v1/runs"))
+        .bearer_auth("desk-token")
+        .json(&json!({"playbook": "always-fails", "by": "test",
+                      "alert": {"labels": {"alertname": "DiskFull", "instance": "test-host", "severity": "warning", "id": "e1b2c3d4e5f60001"},
+                                "fingerprint": "e1b2c3d4e5f60001"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    crate::helpers::wait_for(std::time::Duration::from_secs(20), || async {
+        let all = desk.all().await;
+        (all.len() == 1 && all[0]["runs"].as_array().is_some_and(|r| r.len() == 2)).then_some(())
+    })
+    .await
+    .expect("the second failure updated the incident");
+    let runs = desk.app.runs("playbook=always-fails").await;
+    assert!(
+        runs.iter().all(|r| r["incident"] == 1),
+        "each run links to its incident"
+    );
+
+    desk.app.post_webhook(&alert("resolved")).await;
+    let resolved = crate::helpers::wait_for(std::time::Duration::from_secs(20), || async {
+        let (_, i) = desk.call(Method::GET, "/api/v1/incidents/1", None).await;
+        (i["state"] == "RESOLVED").then_some(i)
+    })
+    .await
+    .expect("the alert's resolution resolved the incident");
+    assert_eq!(resolved["resolved_by"], "reactor");
+
+    let report = desk
+        .app
+        .client
+        .get(desk.app.url("/api/v1/incidents/1/report"))
+        .bearer_auth("desk-token")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for run in &runs {
+        let id = run["id"].as_str().unwrap();
+        assert!(
+            report.contains(&format!("### Run {id} (always-fails): failed")),
+            "{id} missing:\n{report}"
+        );
+    }
+    assert!(report.contains("step clean attempt 1"), "{report}");
+    assert!(
+        report.contains("failed: ") && report.contains("disk still full"),
+        "{report}"
+    );
+    assert!(
+        report.contains("- page to hook:"),
+        "the notifications are listed:\n{report}"
+    );
+    desk.app.stop().await;
 }

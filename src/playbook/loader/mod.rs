@@ -154,11 +154,19 @@ struct RawStep {
     dry_run: Option<bool>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIncident {
+    service: String,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawEscalate {
     #[serde(default)]
     to: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    incident: Option<Spanned<RawIncident>>,
     #[serde(default)]
     severity: Option<String>,
     #[serde(default)]
@@ -388,6 +396,10 @@ impl FileCtx<'_> {
                     .zip(description)
                     .map(|(summary, description)| EscalateSpec {
                         to: e.value.to.map(|t| (t.value, t.referenced.line())),
+                        incident: e
+                            .value
+                            .incident
+                            .map(|i| (i.value.service, i.referenced.line())),
                         severity: e.value.severity,
                         summary,
                         description,
