@@ -216,15 +216,13 @@ impl Application {
             settings.external_url(bound),
         )
         .and_then(|e| {
+            let incidents = crate::incident::Incidents::open(&store, Arc::clone(&e.metrics))?;
             Ok(e.with_channels(
                 crate::notify::Channels::new(http, settings.channels.clone()),
                 settings.storm.clone(),
                 settings.route.to.clone(),
             )?
-            .with_incidents(
-                crate::incident::Incidents::open(&store)?,
-                settings.incidents.service.clone(),
-            ))
+            .with_incidents(incidents, settings.incidents.service.clone()))
         })
         .map_err(store_error)?;
         if let Some(name) = &settings.deadman.alertname {
@@ -248,7 +246,13 @@ impl Application {
             ),
         );
         let desk = Arc::new(crate::incident::Desk {
-            incidents: crate::incident::Incidents::open(&store).map_err(store_error)?,
+            incidents: {
+                let incidents =
+                    crate::incident::Incidents::open(&store, Arc::clone(&engine.metrics))
+                        .map_err(store_error)?;
+                incidents.count_open().map_err(store_error)?;
+                incidents
+            },
             keys: crate::incident::keys::Keys::open(&store).map_err(store_error)?,
             oncall,
             clock: Arc::clone(&engine.clock),

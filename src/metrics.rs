@@ -55,8 +55,24 @@ pub struct ChannelResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IncidentLabels {
+    pub service: String,
+    pub severity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     pub check: String,
+}
+
+fn human_histogram() -> Histogram {
+    // 10 s … about 3.6 days.
+    Histogram::new(exponential_buckets(10.0, 3.0, 10))
 }
 
 fn step_histogram() -> Histogram {
@@ -87,6 +103,12 @@ pub struct Metrics {
     pub escalations_pending: Gauge,
     pub escalation_oldest_pending_age: Gauge<f64, AtomicU64>,
     pub heartbeats: Family<ResultLabels, Counter>,
+    /// Incidents not resolved, by service and severity.
+    pub incidents_open: Family<IncidentLabels, Gauge>,
+    pub incidents_opened: Family<IncidentLabels, Counter>,
+    /// From opening to the first claim, and to the resolution, by service.
+    pub incident_time_to_claim: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    pub incident_time_to_resolve: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub heartbeat_age: Gauge<f64, AtomicU64>,
     pub self_check_failing: Family<CheckLabels, Gauge>,
     /// Webhook deliveries and alerts refused, by reason.
@@ -190,6 +212,36 @@ impl Default for Metrics {
             prometheus_client::registry::Unit::Seconds,
             escalation_oldest_pending_age.clone(),
         );
+        let incidents_open = Family::default();
+        registry.register(
+            "incidents_open",
+            "Incidents not resolved, by service and severity",
+            incidents_open.clone(),
+        );
+        let incidents_opened = Family::default();
+        registry.register(
+            "incidents_opened",
+            "Incidents opened, by service and severity",
+            incidents_opened.clone(),
+        );
+        let incident_time_to_claim =
+            Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                human_histogram,
+            );
+        registry.register(
+            "incident_time_to_claim_seconds",
+            "From an incident's opening to its claim, by service",
+            incident_time_to_claim.clone(),
+        );
+        let incident_time_to_resolve =
+            Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                human_histogram,
+            );
+        registry.register(
+            "incident_time_to_resolve_seconds",
+            "From an incident's opening to its resolution, by service",
+            incident_time_to_resolve.clone(),
+        );
         let heartbeats = Family::default();
         registry.register(
             "heartbeats",
@@ -275,6 +327,10 @@ impl Default for Metrics {
             escalations_pending,
             escalation_oldest_pending_age,
             heartbeats,
+            incidents_open,
+            incidents_opened,
+            incident_time_to_claim,
+            incident_time_to_resolve,
             heartbeat_age,
             self_check_failing,
             webhook_rejections,

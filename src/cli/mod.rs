@@ -3,6 +3,7 @@
 
 mod authoring;
 mod channels;
+mod incidents;
 mod keys;
 mod service;
 
@@ -56,6 +57,42 @@ enum Command {
     Channels(ChannelsArgs),
     /// Make, list or revoke API keys of the incident API (through the running service).
     Keys(KeysArgs),
+    /// List incidents, show, claim or resolve one, or print its report (through the running
+    /// service).
+    Incidents(IncidentsArgs),
+}
+
+#[derive(Debug, Args)]
+struct IncidentsArgs {
+    #[command(subcommand)]
+    command: Option<IncidentsCommand>,
+    /// Only incidents in this state (OPEN, CLAIMED, RESOLVED).
+    #[arg(long)]
+    state: Option<String>,
+    #[command(flatten)]
+    service: ServiceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum IncidentsCommand {
+    /// One incident with its timeline, as JSON.
+    Show { number: u64 },
+    /// Claim an incident.
+    Claim {
+        number: u64,
+        /// Who claims it (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Resolve an incident.
+    Resolve {
+        number: u64,
+        /// Who resolves it (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// The post-incident report, in Markdown.
+    Report { number: u64 },
 }
 
 #[derive(Debug, Args)]
@@ -279,6 +316,9 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Reload(a) => reload(settings, a).await,
         Command::Run(a) => run_by_hand(settings, a).await,
         Command::Keys(a) => keys::keys(settings, a.command, a.service).await,
+        Command::Incidents(a) => {
+            incidents::incidents(settings, a.command, a.state, a.service).await
+        }
         Command::Channels(a) => match a.command {
             None => channels::list(&settings),
             Some(ChannelsCommand::Test { name }) => channels::test(settings, &name).await,

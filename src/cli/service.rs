@@ -10,7 +10,7 @@ use crate::config::Settings;
 use crate::history::{Run, RunFilter, Store};
 
 /// Who asks, when the command line does not say.
-fn asker(by: Option<String>) -> String {
+pub(super) fn asker(by: Option<String>) -> String {
     by.or_else(|| std::env::var("USER").ok())
         .filter(|b| !b.is_empty())
         .unwrap_or_else(|| "cli".into())

@@ -443,14 +443,13 @@ impl Engine {
             Ok((incident, opened)) => {
                 let what = if opened { "opened" } else { "updated" };
                 tracing::info!(run_id = %run.id, incident = incident.number, what, "incident");
-                // The run as stored now: the outboxes may have written it since.
-                if let Some(mut stored) = self.store.get_run(run.id)? {
+                // The run as stored now: the outboxes may be writing it too.
+                self.store.update_run(run.id, |stored| {
                     if stored.incident != Some(incident.number) {
                         stored.incident = Some(incident.number);
                         stored.note(now, format!("incident {} {what}", incident.number));
-                        self.store.put_run(&stored)?;
                     }
-                }
+                })?;
                 Ok(())
             }
             Err(IncidentError::Store(e)) => Err(e),

@@ -76,10 +76,9 @@ impl Engine {
         let now = self.clock.now();
         for id in self.outbox.resolve_for(fingerprint, now).await? {
             tracing::info!(run_id = %id, why, "resolving the page");
-            if let Some(mut run) = self.store.get_run(id)? {
-                run.note(now, format!("escalation resolving: {why}"));
-                self.store.put_run(&run)?;
-            }
+            self.store.update_run(id, |run| {
+                run.note(now, format!("escalation resolving: {why}"))
+            })?;
         }
         for id in self.notifier.resolve_for(fingerprint, now).await? {
             tracing::info!(run_id = %id, why, "resolving the notifications");

@@ -291,7 +291,8 @@ impl Outbox {
         status: DeliveryStatus,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        if let Some(mut run) = self.store.get_run(e.run)? {
+        // Atomically: the notification outbox and the engine write the same run.
+        self.store.update_run(e.run, |run| {
             let before = run.escalation.clone();
             run.escalation = Some(e.record(status, at));
             if run.escalation != before {
@@ -302,8 +303,7 @@ impl Outbox {
                     _ => {}
                 }
             }
-            self.store.put_run(&run)?;
-        }
+        })?;
         Ok(())
     }
 }

@@ -438,6 +438,32 @@ impl Store {
         Ok(())
     }
 
+    /// Changes the stored run `id` with `f`, atomically: tasks that each change one part of a
+    /// run (the outboxes recording deliveries, the engine linking an incident) never undo each
+    /// other's writes. Returns the run as stored, or `None` when there is none.
+    pub fn update_run(
+        &self,
+        id: RunId,
+        mut f: impl FnMut(&mut Run),
+    ) -> Result<Option<Run>, StoreError> {
+        loop {
+            let Some(old) = self.inner.runs.get(id.key())? else {
+                return Ok(None);
+            };
+            let mut run: Run = decode(&id.key(), &old)?;
+            f(&mut run);
+            let new = serde_json::to_vec(&run).expect("run serializes");
+            if self
+                .inner
+                .runs
+                .compare_and_swap(id.key(), Some(old), Some(new))?
+                .is_ok()
+            {
+                return Ok(Some(run));
+            }
+        }
+    }
+
     pub fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
         self.inner
             .runs

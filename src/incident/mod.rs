@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::history::{Store, StoreError};
+use crate::metrics::{IncidentLabels, Metrics, ServiceLabels};
 use oncall::OnCall;
 
 /// What the incident API works with: the incidents, the services they may name, the clock.
@@ -220,13 +221,15 @@ pub struct Incidents {
     /// `fingerprint 0x00 number`: the incidents reactor opened for an alert.
     by_alert: sled::Tree,
     meta: sled::Tree,
+    metrics: Arc<Metrics>,
 }
 
 const NEXT: &[u8] = b"next_number";
 
 impl Incidents {
-    pub fn open(store: &Store) -> Result<Incidents, StoreError> {
+    pub fn open(store: &Store, metrics: Arc<Metrics>) -> Result<Incidents, StoreError> {
         Ok(Incidents {
+            metrics,
             store: store.clone(),
             by_number: store.tree("incidents")?,
             by_dedup: store.tree("incidents_by_dedup")?,
@@ -341,8 +344,34 @@ impl Incidents {
             }
             self.index_alert(&new, number)?;
             self.store.history_durable().await?;
+            let labels = Self::labels(&incident);
+            self.metrics.incidents_open.get_or_create(&labels).inc();
+            self.metrics.incidents_opened.get_or_create(&labels).inc();
             return Ok((incident, true));
         }
+    }
+
+    fn labels(i: &Incident) -> IncidentLabels {
+        IncidentLabels {
+            service: i.service.clone(),
+            severity: i.severity.as_str().to_owned(),
+        }
+    }
+
+    /// Sets the open-incidents gauge from the store (once, at start).
+    pub fn count_open(&self) -> Result<(), StoreError> {
+        for kv in self.by_number.iter() {
+            let (_, v) = kv?;
+            if let Ok(i) = serde_json::from_slice::<Incident>(&v) {
+                if i.state != State::Resolved {
+                    self.metrics
+                        .incidents_open
+                        .get_or_create(&Self::labels(&i))
+                        .inc();
+                }
+            }
+        }
+        Ok(())
     }
 
     fn index_alert(&self, new: &NewIncident, number: u64) -> Result<(), StoreError> {
@@ -441,8 +470,38 @@ impl Incidents {
                 .is_ok()
             {
                 self.store.history_durable().await?;
+                self.count(&i, action, now);
                 return Ok(i);
             }
+        }
+    }
+
+    /// The metrics of a transition just made.
+    fn count(&self, i: &Incident, action: Action, now: Timestamp) {
+        let since_open =
+            || (now.as_millisecond() - i.created_at.as_millisecond()).max(0) as f64 / 1000.0;
+        let service = ServiceLabels {
+            service: i.service.clone(),
+        };
+        let open = self.metrics.incidents_open.get_or_create(&Self::labels(i));
+        match action {
+            Action::Claim => {
+                self.metrics
+                    .incident_time_to_claim
+                    .get_or_create(&service)
+                    .observe(since_open());
+            }
+            Action::Resolve => {
+                open.dec();
+                self.metrics
+                    .incident_time_to_resolve
+                    .get_or_create(&service)
+                    .observe(since_open());
+            }
+            Action::Reopen => {
+                open.inc();
+            }
+            Action::Note => {}
         }
     }
 

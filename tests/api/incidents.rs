@@ -174,6 +174,17 @@ async fn an_incident_is_opened_once_per_key_claimed_resolved_and_reported() {
         .collect();
     assert_eq!(numbers, [3, 2, 1], "newest first");
 
+    let metrics = desk.app.metrics().await;
+    for line in [
+        "reactor_incidents_open{service=\"athens\",severity=\"CRIT\"} 2",
+        "reactor_incidents_open{service=\"athens\",severity=\"WARN\"} 1",
+        "reactor_incidents_opened_total{service=\"athens\",severity=\"CRIT\"} 2",
+        "reactor_incident_time_to_claim_seconds_count{service=\"athens\"} 1",
+        "reactor_incident_time_to_resolve_seconds_count{service=\"athens\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+
     let resp = desk
         .app
         .client
@@ -576,11 +587,12 @@ async fn a_failed_remediation_opens_one_incident_that_its_alert_resolves() {
     })
     .await
     .expect("the second failure updated the incident");
-    let runs = desk.app.runs("playbook=always-fails").await;
-    assert!(
-        runs.iter().all(|r| r["incident"] == 1),
-        "each run links to its incident"
-    );
+    let runs = crate::helpers::wait_for(std::time::Duration::from_secs(20), || async {
+        let runs = desk.app.runs("playbook=always-fails").await;
+        (runs.len() == 2 && runs.iter().all(|r| r["incident"] == 1)).then_some(runs)
+    })
+    .await
+    .expect("each run links to its incident");
 
     desk.app.post_webhook(&alert("resolved")).await;
     let resolved = crate::helpers::wait_for(std::time::Duration::from_secs(20), || async {
@@ -619,4 +631,61 @@ async fn a_failed_remediation_opens_one_incident_that_its_alert_resolves() {
         "the notifications are listed:\n{report}"
     );
     desk.app.stop().await;
+}
+
+#[tokio::test]
+async fn reactor_incidents_lists_claims_resolves_and_reports() {
+    let dir = PlaybookDir::new(&[]);
+    std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
+    std::fs::write(dir.path().join("oncall/devops.yaml"), ONCALL).unwrap();
+    let port = crate::helpers::free_port();
+    let config = dir.binary_config(
+        port,
+        "tok",
+        &format!("oncall_dir: {}\n", dir.path().join("oncall").display()),
+    );
+    let config = config.to_str().unwrap();
+    let _reactor = crate::helpers::spawn_binary(&["--config", config, "serve"], dir.path());
+    crate::helpers::wait_healthy(port).await;
+    let resp = crate::helpers::client()
+        .put(format!("http://127.0.0.1:{port}/api/v1/incidents"))
+        .bearer_auth("tok")
+        .json(&nagios("cli"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--config", config, "incidents"];
+        all.extend_from_slice(args);
+        crate::helpers::run_binary(&all, dir.path())
+    };
+    let (code, out, err) = cli(&["--state", "OPEN"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "1\tOPEN\tCRIT\tathens\tathens: HTTP 502 on /login"
+    );
+    let (code, out, _) = cli(&["claim", "1", "--by", "alice"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "1\tCLAIMED\tCRIT\tathens\tathens: HTTP 502 on /login")
+    );
+    let (code, _, err) = cli(&["claim", "1", "--by", "bob"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("409") && err.contains("is CLAIMED"), "{err}");
+    let (code, out, _) = cli(&["resolve", "1", "--by", "alice"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("RESOLVED"), "{out}");
+    let (code, out, _) = cli(&["report", "1"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("# Incident 1: athens: HTTP 502 on /login"),
+        "{out}"
+    );
+    assert!(out.contains("claimed by alice"), "{out}");
+    let (code, out, _) = cli(&["show", "1"]);
+    assert_eq!(code, 0);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["resolved_by"], "alice");
 }

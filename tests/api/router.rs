@@ -42,7 +42,7 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
             Arc::clone(&metrics),
         )),
         desk: Arc::new(reactor::incident::Desk {
-            incidents: reactor::incident::Incidents::open(&store).unwrap(),
+            incidents: reactor::incident::Incidents::open(&store, Arc::clone(&metrics)).unwrap(),
             keys: reactor::incident::keys::Keys::open(&store).unwrap(),
             oncall: Default::default(),
             clock: Arc::new(reactor::clock::SystemClock),

@@ -520,16 +520,14 @@ impl Notifier {
         let Some(id) = e.run else {
             return Ok(());
         };
-        if let Some(mut run) = self.store.get_run(id)? {
-            let record = e.record(at);
+        let record = e.record(at);
+        self.store.update_run(id, |run| {
             match run
                 .notifications
                 .iter_mut()
                 .find(|r| r.channel == e.channel)
             {
-                Some(r) if r.state == record.state && r.attempts == record.attempts => {
-                    return Ok(())
-                }
+                Some(r) if r.state == record.state && r.attempts == record.attempts => {}
                 Some(r) => {
                     if r.state != record.state {
                         run.timeline.push(crate::history::Event {
@@ -537,12 +535,11 @@ impl Notifier {
                             event: format!("{} page {}", e.channel, record.state),
                         });
                     }
-                    *r = record;
+                    *r = record.clone();
                 }
-                None => run.notifications.push(record),
+                None => run.notifications.push(record.clone()),
             }
-            self.store.put_run(&run)?;
-        }
+        })?;
         Ok(())
     }
 
