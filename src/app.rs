@@ -161,12 +161,18 @@ impl Application {
         let services: Vec<String> = oncall.services.keys().cloned().collect();
         let known: Vec<&str> = services.iter().map(String::as_str).collect();
         playbooks.check_services(&known)?;
-        if let Some(default) = settings.incidents.service.as_deref() {
-            if !known.contains(&default) {
+        for (field, service) in [
+            ("incidents.service", &settings.incidents.service),
+            (
+                "incidents.reactor_service",
+                &settings.incidents.reactor_service,
+            ),
+        ] {
+            if let Some(service) = service.as_deref().filter(|s| !known.contains(s)) {
                 return Err(StartupError::Config(crate::config::InvalidSetting {
-                    field: "incidents.service",
+                    field,
                     message: format!(
-                        "incidents.service: unknown service {default:?} (services of the on-call files: {})",
+                        "{field}: unknown service {service:?} (services of the on-call files: {})",
                         known.join(", ")
                     ),
                 }));
@@ -354,6 +360,10 @@ impl Application {
             watchdog::Paging {
                 notifier: engine.notifier.clone(),
                 deadman_after: settings.deadman.after,
+                incidents: engine
+                    .incidents
+                    .clone()
+                    .zip(settings.incidents.reactor_service.clone()),
             },
             shutdown.clone(),
         ));

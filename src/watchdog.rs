@@ -262,6 +262,40 @@ pub fn unhealthy(
 pub struct Paging {
     pub notifier: Notifier,
     pub deadman_after: Duration,
+    /// Where a failing self-check opens an incident: the incidents and reactor's own service.
+    pub incidents: Option<(crate::incident::Incidents, String)>,
+}
+
+/// Opens an incident for a self-check that started failing, or resolves it when it passes
+/// again (keyed by the check, so a check failing on and off updates one incident).
+async fn self_check_incident(paging: &Paging, check: Check, detail: Option<&str>, now: Timestamp) {
+    let Some((incidents, service)) = &paging.incidents else {
+        return;
+    };
+    let key = format!("reactor-unhealthy-{}", check.as_str());
+    let result = match detail {
+        Some(detail) => {
+            let new = crate::incident::NewIncident {
+                service: service.clone(),
+                severity: crate::incident::Severity::Crit,
+                title: format!("reactor self-check {} is failing", check.as_str()),
+                message: detail.to_owned(),
+                source: "reactor".into(),
+                detected_at: Some(now),
+                dedup_key: Some(key.clone()),
+                run: None,
+                fingerprint: Some(key),
+            };
+            incidents.create(new, now).await.map(drop)
+        }
+        None => incidents
+            .resolve_for_alert(&key, "reactor", now)
+            .await
+            .map(drop),
+    };
+    if let Err(e) = result {
+        tracing::error!(check = check.as_str(), error = %e, "could not record the self-check's incident");
+    }
 }
 
 /// The page for a broken paging path: `check` names it, `summary` says what is wrong.
@@ -377,6 +411,7 @@ pub async fn watch(
                 Some(detail) => {
                     if !failing.contains_key(check) {
                         tracing::error!(check = check.as_str(), %detail, "self-check failed");
+                        self_check_incident(&paging, *check, Some(detail), now).await;
                     }
                     resolving.remove(check);
                     let since = *failing.entry(*check).or_insert(now);
@@ -394,6 +429,7 @@ pub async fn watch(
                     if let Some(since) = failing.remove(check) {
                         tracing::info!(check = check.as_str(), "self-check passes again");
                         resolving.insert(*check, since);
+                        self_check_incident(&paging, *check, None, now).await;
                     }
                 }
             }

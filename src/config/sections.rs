@@ -354,4 +354,6 @@ impl Default for CleanupJobSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct IncidentSettings {
     pub service: Option<String>,
+    /// The service reactor's own failing self-checks (`ReactorUnhealthy`) open incidents for.
+    pub reactor_service: Option<String>,
 }

@@ -689,3 +689,51 @@ async fn reactor_incidents_lists_claims_resolves_and_reports() {
     let shown: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(shown["resolved_by"], "alice");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_self_check_opens_an_incident_for_reactors_service_and_resolves_it() {
+    let wedge = "name: wedge\nmatch:\n  alertname: Wedge\nsteps:\n  - name: hang\n    timeout: 4s\n    inline: |\n      loop { sleep(200); }\n";
+    let dir = PlaybookDir::new(&[("playbooks/wedge.yaml", wedge)]);
+    std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
+    std::fs::write(
+        dir.path().join("oncall/sre.yaml"),
+        "teams:\n  - name: sre\nservices:\n  - name: reactor\n    team: sre\n",
+    )
+    .unwrap();
+    let (oncall, books, scripts) = (dir.path().join("oncall"), dir.playbooks(), dir.scripts());
+    let app = TestApp::spawn(move |s| {
+        s.oncall_dir = oncall;
+        s.playbooks_dir = books;
+        s.scripts_dir = scripts;
+        s.auth.bearer_token = Some("desk-token".into());
+        s.incidents.reactor_service = Some("reactor".into());
+        s.limits.max_concurrent_runs = 1;
+        s.watchdog.heartbeat_interval = std::time::Duration::from_millis(500);
+        s.watchdog.stall_after = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let desk = Desk { app, _dir: dir };
+    // One worker, busy for 4 s with the first alert: the second waits and the dispatcher check fails.
+    let body = crate::helpers::payload(&[("Wedge", "aaa1"), ("Wedge", "bbb2")]);
+    assert_eq!(
+        desk.app.post_webhook(&body).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let opened = crate::helpers::wait_for(std::time::Duration::from_secs(20), || async {
+        desk.all().await.into_iter().next()
+    })
+    .await
+    .expect("the failing self-check opened an incident");
+    assert_eq!(opened["service"], "reactor");
+    assert_eq!(opened["title"], "reactor self-check dispatcher is failing");
+    assert_eq!(opened["severity"], "CRIT");
+    let resolved = crate::helpers::wait_for(std::time::Duration::from_secs(30), || async {
+        let (_, i) = desk.call(Method::GET, "/api/v1/incidents/1", None).await;
+        (i["state"] == "RESOLVED").then_some(i)
+    })
+    .await
+    .expect("the incident resolves when the check passes again");
+    assert_eq!(resolved["resolved_by"], "reactor");
+    assert_eq!(desk.all().await.len(), 1, "one incident for the episode");
+    desk.app.stop().await;
+}
