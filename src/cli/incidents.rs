@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use super::service::{service, unauthorized};
-use super::{fail, IncidentsCommand, ServiceArgs};
+use super::service::{send, service};
+use super::{IncidentsCommand, ServiceArgs};
 use crate::app;
 use crate::config::Settings;
 
@@ -42,26 +42,10 @@ pub(super) async fn incidents(
         Some(IncidentsCommand::Claim { number, by }) => act(*number, "claim", by.clone()),
         Some(IncidentsCommand::Resolve { number, by }) => act(*number, "resolve", by.clone()),
     };
-    let req = match &token {
-        Some(t) => req.bearer_auth(t),
-        None => req,
+    let text = match send(req, &token, base).await {
+        Ok(text) => text,
+        Err(code) => return code,
     };
-    let resp = match req.send().await {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot reach reactor at {base}: {e}")),
-    };
-    let status = resp.status();
-    if status == reqwest::StatusCode::UNAUTHORIZED {
-        return fail(unauthorized());
-    }
-    let text = resp.text().await.unwrap_or_default();
-    if !status.is_success() {
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        return fail(format!(
-            "{status}: {}",
-            v["error"].as_str().unwrap_or(&text)
-        ));
-    }
     if matches!(command, Some(IncidentsCommand::Report { .. })) {
         print!("{text}");
         return ExitCode::SUCCESS;

@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use super::service::{service, unauthorized};
-use super::{fail, KeysCommand, ServiceArgs};
+use super::service::{send, service};
+use super::{KeysCommand, ServiceArgs};
 use crate::app;
 use crate::config::Settings;
 
@@ -20,25 +20,10 @@ pub(super) async fn keys(settings: Settings, command: KeysCommand, a: ServiceArg
         KeysCommand::List => client.get(format!("{base}/api/v1/keys")),
         KeysCommand::Revoke { name } => client.delete(format!("{base}/api/v1/keys/{name}")),
     };
-    let req = match &token {
-        Some(t) => req.bearer_auth(t),
-        None => req,
+    let v: serde_json::Value = match send(req, &token, base).await {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
+        Err(code) => return code,
     };
-    let resp = match req.send().await {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot reach reactor at {base}: {e}")),
-    };
-    let status = resp.status();
-    if status == reqwest::StatusCode::UNAUTHORIZED {
-        return fail(unauthorized());
-    }
-    let v: serde_json::Value = resp.json().await.unwrap_or_default();
-    if !status.is_success() {
-        return fail(format!(
-            "{status}: {}",
-            v["error"].as_str().unwrap_or_default()
-        ));
-    }
     match command {
         KeysCommand::Create { name, .. } => {
             println!("{}", v["key"].as_str().unwrap_or_default());

@@ -124,6 +124,36 @@ pub(super) async fn reload(settings: Settings, a: ServiceArgs) -> ExitCode {
     ))
 }
 
+/// Sends `req` to the service at `base` with `token`; the answer's body on success, else the
+/// exit code after saying why (unreachable, 401, or the service's error).
+pub(super) async fn send(
+    req: reqwest::RequestBuilder,
+    token: &Option<String>,
+    base: &str,
+) -> Result<String, ExitCode> {
+    let req = match token {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    };
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| fail(format!("cannot reach reactor at {base}: {e}")))?;
+    let status = resp.status();
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(fail(unauthorized()));
+    }
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        return Err(fail(format!(
+            "{status}: {}",
+            v["error"].as_str().unwrap_or(&text)
+        )));
+    }
+    Ok(text)
+}
+
 pub(super) fn unauthorized() -> String {
     "401 Unauthorized: reactor wants its API token; pass --token or set REACTOR_AUTH_TOKEN".into()
 }

@@ -463,20 +463,38 @@ async fn api_keys_open_what_their_scopes_allow_and_nothing_else() {
     desk.app.stop().await;
 }
 
+/// The real binary serving the on-call files of [`ONCALL`], with the token `tok`.
+struct Served {
+    dir: PlaybookDir,
+    port: u16,
+    config: String,
+    _reactor: crate::helpers::Proc,
+}
+
+impl Served {
+    async fn start() -> Served {
+        let dir = PlaybookDir::new(&[]);
+        std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
+        std::fs::write(dir.path().join("oncall/devops.yaml"), ONCALL).unwrap();
+        let port = crate::helpers::free_port();
+        let extra = format!("oncall_dir: {}\n", dir.path().join("oncall").display());
+        let config = dir.binary_config(port, "tok", &extra);
+        let config = config.to_str().unwrap().to_owned();
+        let reactor = crate::helpers::spawn_binary(&["--config", &config, "serve"], dir.path());
+        crate::helpers::wait_healthy(port).await;
+        Served {
+            dir,
+            port,
+            config,
+            _reactor: reactor,
+        }
+    }
+}
+
 #[tokio::test]
 async fn reactor_keys_makes_a_key_once_lists_it_without_it_and_revokes_it() {
-    let dir = PlaybookDir::new(&[]);
-    std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
-    std::fs::write(dir.path().join("oncall/devops.yaml"), ONCALL).unwrap();
-    let port = crate::helpers::free_port();
-    let config = dir.binary_config(
-        port,
-        "tok",
-        &format!("oncall_dir: {}\n", dir.path().join("oncall").display()),
-    );
-    let config = config.to_str().unwrap();
-    let _reactor = crate::helpers::spawn_binary(&["--config", config, "serve"], dir.path());
-    crate::helpers::wait_healthy(port).await;
+    let served = Served::start().await;
+    let (dir, port, config) = (&served.dir, served.port, served.config.as_str());
     let keys = |args: &[&str]| {
         let mut all = vec!["--config", config, "keys"];
         all.extend_from_slice(args);
@@ -635,18 +653,8 @@ async fn a_failed_remediation_opens_one_incident_that_its_alert_resolves() {
 
 #[tokio::test]
 async fn reactor_incidents_lists_claims_resolves_and_reports() {
-    let dir = PlaybookDir::new(&[]);
-    std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
-    std::fs::write(dir.path().join("oncall/devops.yaml"), ONCALL).unwrap();
-    let port = crate::helpers::free_port();
-    let config = dir.binary_config(
-        port,
-        "tok",
-        &format!("oncall_dir: {}\n", dir.path().join("oncall").display()),
-    );
-    let config = config.to_str().unwrap();
-    let _reactor = crate::helpers::spawn_binary(&["--config", config, "serve"], dir.path());
-    crate::helpers::wait_healthy(port).await;
+    let served = Served::start().await;
+    let (dir, port, config) = (&served.dir, served.port, served.config.as_str());
     let resp = crate::helpers::client()
         .put(format!("http://127.0.0.1:{port}/api/v1/incidents"))
         .bearer_auth("tok")
