@@ -117,6 +117,7 @@ pub struct Application {
     state: AppState,
     engine: Arc<Engine>,
     queue_rx: mpsc::Receiver<crate::history::Intake>,
+    escalations: crate::incident::escalate::Escalations,
     settings: Settings,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -161,6 +162,9 @@ impl Application {
         let services: Vec<String> = oncall.services.keys().cloned().collect();
         let known: Vec<&str> = services.iter().map(String::as_str).collect();
         playbooks.check_services(&known)?;
+        oncall
+            .check_channels(&settings.channel_names())
+            .map_err(StartupError::OnCall)?;
         for (field, service) in [
             ("incidents.service", &settings.incidents.service),
             (
@@ -211,26 +215,43 @@ impl Application {
             source,
         };
         let in_force = Arc::new(playbook::InForce::new(playbooks));
+        let external_url = settings.external_url(bound);
+        // One outbox and one incident store, shared by the engine, the watchdog, the incident
+        // API and the escalation engine.
+        let notifier = crate::notify::Notifier::open(
+            &store,
+            crate::notify::Channels::new(http.clone(), settings.channels.clone()),
+            settings.storm.clone(),
+            external_url.clone(),
+            clock.now(),
+        )
+        .map_err(store_error)?;
         let engine = Engine::new(
             store.clone(),
             Arc::clone(&in_force),
             Executor::new(Arc::clone(&rhai), settings.dry_run, kube)
                 .with_max_memory(settings.sandbox.max_memory_bytes)
                 .with_exec(helpers(&settings, None).exec),
-            Escalator::new(http.clone(), settings.alertmanager.clone()),
-            clock,
-            settings.external_url(bound),
+            Escalator::new(http, settings.alertmanager.clone()),
+            notifier.clone(),
+            Arc::clone(&clock),
+            external_url.clone(),
         )
-        .and_then(|e| {
-            let incidents = crate::incident::Incidents::open(&store, Arc::clone(&e.metrics))?;
-            Ok(e.with_channels(
-                crate::notify::Channels::new(http, settings.channels.clone()),
-                settings.storm.clone(),
-                settings.route.to.clone(),
-            )?
-            .with_incidents(incidents, settings.incidents.service.clone()))
-        })
-        .map_err(store_error)?;
+        .map_err(store_error)?
+        .with_route(settings.route.to.clone());
+        let incidents = crate::incident::Incidents::open(&store, Arc::clone(&engine.metrics))
+            .map_err(store_error)?
+            .with_pages(notifier.clone());
+        incidents.count_open().map_err(store_error)?;
+        let engine = engine.with_incidents(incidents.clone(), settings.incidents.service.clone());
+        let oncall = Arc::new(oncall);
+        let escalations = crate::incident::escalate::Escalations::new(
+            incidents.clone(),
+            notifier,
+            Arc::clone(&oncall),
+            clock,
+            external_url,
+        );
         if let Some(name) = &settings.deadman.alertname {
             engine.health.expect_deadman(name);
         }
@@ -252,13 +273,7 @@ impl Application {
             ),
         );
         let desk = Arc::new(crate::incident::Desk {
-            incidents: {
-                let incidents =
-                    crate::incident::Incidents::open(&store, Arc::clone(&engine.metrics))
-                        .map_err(store_error)?;
-                incidents.count_open().map_err(store_error)?;
-                incidents
-            },
+            incidents,
             keys: crate::incident::keys::Keys::open(&store).map_err(store_error)?,
             oncall,
             clock: Arc::clone(&engine.clock),
@@ -279,6 +294,7 @@ impl Application {
             state,
             engine,
             queue_rx,
+            escalations,
             settings,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -308,6 +324,7 @@ impl Application {
             state,
             engine,
             queue_rx,
+            escalations,
             settings,
             tracker,
             shutdown,
@@ -344,6 +361,7 @@ impl Application {
             Arc::clone(&engine.metrics),
             shutdown.clone(),
         ));
+        background.spawn(escalations.run(shutdown.clone()));
         let watched = watchdog::Watched {
             health: Arc::clone(&engine.health),
             metrics: Arc::clone(&engine.metrics),

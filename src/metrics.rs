@@ -66,6 +66,11 @@ pub struct IncidentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LevelLabels {
+    pub level: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     pub check: String,
 }
@@ -109,6 +114,10 @@ pub struct Metrics {
     /// From opening to the first claim, and to the resolution, by service.
     pub incident_time_to_claim: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub incident_time_to_resolve: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    /// Escalation levels notified, by level number.
+    pub incident_escalations: Family<LevelLabels, Counter>,
+    /// How late an escalation step fired after its due time.
+    pub incident_escalation_lateness: Histogram,
     pub heartbeat_age: Gauge<f64, AtomicU64>,
     pub self_check_failing: Family<CheckLabels, Gauge>,
     /// Webhook deliveries and alerts refused, by reason.
@@ -242,6 +251,18 @@ impl Default for Metrics {
             "From an incident's opening to its resolution, by service",
             incident_time_to_resolve.clone(),
         );
+        let incident_escalations = Family::default();
+        registry.register(
+            "incident_escalations",
+            "Escalation levels notified, by level (1 is the first)",
+            incident_escalations.clone(),
+        );
+        let incident_escalation_lateness = Histogram::new(exponential_buckets(0.001, 4.0, 10));
+        registry.register(
+            "incident_escalation_lateness_seconds",
+            "How long after its due time an escalation step fired",
+            incident_escalation_lateness.clone(),
+        );
         let heartbeats = Family::default();
         registry.register(
             "heartbeats",
@@ -331,6 +352,8 @@ impl Default for Metrics {
             incidents_opened,
             incident_time_to_claim,
             incident_time_to_resolve,
+            incident_escalations,
+            incident_escalation_lateness,
             heartbeat_age,
             self_check_failing,
             webhook_rejections,

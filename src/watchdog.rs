@@ -328,6 +328,7 @@ fn path_notice(
         annotations,
         details: [("check".to_owned(), check.into())].into_iter().collect(),
         at: now,
+        to: None,
     }
 }
 

@@ -33,7 +33,8 @@ pub(super) fn check(settings: Settings, a: CheckArgs) -> ExitCode {
     let loaded = playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings, None))
         .and_then(|p| p.check_routes(&settings.channel_names()).map(|()| p));
     // The on-call files are checked with the playbooks.
-    let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir);
+    let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir)
+        .and_then(|o| o.check_channels(&settings.channel_names()).map(|()| o));
     let loaded = match (loaded, oncall) {
         (Ok(p), Ok(o)) => {
             let services: Vec<&str> = o.services.keys().map(String::as_str).collect();
@@ -44,12 +45,14 @@ pub(super) fn check(settings: Settings, a: CheckArgs) -> ExitCode {
                 eprintln!("{} problem(s) found", e.0.len());
                 return ExitCode::FAILURE;
             }
-            if !o.services.is_empty() {
+            if !o.services.is_empty() || !o.people.is_empty() {
                 println!(
-                    "ok: {} service(s) of {} team(s) in {}",
+                    "ok: {} service(s) of {} team(s) in {}; {} person(s), {} team(s) with an escalation policy",
                     o.services.len(),
                     o.teams.len(),
-                    settings.oncall_dir.display()
+                    settings.oncall_dir.display(),
+                    o.people.len(),
+                    o.teams.values().filter(|t| t.policy.is_some()).count(),
                 );
             }
             Ok(p)

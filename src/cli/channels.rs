@@ -63,6 +63,7 @@ pub fn test_notice(channel: &str, link: &str, now: Timestamp) -> Notice {
         annotations,
         details: [("test".to_owned(), true.into())].into_iter().collect(),
         at: now,
+        to: None,
     }
 }
 

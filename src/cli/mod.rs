@@ -5,6 +5,7 @@ mod authoring;
 mod channels;
 mod incidents;
 mod keys;
+mod oncall;
 mod service;
 
 use std::net::SocketAddr;
@@ -60,6 +61,19 @@ enum Command {
     /// List incidents, show, claim or resolve one, or print its report (through the running
     /// service).
     Incidents(IncidentsArgs),
+    /// Who is on call for each team now (or --at a time), and whom each escalation level
+    /// notifies; read from the on-call files.
+    Oncall(OncallArgs),
+}
+
+#[derive(Debug, Args)]
+struct OncallArgs {
+    /// Only this team.
+    team: Option<String>,
+    /// An RFC 3339 instant (2027-03-29T07:30:00Z) or a local time in the team's zone
+    /// (2027-03-29T09:30); default now.
+    #[arg(long)]
+    at: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -319,6 +333,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Incidents(a) => {
             incidents::incidents(settings, a.command, a.state, a.service).await
         }
+        Command::Oncall(a) => oncall::oncall(&settings, a.team, a.at),
         Command::Channels(a) => match a.command {
             None => channels::list(&settings),
             Some(ChannelsCommand::Test { name }) => channels::test(settings, &name).await,

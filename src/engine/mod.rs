@@ -103,6 +103,7 @@ impl Engine {
         playbooks: Arc<InForce>,
         executor: Executor,
         escalator: Escalator,
+        notifier: Notifier,
         clock: Arc<dyn Clock>,
         external_url: String,
     ) -> Result<Engine, StoreError> {
@@ -111,13 +112,7 @@ impl Engine {
             health: Arc::new(Health::new(&metrics)),
             metrics,
             outbox: Outbox::open(&store)?,
-            notifier: Notifier::open(
-                &store,
-                crate::notify::Channels::default(),
-                Default::default(),
-                external_url.clone(),
-                clock.now(),
-            )?,
+            notifier,
             route: vec![ALERTMANAGER_CHANNEL.to_owned()],
             incidents: None,
             incident_service: None,
@@ -136,22 +131,10 @@ impl Engine {
         })
     }
 
-    /// The notification channels, storm control and the default route.
-    pub fn with_channels(
-        mut self,
-        channels: crate::notify::Channels,
-        storm: crate::config::StormSettings,
-        route: Vec<String>,
-    ) -> Result<Engine, StoreError> {
-        self.notifier = Notifier::open(
-            &self.store,
-            channels,
-            storm,
-            self.external_url.clone(),
-            self.clock.now(),
-        )?;
+    /// Where pages go when a playbook names no `escalate.to`.
+    pub fn with_route(mut self, route: Vec<String>) -> Engine {
         self.route = route;
-        Ok(self)
+        self
     }
 
     /// The incidents a failed run opens, and the default service.

@@ -70,6 +70,7 @@ pub(super) fn for_run(run: &Run, page: &PostableAlert, alertname: &str) -> Notic
         annotations: page.annotations.clone(),
         details,
         at: page.starts_at,
+        to: None,
     }
 }
 

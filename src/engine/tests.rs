@@ -32,11 +32,21 @@ impl Harness {
             crate::playbook::loader::load_dir(&books, &dir.path().join("scripts"), &sandbox)
                 .unwrap_or_else(|e| panic!("{e}"));
         let clock = ManualClock::new("2026-01-05T03:00:00Z".parse().unwrap());
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let notifier = crate::notify::Notifier::open(
+            &store,
+            crate::notify::Channels::default(),
+            Default::default(),
+            "http://reactor.test".into(),
+            clock.now(),
+        )
+        .unwrap();
         let engine = Engine::new(
-            Store::open(&dir.path().join("db")).unwrap(),
+            store,
             Arc::new(crate::playbook::InForce::new(playbooks)),
             Executor::new(sandbox, false, None),
             Escalator::new(reqwest::Client::new(), AlertmanagerSettings::default()),
+            notifier,
             Arc::new(clock.clone()),
             "http://reactor.test".into(),
         )

@@ -4,6 +4,7 @@
 //! problem onto the incident still open for it. Every change is on the incident's timeline. The
 //! services an incident may name come from the on-call files ([`oncall`]).
 
+pub mod escalate;
 pub mod keys;
 pub mod oncall;
 
@@ -15,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Clock;
 use crate::history::{Store, StoreError};
 use crate::metrics::{IncidentLabels, Metrics, ServiceLabels};
+use crate::notify::Notifier;
+use escalate::Escalation;
 use oncall::OnCall;
 
 /// What the incident API works with: the incidents, the services they may name, the clock.
@@ -22,7 +25,7 @@ pub struct Desk {
     pub incidents: Incidents,
     /// The API keys and their scopes.
     pub keys: keys::Keys,
-    pub oncall: OnCall,
+    pub oncall: Arc<OnCall>,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -130,6 +133,9 @@ pub struct Incident {
     /// The remediation runs behind it (reactor's own incidents).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runs: Vec<String>,
+    /// Where its escalation policy stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<Escalation>,
 }
 
 /// A validated request to open an incident.
@@ -221,6 +227,12 @@ pub struct Incidents {
     /// `fingerprint 0x00 number`: the incidents reactor opened for an alert.
     by_alert: sled::Tree,
     meta: sled::Tree,
+    /// `due ms, number, epoch, step`: the escalation steps waiting for their time.
+    pub(crate) timers: sled::Tree,
+    /// Woken when a step is scheduled to fire at once (an incident opened or reopened).
+    pub(crate) wake: Arc<tokio::sync::Notify>,
+    /// The outbox, to resolve an incident's pages when it resolves.
+    pages: Option<Notifier>,
     metrics: Arc<Metrics>,
 }
 
@@ -235,7 +247,20 @@ impl Incidents {
             by_dedup: store.tree("incidents_by_dedup")?,
             by_alert: store.tree("incidents_by_alert")?,
             meta: store.tree("incidents_meta")?,
+            timers: store.tree("incident_timers")?,
+            wake: Arc::default(),
+            pages: None,
         })
+    }
+
+    /// Resolving an incident resolves the pages its escalation sent through `pages`.
+    pub fn with_pages(mut self, pages: Notifier) -> Incidents {
+        self.pages = Some(pages);
+        self
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn get(&self, number: u64) -> Result<Option<Incident>, StoreError> {
@@ -328,6 +353,8 @@ impl Incidents {
                     note: None,
                 }],
                 runs: new.run.iter().cloned().collect(),
+                // Level 1 is notified at once, by the escalation engine.
+                escalation: Some(Escalation::start(0, now)),
             };
             self.put(&incident)?;
             if let Some(k) = &dedup {
@@ -343,12 +370,24 @@ impl Incidents {
                 }
             }
             self.index_alert(&new, number)?;
+            self.schedule(&incident)?;
             self.store.history_durable().await?;
+            self.wake.notify_one();
             let labels = Self::labels(&incident);
             self.metrics.incidents_open.get_or_create(&labels).inc();
             self.metrics.incidents_opened.get_or_create(&labels).inc();
             return Ok((incident, true));
         }
+    }
+
+    /// Sets the timer of `i`'s next escalation step, if it has one.
+    fn schedule(&self, i: &Incident) -> Result<(), StoreError> {
+        if i.state == State::Open {
+            if let Some(key) = i.escalation.as_ref().and_then(|e| e.key(i.number)) {
+                self.timers.insert(key, &[])?;
+            }
+        }
+        Ok(())
     }
 
     fn labels(i: &Incident) -> IncidentLabels {
@@ -438,12 +477,15 @@ impl Incidents {
                     i.state = State::Claimed;
                     i.claimed_by = Some(by.to_owned());
                     i.claimed_at = Some(now);
+                    // The pending levels are cancelled.
+                    i.escalation.iter_mut().for_each(Escalation::stop);
                     "claimed"
                 }
                 (Action::Resolve, State::Open | State::Claimed) => {
                     i.state = State::Resolved;
                     i.resolved_by = Some(by.to_owned());
                     i.resolved_at = Some(now);
+                    i.escalation.iter_mut().for_each(Escalation::stop);
                     "resolved"
                 }
                 (Action::Reopen, State::Resolved) => {
@@ -452,6 +494,9 @@ impl Incidents {
                     i.claimed_at = None;
                     i.resolved_by = None;
                     i.resolved_at = None;
+                    // The policy starts again from level 1.
+                    let epoch = i.escalation.as_ref().map_or(0, |e| e.epoch + 1);
+                    i.escalation = Some(Escalation::start(epoch, now));
                     "reopened"
                 }
                 (Action::Note, _) => "note",
@@ -464,12 +509,33 @@ impl Incidents {
                 note: note.clone(),
             });
             let new = serde_json::to_vec(&i).expect("an incident serializes");
+            let before: Option<Incident> = serde_json::from_slice(&old).ok();
             if self
                 .by_number
                 .compare_and_swap(number.to_be_bytes(), Some(old), Some(new))?
                 .is_ok()
             {
+                // The stopped step's timer goes; a reopened incident's first step is set.
+                if let Some(key) = before
+                    .as_ref()
+                    .and_then(|b| b.escalation.as_ref()?.key(number))
+                {
+                    if i.escalation.as_ref().and_then(|e| e.key(number)).as_ref() != Some(&key) {
+                        self.timers.remove(key)?;
+                    }
+                }
+                self.schedule(&i)?;
+                if action == Action::Resolve {
+                    if let Some(pages) = &self.pages {
+                        pages
+                            .close_prefix(&format!("incident/{number}/"), now)
+                            .await?;
+                    }
+                }
                 self.store.history_durable().await?;
+                if action == Action::Reopen {
+                    self.wake.notify_one();
+                }
                 self.count(&i, action, now);
                 return Ok(i);
             }

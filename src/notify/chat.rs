@@ -59,6 +59,11 @@ pub(super) fn slack_body(notice: &Notice, action: Action) -> serde_json::Value {
             }],
         }));
     }
+    // A page for one person mentions their member id, so Slack notifies them.
+    let title = match &notice.to {
+        Some(member) => format!("<@{}> {title}", escape(member)),
+        None => title,
+    };
     json!({
         "text": ellipsize(format!("{title} {}", notice.link).trim_end(), TEXT_MAX),
         "blocks": blocks,

@@ -84,7 +84,12 @@ pub(super) async fn send(
     let mut builder = Message::builder()
         .from(address(&settings.from)?)
         .subject(subject(notice, action));
-    for to in &settings.to {
+    // A page for one person goes to their address alone.
+    for to in notice
+        .to
+        .iter()
+        .chain(settings.to.iter().filter(|_| notice.to.is_none()))
+    {
         builder = builder.to(address(to)?);
     }
     let message = builder

@@ -67,6 +67,8 @@ pub enum Kind {
     Watchdog,
     /// Many pages folded into one.
     Storm,
+    /// An incident's escalation reaching a person (or a team's channel).
+    Incident,
     /// `reactor channels test`.
     Test,
 }
@@ -98,13 +100,27 @@ pub struct Notice {
     /// The run: playbook, failed step, error, attempts, the alert's labels.
     pub details: serde_json::Map<String, serde_json::Value>,
     pub at: Timestamp,
+    /// The person's address on this channel (an email address, a Slack member id, an Opsgenie
+    /// user), when the page is for one person rather than the channel's audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
 
 impl Notice {
     /// The facts a chat message or an email lists, in order.
     pub fn facts(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for key in ["playbook", "failed_step", "error", "attempts", "alertname"] {
+        for key in [
+            "incident",
+            "service",
+            "level",
+            "person",
+            "playbook",
+            "failed_step",
+            "error",
+            "attempts",
+            "alertname",
+        ] {
             if let Some(v) = self.details.get(key) {
                 let text = match v {
                     serde_json::Value::String(s) => s.clone(),

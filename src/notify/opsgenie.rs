@@ -46,7 +46,10 @@ pub(super) fn create_body(settings: &OpsgenieSettings, notice: &Notice) -> serde
         "message": ellipsize(&notice.summary, MESSAGE_MAX),
         "alias": ellipsize(&notice.dedup_key, ALIAS_MAX),
         "description": ellipsize(&format!("{}\n\n{}", notice.description, notice.link), DESCRIPTION_MAX),
-        "responders": settings.responders,
+        "responders": match &notice.to {
+            Some(user) => json!([{"type": "user", "username": user}]),
+            None => json!(settings.responders),
+        },
         "tags": settings.tags,
         "details": details,
         "entity": notice.source,

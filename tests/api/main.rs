@@ -19,6 +19,7 @@ mod helpers;
 mod incidents;
 mod kubernetes;
 mod manual;
+mod oncall;
 mod pages;
 mod paging_path;
 mod reload;

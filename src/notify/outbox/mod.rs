@@ -433,6 +433,51 @@ impl Notifier {
         Ok(())
     }
 
+    /// Stores `notice` on `channel` under `key` unless an entry of that key exists (a step that
+    /// fires again after a restart sends nothing twice). Not durable until
+    /// [`Notifier::commit`]. `true` when stored.
+    pub fn stage(
+        &self,
+        key: &str,
+        channel: &str,
+        notice: &Notice,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        if self.tree.contains_key(key.as_bytes())? {
+            return Ok(false);
+        }
+        self.put(&Entry::new(key.to_owned(), channel, notice.clone(), now))?;
+        Ok(true)
+    }
+
+    /// Makes what was staged durable, then wakes the sender.
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        self.durable_then_wake().await
+    }
+
+    /// Closes every open entry whose key starts with `prefix` (an incident resolved): a page
+    /// sent is resolved where its channel sends resolutions, one not sent yet is cancelled.
+    /// Durable when this returns.
+    pub async fn close_prefix(&self, prefix: &str, now: Timestamp) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.tree.scan_prefix(prefix.as_bytes()) {
+            let (k, _) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let mut closed = false;
+            self.update(&key, |e| {
+                closed = matches!(e.state, State::Pending | State::Checking | State::Delivered);
+                if closed {
+                    self.close(e, now);
+                }
+            })?;
+            n += usize::from(closed);
+        }
+        if n > 0 {
+            self.durable_then_wake().await?;
+        }
+        Ok(n)
+    }
+
     /// Moves an open entry towards resolved: a sent page is resolved on its channel when the
     /// channel sends resolutions, one never sent is cancelled.
     fn close(&self, e: &mut Entry, now: Timestamp) {
@@ -654,6 +699,7 @@ mod tests {
             annotations: Default::default(),
             details: Default::default(),
             at: ts(0),
+            to: None,
         }
     }
 

@@ -81,6 +81,7 @@ impl Notifier {
             annotations: Default::default(),
             details: Default::default(),
             at: now,
+            to: None,
         };
         let mut s = Entry::new(key.clone(), channel, notice, now);
         s.next_attempt = later(now, self.storm.summary_after);
