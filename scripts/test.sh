@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs reactor's whole test suite: unit, router, integration and end-to-end tests.
 # The end-to-end tests drive the real Alertmanager and Prometheus from Debian's packages (and
-# their amtool and promtool check the shipped configs), and the email tests Debian's aiosmtpd;
+# their amtool and promtool check the shipped configs), the email tests Debian's aiosmtpd, and the
+# console's browser test Debian's headless Chromium with chromedriver;
 # they are installed here when missing, so this works on a fresh machine. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,9 @@ missing=()
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || missing+=(python3-aiosmtpd)
 # ...and openssl makes the certificates of its STARTTLS test.
 command -v openssl >/dev/null || missing+=(openssl)
+# The console's browser test drives headless Chromium through chromedriver (WebDriver).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

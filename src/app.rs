@@ -163,7 +163,9 @@ impl Application {
         let known: Vec<&str> = services.iter().map(String::as_str).collect();
         playbooks.check_services(&known)?;
         oncall
-            .check_channels(&settings.channel_names())
+            .check_channels(&settings.channel_names(), |c| {
+                settings.channel_needs_address(c)
+            })
             .map_err(StartupError::OnCall)?;
         for (field, service) in [
             ("incidents.service", &settings.incidents.service),
@@ -244,13 +246,17 @@ impl Application {
             .with_pages(notifier.clone());
         incidents.count_open().map_err(store_error)?;
         let engine = engine.with_incidents(incidents.clone(), settings.incidents.service.clone());
+        let restored = incidents.restore_timers().map_err(store_error)?;
+        tracing::debug!(restored, "escalation timers of open incidents set");
+        let signer = incidents.signer();
         let oncall = Arc::new(oncall);
         let escalations = crate::incident::escalate::Escalations::new(
             incidents.clone(),
             notifier,
             Arc::clone(&oncall),
             clock,
-            external_url,
+            external_url.clone(),
+            signer.clone(),
         );
         if let Some(name) = &settings.deadman.alertname {
             engine.health.expect_deadman(name);
@@ -277,6 +283,8 @@ impl Application {
             keys: crate::incident::keys::Keys::open(&store).map_err(store_error)?,
             oncall,
             clock: Arc::clone(&engine.clock),
+            signer,
+            external_url,
         });
         let state = AppState {
             store,
@@ -287,6 +295,7 @@ impl Application {
             dry_run: settings.dry_run,
             metrics: Arc::clone(&engine.metrics),
             health: Arc::clone(&engine.health),
+            guards: engine.guards.clone(),
             desk,
         };
         Ok(Application {

@@ -50,8 +50,6 @@ pub const GUARD_MAX_ATTEMPTS: Count = count(0, 10_000);
 pub const BREAKER_FAILURES: Count = count(0, 1_000);
 pub const BREAKER_COOLDOWN: Span = secs(0, 30 * DAY);
 pub const VERIFY_WITHIN: Span = secs(1, 7 * DAY);
-/// The longest a playbook's steps may take together: every timeout times its attempts, plus
-/// the delays between them. Past it, the stuck-run check could never fire.
 /// An escalation level's wait for a claim, and the length of an on-call shift.
 pub const ACK_TIMEOUT: Span = secs(1, 7 * DAY);
 pub const SHIFT_LENGTH: Span = secs(MINUTE, 365 * DAY);
@@ -59,6 +57,8 @@ pub const SHIFT_LENGTH: Span = secs(MINUTE, 365 * DAY);
 pub const POLICY_LEVELS: Count = count(1, 20);
 pub const POLICY_REPEAT: Count = count(0, 10);
 pub const PARTICIPANTS: Count = count(1, 1_000);
+/// The longest a playbook's steps may take together: every timeout times its attempts, plus
+/// the delays between them. Past it, the stuck-run check could never fire.
 pub const PLAYBOOK_BUDGET: Span = secs(0, 7 * DAY);
 pub const SCALE_BY: Count = count(1, 1_000);
 pub const SCALE_FACTOR_MAX: f64 = 100.0;

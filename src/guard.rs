@@ -359,6 +359,32 @@ impl Guards {
         Ok(r)
     }
 
+    /// A playbook's breaker as stored, for the console.
+    pub fn breaker_state(&self, playbook: &str) -> Result<Option<BreakerState>, StoreError> {
+        match self.breakers.get(playbook)? {
+            Some(v) => Ok(Some(decode_record(playbook.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` of a playbook's target records, each with its labels as `name=value, …`,
+    /// for the console.
+    pub fn targets_of(
+        &self,
+        playbook: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, TargetState)>, StoreError> {
+        let mut prefix = playbook.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.targets.scan_prefix(&prefix).take(limit) {
+            let (k, v) = kv?;
+            let labels = String::from_utf8_lossy(&k[prefix.len()..]).replace('\0', ", ");
+            out.push((labels, decode_record(&k, &v)?));
+        }
+        Ok(out)
+    }
+
     /// Forgets delivery claims older than `cutoff` (by the alert's startsAt) in the claim trees;
     /// claims in target records go with their records (see [`Guards::prune_targets`]).
     pub fn prune_claims(&self, cutoff: Timestamp) -> Result<usize, StoreError> {

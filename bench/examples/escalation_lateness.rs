@@ -79,6 +79,7 @@ async fn main() {
         oncall,
         clock,
         "http://reactor.test".into(),
+        incidents.signer(),
     );
     let fired: Arc<Mutex<Vec<Fired>>> = Arc::default();
     let seen = Arc::clone(&fired);

@@ -33,8 +33,12 @@ pub(super) fn check(settings: Settings, a: CheckArgs) -> ExitCode {
     let loaded = playbook::load_dir(&dir, &scripts, &app::rhai_engine(&settings, None))
         .and_then(|p| p.check_routes(&settings.channel_names()).map(|()| p));
     // The on-call files are checked with the playbooks.
-    let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir)
-        .and_then(|o| o.check_channels(&settings.channel_names()).map(|()| o));
+    let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir).and_then(|o| {
+        o.check_channels(&settings.channel_names(), |c| {
+            settings.channel_needs_address(c)
+        })
+        .map(|()| o)
+    });
     let loaded = match (loaded, oncall) {
         (Ok(p), Ok(o)) => {
             let services: Vec<&str> = o.services.keys().map(String::as_str).collect();

@@ -517,6 +517,15 @@ impl Settings {
             .collect()
     }
 
+    /// Whether channel `name` needs a person's address to page one person (email, Slack,
+    /// Opsgenie); without one the page reaches the channel's whole audience.
+    pub fn channel_needs_address(&self, name: &str) -> bool {
+        matches!(
+            self.channels.get(name).map(|c| &c.kind),
+            Some(ChannelKind::Email(_) | ChannelKind::Slack(_) | ChannelKind::Opsgenie(_))
+        )
+    }
+
     /// The base URL for links to runs.
     pub fn external_url(&self, bound: SocketAddr) -> String {
         self.external_url

@@ -378,8 +378,24 @@ impl Engine {
             .and_then(|p| p.escalate.incident.as_ref())
             .map(|(s, _)| s.clone())
             .or_else(|| self.incident_service.clone());
+        let mut page = page;
         if let Some(service) = service {
-            self.open_incident(&run, &page, alertname, service).await?;
+            if let Some(number) = self.open_incident(&run, &page, alertname, service).await? {
+                // The humans' Alertmanager page links to the incident and claims it in one click.
+                let incidents = self.incidents.as_ref().expect("an incident was opened");
+                let base = self.external_url.trim_end_matches('/');
+                let token = incidents.signer().claim_token(
+                    number,
+                    None,
+                    crate::clock::later(now, crate::incident::escalate::CLAIM_LINK_LIFETIME),
+                );
+                page.annotations.insert(
+                    "incident_url".into(),
+                    format!("{base}/ui/incidents/{number}"),
+                );
+                page.annotations
+                    .insert("claim_url".into(), format!("{base}/ui/claim/{token}"));
+            }
         }
         if to_alertmanager
             && status == DeliveryStatus::Pending
@@ -399,10 +415,10 @@ impl Engine {
         page: &crate::alertmanager::PostableAlert,
         alertname: &str,
         service: String,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         use crate::incident::{IncidentError, NewIncident, Severity};
         let Some(incidents) = &self.incidents else {
-            return Ok(());
+            return Ok(None);
         };
         let notice = notice::for_run(run, page, alertname);
         let severity = match notice.severity {
@@ -433,12 +449,12 @@ impl Engine {
                         stored.note(now, format!("incident {} {what}", incident.number));
                     }
                 })?;
-                Ok(())
+                Ok(Some(incident.number))
             }
             Err(IncidentError::Store(e)) => Err(e),
             Err(e) => {
                 tracing::error!(run_id = %run.id, error = %e, "could not open the run's incident");
-                Ok(())
+                Ok(None)
             }
         }
     }

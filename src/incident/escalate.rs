@@ -17,6 +17,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::links::Signer;
 use super::oncall::{OnCall, Recipient};
 use super::{Event, Incident, IncidentError, Incidents, Severity, State};
 use crate::clock::{later, Clock};
@@ -83,6 +84,9 @@ fn parse_key(k: &[u8]) -> Option<(Timestamp, u64, u32, u32)> {
     ))
 }
 
+/// How long a claim link in a page opens.
+pub const CLAIM_LINK_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// How many due steps one pass fires before making them durable.
 const BATCH: usize = 512;
 /// The longest the loop sleeps before looking at the clock again (a manual clock in tests, a
@@ -98,6 +102,8 @@ pub struct Escalations {
     clock: Arc<dyn Clock>,
     /// reactor's base URL, for the incident's link.
     external_url: String,
+    /// Signs the claim links.
+    signer: Signer,
 }
 
 /// A step that fired: how late, and the level it notified.
@@ -114,6 +120,7 @@ impl Escalations {
         oncall: Arc<OnCall>,
         clock: Arc<dyn Clock>,
         external_url: String,
+        signer: Signer,
     ) -> Escalations {
         Escalations {
             incidents,
@@ -121,6 +128,7 @@ impl Escalations {
             oncall,
             clock,
             external_url,
+            signer,
         }
     }
 
@@ -203,23 +211,35 @@ impl Escalations {
         let level = &policy.levels[index];
         let number_of_level = index as u32 + 1;
         let recipients = self.oncall.recipients(team, level, now);
+        let prefix = format!("incident/{number}/{epoch}/{step}/");
         for r in &recipients {
+            // One entry (and one dedup key on the service) per person and address.
             let key = format!(
-                "incident/{number}/{epoch}/{step}/{}/{}",
+                "{prefix}{}/{}/{}",
                 r.channel,
-                r.person.as_deref().unwrap_or("-")
+                r.person.as_deref().unwrap_or("-"),
+                r.address.as_deref().unwrap_or("-")
             );
-            let notice = self.notice(&incident, r, number_of_level, now);
+            let notice = self.notice(&incident, r, &key, number_of_level, now);
             self.notifier.stage(&key, &r.channel, &notice, now)?;
         }
-        let next_due = (step + 1 < policy.steps()).then(|| {
-            if recipients.is_empty() {
-                // Nobody at this level now: the next one at once.
+        let next = step + 1;
+        let next_due = (next < policy.steps()).then(|| {
+            let round_ends = (next as usize).is_multiple_of(policy.levels.len());
+            if recipients.is_empty() && !round_ends {
+                // Nobody at this level now: the next one at once, but a round where nobody is
+                // on duty still waits, so a gap in the rota does not use up the policy at once.
                 now
             } else {
                 later(now, level.timeout)
             }
         });
+        // The next timer before the incident moves on: a crash in between leaves a timer that
+        // is stale (dropped when it comes due), never a step without one.
+        let next_key = next_due.map(|due| timer_key(due, number, epoch, next));
+        if let Some(k) = &next_key {
+            self.incidents.timers.insert(k.as_slice(), &[])?;
+        }
         let round = step as usize / policy.levels.len() + 1;
         let advanced = self.advance(number, &current, |i| {
             if step > 0 {
@@ -257,16 +277,17 @@ impl Escalations {
             }
             if let Some(e) = &mut i.escalation {
                 e.level = e.level.max(number_of_level);
-                e.next = step + 1;
+                e.next = next;
                 e.due = next_due;
             }
         })?;
-        let Some(updated) = advanced else {
-            // Claimed or resolved meanwhile: what was staged still goes out.
+        if advanced.is_none() {
+            // Claimed or resolved meanwhile: nothing of this step goes out.
+            self.notifier.cancel_staged(&prefix, now)?;
+            if let Some(k) = next_key {
+                self.incidents.timers.remove(k)?;
+            }
             return Ok(None);
-        };
-        if let Some(key) = updated.escalation.as_ref().and_then(|e| e.key(number)) {
-            self.incidents.timers.insert(key, &[])?;
         }
         Ok(Some(Fired {
             lateness: now.duration_since(due),
@@ -274,50 +295,32 @@ impl Escalations {
         }))
     }
 
-    /// Changes incident `number` with `f` while `current` holds, atomically. The incident as
-    /// stored, or `None` when `current` no longer holds.
     fn advance(
         &self,
         number: u64,
         current: &dyn Fn(&Incident) -> bool,
-        mut f: impl FnMut(&mut Incident),
+        f: impl FnMut(&mut Incident),
     ) -> Result<Option<Incident>, IncidentError> {
-        loop {
-            let Some(old) = self.incidents.by_number.get(number.to_be_bytes())? else {
-                return Ok(None);
-            };
-            let Ok(mut i) = serde_json::from_slice::<Incident>(&old) else {
-                return Ok(None);
-            };
-            if !current(&i) {
-                return Ok(None);
-            }
-            f(&mut i);
-            let new = serde_json::to_vec(&i).expect("an incident serializes");
-            if self
-                .incidents
-                .by_number
-                .compare_and_swap(number.to_be_bytes(), Some(old), Some(new))?
-                .is_ok()
-            {
-                return Ok(Some(i));
-            }
-        }
+        Ok(self.incidents.update_if(number, current, f)?)
     }
 
     /// The page for one recipient of one level.
-    fn notice(&self, i: &Incident, r: &Recipient, level: u32, now: Timestamp) -> Notice {
+    fn notice(&self, i: &Incident, r: &Recipient, key: &str, level: u32, now: Timestamp) -> Notice {
         let severity = match i.severity {
             Severity::Crit => notify::Severity::Critical,
             Severity::Err => notify::Severity::Error,
             Severity::Warn => notify::Severity::Warning,
         };
-        let link = format!(
-            "{}/api/v1/incidents/{}",
-            self.external_url.trim_end_matches('/'),
-            i.number
-        );
+        let base = self.external_url.trim_end_matches('/');
         let person = r.person.clone().unwrap_or_default();
+        // The one-click claim link: claims as the person paged (changeable on its page).
+        let token = self.signer.claim_token(
+            i.number,
+            Some(person.clone()).filter(|p| !p.is_empty()),
+            later(now, CLAIM_LINK_LIFETIME),
+        );
+        let link = format!("{base}/ui/claim/{token}");
+        let incident_url = format!("{base}/ui/incidents/{}", i.number);
         let mut labels = crate::domain::Labels::new();
         for (k, v) in [
             ("alertname", "ReactorIncident".to_owned()),
@@ -334,7 +337,8 @@ impl Escalations {
         let mut annotations = crate::domain::Labels::new();
         annotations.insert("summary".into(), i.title.clone());
         annotations.insert("description".into(), i.message.clone());
-        annotations.insert("incident_url".into(), link.clone());
+        annotations.insert("incident_url".into(), incident_url);
+        annotations.insert("claim_url".into(), link.clone());
         let details = [
             ("incident", serde_json::Value::from(i.number)),
             ("service", i.service.clone().into()),
@@ -347,7 +351,7 @@ impl Escalations {
         .collect();
         Notice {
             kind: Kind::Incident,
-            dedup_key: format!("reactor-incident-{}", i.number),
+            dedup_key: format!("reactor/{key}"),
             summary: format!(
                 "[{}] incident {} on {}: {}",
                 i.severity.as_str(),
@@ -395,8 +399,12 @@ impl Escalations {
                     f.len()
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, reason = e.label(), "escalation steps could not fire");
-                    0
+                    tracing::error!(error = %e, reason = e.label(), "escalation steps could not fire; trying again in 1s");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
                 }
             };
             if fired >= BATCH {

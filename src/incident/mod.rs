@@ -6,6 +6,7 @@
 
 pub mod escalate;
 pub mod keys;
+pub mod links;
 pub mod oncall;
 
 use std::sync::Arc;
@@ -27,6 +28,10 @@ pub struct Desk {
     pub keys: keys::Keys,
     pub oncall: Arc<OnCall>,
     pub clock: Arc<dyn Clock>,
+    /// Signs claim links and console sessions.
+    pub signer: links::Signer,
+    /// reactor's base URL (the console's cookie is `Secure` under https).
+    pub external_url: String,
 }
 
 /// Longest title, message, source, dedup key and note an incident keeps.
@@ -233,6 +238,7 @@ pub struct Incidents {
     pub(crate) wake: Arc<tokio::sync::Notify>,
     /// The outbox, to resolve an incident's pages when it resolves.
     pages: Option<Notifier>,
+    signer: links::Signer,
     metrics: Arc<Metrics>,
 }
 
@@ -246,11 +252,17 @@ impl Incidents {
             by_number: store.tree("incidents")?,
             by_dedup: store.tree("incidents_by_dedup")?,
             by_alert: store.tree("incidents_by_alert")?,
+            signer: links::Signer::open(&store.tree("incidents_meta")?)?,
             meta: store.tree("incidents_meta")?,
             timers: store.tree("incident_timers")?,
             wake: Arc::default(),
             pages: None,
         })
+    }
+
+    /// The signer of claim links and sessions, with the key kept in this database.
+    pub fn signer(&self) -> links::Signer {
+        self.signer.clone()
     }
 
     /// Resolving an incident resolves the pages its escalation sent through `pages`.
@@ -307,24 +319,31 @@ impl Incidents {
                 .and_then(|b| <[u8; 8]>::try_from(&**b).ok())
             {
                 let number = u64::from_be_bytes(n);
-                if let Some(mut open) = self.get(number)?.filter(|i| i.state != State::Resolved) {
-                    if let Some(run) = &new.run {
-                        if open.runs.contains(run) {
-                            // The same report again (a restart): nothing new.
-                            return Ok((open, false));
-                        }
-                        open.runs.push(run.clone());
+                if let Some(open) = self.get(number)?.filter(|i| i.state != State::Resolved) {
+                    if new.run.as_ref().is_some_and(|r| open.runs.contains(r)) {
+                        // The same report again (a restart): nothing new.
+                        return Ok((open, false));
                     }
-                    self.index_alert(&new, number)?;
-                    open.timeline.push(Event {
-                        at: now,
-                        event: "reported again".into(),
-                        by: Some(new.source.clone()).filter(|s| !s.is_empty()),
-                        note: None,
-                    });
-                    self.put(&open)?;
-                    self.store.history_durable().await?;
-                    return Ok((open, false));
+                    // Atomically: the escalation engine and the API change it too.
+                    let updated = self.update_if(number, &|i| i.state != State::Resolved, |i| {
+                        if let Some(run) = &new.run {
+                            if !i.runs.contains(run) {
+                                i.runs.push(run.clone());
+                            }
+                        }
+                        i.timeline.push(Event {
+                            at: now,
+                            event: "reported again".into(),
+                            by: Some(new.source.clone()).filter(|s| !s.is_empty()),
+                            note: None,
+                        });
+                    })?;
+                    if let Some(open) = updated {
+                        self.index_alert(&new, number)?;
+                        self.store.history_durable().await?;
+                        return Ok((open, false));
+                    }
+                    // Resolved meanwhile: a new incident.
                 }
             }
             let number = match reserved {
@@ -378,6 +397,54 @@ impl Incidents {
             self.metrics.incidents_opened.get_or_create(&labels).inc();
             return Ok((incident, true));
         }
+    }
+
+    /// Changes incident `number` with `f` while `current` holds, atomically (compare-and-swap).
+    /// The incident as stored, or `None` when there is none or `current` no longer holds.
+    pub(crate) fn update_if(
+        &self,
+        number: u64,
+        current: &dyn Fn(&Incident) -> bool,
+        mut f: impl FnMut(&mut Incident),
+    ) -> Result<Option<Incident>, StoreError> {
+        loop {
+            let Some(old) = self.by_number.get(number.to_be_bytes())? else {
+                return Ok(None);
+            };
+            let Ok(mut i) = serde_json::from_slice::<Incident>(&old) else {
+                return Ok(None);
+            };
+            if !current(&i) {
+                return Ok(None);
+            }
+            f(&mut i);
+            let new = serde_json::to_vec(&i).expect("an incident serializes");
+            if self
+                .by_number
+                .compare_and_swap(number.to_be_bytes(), Some(old), Some(new))?
+                .is_ok()
+            {
+                return Ok(Some(i));
+            }
+        }
+    }
+
+    /// Sets the timer of every open incident's next escalation step again (at start): a crash
+    /// between storing an incident and its timer must not leave a step that never fires.
+    /// Returns how many were set.
+    pub fn restore_timers(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.by_number.iter() {
+            let (_, v) = kv?;
+            if let Ok(i) = serde_json::from_slice::<Incident>(&v) {
+                if i.state == State::Open && i.escalation.as_ref().is_some_and(|e| e.due.is_some())
+                {
+                    self.schedule(&i)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Sets the timer of `i`'s next escalation step, if it has one.
@@ -495,7 +562,7 @@ impl Incidents {
                     i.resolved_by = None;
                     i.resolved_at = None;
                     // The policy starts again from level 1.
-                    let epoch = i.escalation.as_ref().map_or(0, |e| e.epoch + 1);
+                    let epoch = i.escalation.as_ref().map_or(0, |e| e.epoch.wrapping_add(1));
                     i.escalation = Some(Escalation::start(epoch, now));
                     "reopened"
                 }

@@ -54,7 +54,7 @@ pub(super) fn slack_body(notice: &Notice, action: Action) -> serde_json::Value {
             "type": "actions",
             "elements": [{
                 "type": "button",
-                "text": {"type": "plain_text", "text": "Open the run"},
+                "text": {"type": "plain_text", "text": notice.link_label()},
                 "url": notice.link,
             }],
         }));
@@ -80,8 +80,9 @@ pub(super) fn teams_body(notice: &Notice, action: Action) -> serde_json::Value {
         .collect();
     let mut actions = Vec::new();
     if !notice.link.is_empty() {
-        actions
-            .push(json!({"type": "Action.OpenUrl", "title": "Open the run", "url": notice.link}));
+        actions.push(
+            json!({"type": "Action.OpenUrl", "title": notice.link_label(), "url": notice.link}),
+        );
     }
     json!({
         "type": "message",

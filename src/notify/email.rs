@@ -35,7 +35,7 @@ pub(super) fn text(notice: &Notice, action: Action) -> String {
         out.push_str(&format!("{k}: {v}\n"));
     }
     if !notice.link.is_empty() {
-        out.push_str(&format!("\nThe run: {}\n", notice.link));
+        out.push_str(&format!("\n{}: {}\n", notice.link_label(), notice.link));
     }
     out
 }
@@ -65,7 +65,10 @@ pub(super) fn html(notice: &Notice, action: Action) -> String {
     out.push_str("</table>");
     if !notice.link.is_empty() {
         let link = escape(&notice.link);
-        out.push_str(&format!("<p><a href=\"{link}\">Open the run</a></p>"));
+        out.push_str(&format!(
+            "<p><a href=\"{link}\">{}</a></p>",
+            notice.link_label()
+        ));
     }
     out.push_str("</body></html>");
     out

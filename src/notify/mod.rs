@@ -107,6 +107,14 @@ pub struct Notice {
 }
 
 impl Notice {
+    /// What its link does, as a button or a line says it.
+    pub fn link_label(&self) -> &'static str {
+        match self.kind {
+            Kind::Incident => "Claim the incident",
+            _ => "Open the run",
+        }
+    }
+
     /// The facts a chat message or an email lists, in order.
     pub fn facts(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();

@@ -6,6 +6,7 @@
 
 mod body;
 mod connection;
+mod console;
 mod incidents;
 mod runs;
 pub mod serve;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub health: Arc<crate::health::Health>,
     /// The incidents and the services they may name.
     pub desk: Arc<crate::incident::Desk>,
+    /// The guards' state, for the console's playbooks page.
+    pub guards: crate::guard::Guards,
 }
 
 impl AppState {
@@ -110,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .merge(protected)
         .merge(incident_api)
+        .merge(console::router(state.clone()))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(Extension(body::BodyBudget::new(
             state.limits.max_buffered_body_bytes,

@@ -538,6 +538,8 @@ const FAILS_FOR_ATHENS: &str = "name: always-fails\nmatch:\n  alertname: DiskFul
 #[tokio::test]
 async fn a_failed_remediation_opens_one_incident_that_its_alert_resolves() {
     let hook = crate::services::Service::webhook().await;
+    let alertmanager = crate::helpers::Capture::start().await;
+    let am_url = alertmanager.url();
     let dir = PlaybookDir::new(&[("playbooks/fails.yaml", FAILS_FOR_ATHENS)]);
     std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
     std::fs::write(dir.path().join("oncall/devops.yaml"), ONCALL).unwrap();
@@ -553,8 +555,9 @@ async fn a_failed_remediation_opens_one_incident_that_its_alert_resolves() {
         s.playbooks_dir = books;
         s.scripts_dir = scripts;
         s.auth.bearer_token = Some("desk-token".into());
-        s.route.to = vec!["hook".into()];
+        s.route.to = vec!["hook".into(), "alertmanager".into()];
         s.channels = chans;
+        s.alertmanager.url = Some(am_url);
     })
     .await;
     let desk = Desk { app, _dir: dir };
@@ -584,6 +587,23 @@ async fn a_failed_remediation_opens_one_incident_that_its_alert_resolves() {
     assert!(
         first["title"].as_str().unwrap().contains("always-fails"),
         "{first}"
+    );
+    // The humans' Alertmanager page links to the incident and its one-click claim.
+    let page = crate::helpers::wait_for(std::time::Duration::from_secs(20), || async {
+        alertmanager.posted_alerts("RemediationFailed").pop()
+    })
+    .await
+    .expect("the failed run paged through Alertmanager");
+    assert_eq!(
+        page["annotations"]["incident_url"],
+        desk.app.url("/ui/incidents/1"),
+        "{page}"
+    );
+    assert!(
+        page["annotations"]["claim_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&desk.app.url("/ui/claim/"))),
+        "{page}"
     );
 
     // The same target fails again (by hand): the same incident, with both runs.

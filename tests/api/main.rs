@@ -7,9 +7,11 @@ static ALLOCATOR: reactor::allocator::Allocator = reactor::allocator::Allocator;
 
 mod acting;
 mod alertmanager;
+mod browser;
 mod channels;
 mod cli;
 mod closed_loop;
+mod console;
 mod crash;
 mod docs;
 mod fake_kube;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use reactor::clock::ManualClock;
+use reactor::config::Settings;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -20,7 +21,7 @@ use crate::helpers::{
 
 /// The seed's team: `primary` on call today by the calendar, `manager` the escalation contact,
 /// a 10-minute wait for a claim, every person reached on the `pager` webhook.
-fn seed_oncall(today: &str, level_1_timeout: &str) -> String {
+pub fn seed_oncall(today: &str, level_1_timeout: &str) -> String {
     format!(
         "people:
   - name: primary
@@ -45,7 +46,7 @@ services:
 }
 
 /// The pages of incident `number` that reached `person` on the webhook channel.
-fn pages_to(capture: &Capture, number: u64, person: &str) -> usize {
+pub fn pages_to(capture: &Capture, number: u64, person: &str) -> usize {
     capture
         .notifications("ReactorIncident")
         .iter()
@@ -58,7 +59,7 @@ fn pages_to(capture: &Capture, number: u64, person: &str) -> usize {
         .count()
 }
 
-async fn wait_for_page(capture: &Capture, number: u64, person: &str) {
+pub async fn wait_for_page(capture: &Capture, number: u64, person: &str) {
     wait_for(Duration::from_secs(10), || async {
         (pages_to(capture, number, person) > 0).then_some(())
     })
@@ -72,15 +73,20 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 }
 
-struct Desk {
-    app: TestApp,
-    clock: ManualClock,
-    pager: Capture,
+pub struct Desk {
+    pub app: TestApp,
+    pub clock: ManualClock,
+    pub pager: Capture,
     _dir: PlaybookDir,
 }
 
 impl Desk {
-    async fn start() -> Desk {
+    pub async fn start() -> Desk {
+        Self::start_with(|_| {}).await
+    }
+
+    /// The seed's desk, then `configure` (the console's tests load the shipped playbooks).
+    pub async fn start_with(configure: impl FnOnce(&mut Settings) + Send + 'static) -> Desk {
         let clock = ManualClock::new("2027-03-29T08:00:00Z".parse().unwrap());
         let pager = Capture::start().await;
         let dir = PlaybookDir::new(&[]);
@@ -102,6 +108,7 @@ impl Desk {
                 s.scripts_dir = scripts;
                 s.channels = chans;
                 s.auth.bearer_token = Some("desk-token".into());
+                configure(s);
             },
             Arc::new(clock.clone()),
         )
@@ -114,12 +121,12 @@ impl Desk {
         }
     }
 
-    async fn call(&self, req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    pub async fn call(&self, req: reqwest::RequestBuilder) -> (StatusCode, Value) {
         let resp = req.bearer_auth("desk-token").send().await.unwrap();
         (resp.status(), resp.json().await.unwrap_or(Value::Null))
     }
 
-    async fn open(&self, dedup: &str) -> u64 {
+    pub async fn open(&self, dedup: &str) -> u64 {
         let (status, incident) = self
             .call(
                 self.app
@@ -134,7 +141,7 @@ impl Desk {
         incident["number"].as_u64().unwrap()
     }
 
-    async fn incident(&self, number: u64) -> Value {
+    pub async fn incident(&self, number: u64) -> Value {
         self.call(
             self.app
                 .client
@@ -188,7 +195,7 @@ async fn the_on_call_is_paged_at_once_and_the_escalation_contact_at_ten_minutes_
     let page = &desk.pager.notifications("ReactorIncident")[0];
     assert_eq!(
         page["alerts"][0]["annotations"]["incident_url"],
-        desk.app.url(&format!("/api/v1/incidents/{n}")),
+        desk.app.url(&format!("/ui/incidents/{n}")),
         "the page links to the incident"
     );
     let metrics = desk.app.metrics().await;

@@ -106,14 +106,14 @@ async fn pagerduty_down_then_up_gets_the_page_exactly_once_across_a_sigkill() {
 }
 
 /// The real SMTP server from Debian's `python3-aiosmtpd`, delivering into a Maildir.
-struct Smtp {
-    port: u16,
+pub struct Smtp {
+    pub port: u16,
     maildir: tempfile::TempDir,
     _proc: Proc,
 }
 
 impl Smtp {
-    async fn start() -> Smtp {
+    pub async fn start() -> Smtp {
         Smtp::start_with(&[]).await
     }
 
@@ -146,7 +146,7 @@ impl Smtp {
         }
     }
 
-    fn messages(&self) -> Vec<String> {
+    pub fn messages(&self) -> Vec<String> {
         let dir = self.maildir.path().join("mail/new");
         std::fs::read_dir(dir)
             .map(|d| {

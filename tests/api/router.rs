@@ -41,12 +41,19 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
             Arc::default(),
             Arc::clone(&metrics),
         )),
-        desk: Arc::new(reactor::incident::Desk {
-            incidents: reactor::incident::Incidents::open(&store, Arc::clone(&metrics)).unwrap(),
-            keys: reactor::incident::keys::Keys::open(&store).unwrap(),
-            oncall: Default::default(),
-            clock: Arc::new(reactor::clock::SystemClock),
-        }),
+        desk: {
+            let incidents =
+                reactor::incident::Incidents::open(&store, Arc::clone(&metrics)).unwrap();
+            Arc::new(reactor::incident::Desk {
+                signer: incidents.signer(),
+                incidents,
+                keys: reactor::incident::keys::Keys::open(&store).unwrap(),
+                oncall: Default::default(),
+                clock: Arc::new(reactor::clock::SystemClock),
+                external_url: "http://127.0.0.1".into(),
+            })
+        },
+        guards: reactor::guard::Guards::open(&store).unwrap(),
         store,
         metrics,
         dry_run: false,

@@ -249,8 +249,9 @@ pub struct OnCall {
     pub people: BTreeMap<String, Person>,
     pub teams: BTreeMap<String, Team>,
     pub services: BTreeMap<String, Service>,
-    /// Every channel a contact or a level names, with where: checked against the configuration.
-    channel_refs: Vec<(PathBuf, u64, String)>,
+    /// Every channel a contact (`true`: with an address) or a level (`None`) names, with where:
+    /// checked against the configuration.
+    channel_refs: Vec<(PathBuf, u64, String, Option<bool>)>,
 }
 
 impl OnCall {
@@ -342,23 +343,38 @@ impl OnCall {
         out
     }
 
-    /// Every channel named by a contact or a level that is not in `known`, at its file and line.
-    pub fn check_channels(&self, known: &[&str]) -> Result<(), LoadErrors> {
+    /// Every channel named by a contact or a level that is not in `known`, and every contact
+    /// without an address on a channel that needs one to reach a single person (email, Slack,
+    /// Opsgenie: without it the page would reach the channel's whole audience), at its file and
+    /// line.
+    pub fn check_channels(
+        &self,
+        known: &[&str],
+        needs_address: impl Fn(&str) -> bool,
+    ) -> Result<(), LoadErrors> {
         let errors: Vec<LoadError> = self
             .channel_refs
             .iter()
-            .filter(|(_, _, c)| !known.contains(&c.as_str()))
-            .map(|(file, line, c)| LoadError {
-                file: file.clone(),
-                line: Some(*line),
-                message: format!(
-                    "unknown channel {c:?} (channels: {})",
-                    if known.is_empty() {
-                        "none configured".to_owned()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
+            .filter_map(|(file, line, c, address)| {
+                let message = if !known.contains(&c.as_str()) {
+                    format!(
+                        "unknown channel {c:?} (channels: {})",
+                        if known.is_empty() {
+                            "none configured".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    )
+                } else if *address == Some(false) && needs_address(c) {
+                    format!("a contact on channel {c:?} needs an address (the person's email address, Slack member id or Opsgenie user)")
+                } else {
+                    return None;
+                };
+                Some(LoadError {
+                    file: file.clone(),
+                    line: Some(*line),
+                    message,
+                })
             })
             .collect();
         if errors.is_empty() {
@@ -499,6 +515,7 @@ pub fn load_dir(dir: &Path) -> Result<OnCall, LoadErrors> {
                     file.clone(),
                     c.referenced.line(),
                     c.value.channel.clone(),
+                    Some(c.value.address.as_ref().is_some_and(|a| !a.is_empty())),
                 ));
                 contacts.push(Contact {
                     channel: c.value.channel.clone(),
@@ -772,7 +789,11 @@ fn load_policy(
                     return Err(located("notify: oncall needs the team's schedule".into()))
                 }
                 Target::Person(who) => person_known(oncall, who).map_err(located)?,
-                Target::Channel(c) => oncall.channel_refs.push((file.to_owned(), l, c.clone())),
+                Target::Channel(c) => {
+                    oncall
+                        .channel_refs
+                        .push((file.to_owned(), l, c.clone(), None))
+                }
                 _ => {}
             }
             notify.push(target);
@@ -863,12 +884,28 @@ services:
         assert!(oncall
             .recipients(team, &policy.levels[0], other_day)
             .is_empty());
-        let e = oncall.check_channels(&["mail"]).unwrap_err().to_string();
+        let e = oncall
+            .check_channels(&["mail"], |_| true)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("devops.yaml:3: unknown channel \"pager\" (channels: mail)"),
             "{e}"
         );
-        assert!(oncall.check_channels(&["pager"]).is_ok());
+        assert!(oncall.check_channels(&["pager"], |_| true).is_ok());
+        let nameless = load("people:\n  - name: a\n    contacts: [{channel: mail}]\n").unwrap();
+        let e = nameless
+            .check_channels(&["mail"], |c| c == "mail")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("devops.yaml:3: a contact on channel \"mail\" needs an address"),
+            "{e}"
+        );
+        assert!(
+            nameless.check_channels(&["mail"], |_| false).is_ok(),
+            "a webhook needs none"
+        );
     }
 
     #[test]

@@ -459,6 +459,16 @@ impl Notifier {
     /// sent is resolved where its channel sends resolutions, one not sent yet is cancelled.
     /// Durable when this returns.
     pub async fn close_prefix(&self, prefix: &str, now: Timestamp) -> Result<usize, StoreError> {
+        let n = self.cancel_staged(prefix, now)?;
+        if n > 0 {
+            self.durable_then_wake().await?;
+        }
+        Ok(n)
+    }
+
+    /// [`Notifier::close_prefix`] without waiting for durability: for entries just staged whose
+    /// reason went away (an escalation step that lost the race to a claim).
+    pub fn cancel_staged(&self, prefix: &str, now: Timestamp) -> Result<usize, StoreError> {
         let mut n = 0;
         for kv in self.tree.scan_prefix(prefix.as_bytes()) {
             let (k, _) = kv?;
@@ -471,9 +481,6 @@ impl Notifier {
                 }
             })?;
             n += usize::from(closed);
-        }
-        if n > 0 {
-            self.durable_then_wake().await?;
         }
         Ok(n)
     }
