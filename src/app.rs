@@ -118,6 +118,8 @@ pub struct Application {
     engine: Arc<Engine>,
     queue_rx: mpsc::Receiver<crate::history::Intake>,
     escalations: crate::incident::escalate::Escalations,
+    /// Two replicas: the client and namespace of the leader's Lease.
+    ha: Option<(kube::Client, String)>,
     settings: Settings,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -154,6 +156,35 @@ impl Application {
             None => tracing::info!("kubernetes is not configured; kubernetes steps will fail"),
         }
         let rhai = Arc::new(rhai_engine(&settings, kube.clone()));
+        // Two replicas: the leader's Lease and the target locks live in the cluster.
+        let ha_client = kube
+            .as_ref()
+            .filter(|_| settings.ha.enabled)
+            .map(|k| k.client().clone());
+        let ha_namespace = settings
+            .ha
+            .namespace
+            .clone()
+            .or_else(crate::ha::own_namespace)
+            .unwrap_or_else(|| "default".into());
+        let leadership = if settings.ha.enabled {
+            let identity = crate::ha::identity(&settings.ha);
+            tracing::info!(%identity, namespace = %ha_namespace, lease = %settings.ha.lease_name, "two replicas: campaigning for the leader's Lease");
+            crate::ha::Leadership::elected(identity)
+        } else {
+            crate::ha::Leadership::single()
+        };
+        let target_locks = ha_client.clone().map(|client| {
+            (
+                crate::ha::TargetLocks::new(
+                    client,
+                    &ha_namespace,
+                    leadership.identity().to_owned(),
+                    settings.kubernetes.request_timeout,
+                ),
+                settings.ha.lease_duration,
+            )
+        });
         let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
         playbooks.check_routes(&settings.channel_names())?;
         let oncall = crate::incident::oncall::load_dir(&settings.oncall_dir)
@@ -240,7 +271,8 @@ impl Application {
             external_url.clone(),
         )
         .map_err(store_error)?
-        .with_route(settings.route.to.clone());
+        .with_route(settings.route.to.clone())
+        .with_ha(Arc::clone(&leadership), target_locks);
         let incidents = crate::incident::Incidents::open(&store, Arc::clone(&engine.metrics))
             .map_err(store_error)?
             .with_pages(notifier.clone());
@@ -296,6 +328,7 @@ impl Application {
             metrics: Arc::clone(&engine.metrics),
             health: Arc::clone(&engine.health),
             guards: engine.guards.clone(),
+            leadership: Arc::clone(&leadership),
             desk,
         };
         Ok(Application {
@@ -304,6 +337,7 @@ impl Application {
             engine,
             queue_rx,
             escalations,
+            ha: ha_client.map(|c| (c, ha_namespace)),
             settings,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -334,6 +368,7 @@ impl Application {
             engine,
             queue_rx,
             escalations,
+            ha,
             settings,
             tracker,
             shutdown,
@@ -357,20 +392,62 @@ impl Application {
         // Alive from here, so the watchdog's first check does not see a dispatcher not yet spawned.
         let alive = engine.health.dispatcher_running();
         let background = TaskTracker::new();
-        background.spawn(outbox::send_loop(
-            engine.outbox.clone(),
-            engine.escalator.clone(),
-            Arc::clone(&engine.clock),
-            Arc::clone(&engine.metrics),
+        let leadership = Arc::clone(&engine.leadership);
+        if let Some((client, namespace)) = ha {
+            background.spawn(crate::ha::campaign(
+                Arc::clone(&leadership),
+                client,
+                settings.ha.clone(),
+                namespace,
+                shutdown.clone(),
+            ));
+        }
+        // Pages, heartbeats, escalations and held alerts: the leader's work only.
+        {
+            let (outbox, escalator, clock, metrics) = (
+                engine.outbox.clone(),
+                engine.escalator.clone(),
+                Arc::clone(&engine.clock),
+                Arc::clone(&engine.metrics),
+            );
+            background.spawn(crate::ha::while_leading(
+                Arc::clone(&leadership),
+                shutdown.clone(),
+                move |token| {
+                    outbox::send_loop(
+                        outbox.clone(),
+                        escalator.clone(),
+                        Arc::clone(&clock),
+                        Arc::clone(&metrics),
+                        token,
+                    )
+                },
+            ));
+        }
+        {
+            let (notifier, clock, metrics) = (
+                engine.notifier.clone(),
+                Arc::clone(&engine.clock),
+                Arc::clone(&engine.metrics),
+            );
+            background.spawn(crate::ha::while_leading(
+                Arc::clone(&leadership),
+                shutdown.clone(),
+                move |token| {
+                    crate::notify::outbox::send_loop(
+                        notifier.clone(),
+                        Arc::clone(&clock),
+                        Arc::clone(&metrics),
+                        token,
+                    )
+                },
+            ));
+        }
+        background.spawn(crate::ha::while_leading(
+            Arc::clone(&leadership),
             shutdown.clone(),
+            move |token| escalations.clone().run(token),
         ));
-        background.spawn(crate::notify::outbox::send_loop(
-            engine.notifier.clone(),
-            Arc::clone(&engine.clock),
-            Arc::clone(&engine.metrics),
-            shutdown.clone(),
-        ));
-        background.spawn(escalations.run(shutdown.clone()));
         let watched = watchdog::Watched {
             health: Arc::clone(&engine.health),
             metrics: Arc::clone(&engine.metrics),
@@ -379,20 +456,32 @@ impl Application {
             clock: Arc::clone(&engine.clock),
             in_flight: Arc::clone(&engine.in_flight),
         };
-        background.spawn(watchdog::watch(
-            watched,
+        let paging = watchdog::Paging {
+            notifier: engine.notifier.clone(),
+            deadman_after: settings.deadman.after,
+            incidents: engine
+                .incidents
+                .clone()
+                .zip(settings.incidents.reactor_service.clone()),
+        };
+        let (api, watchdog_settings, instance) = (
             engine.escalator.api().clone(),
             settings.watchdog.clone(),
             engine.external_url.clone(),
-            watchdog::Paging {
-                notifier: engine.notifier.clone(),
-                deadman_after: settings.deadman.after,
-                incidents: engine
-                    .incidents
-                    .clone()
-                    .zip(settings.incidents.reactor_service.clone()),
-            },
+        );
+        background.spawn(crate::ha::while_leading(
+            Arc::clone(&leadership),
             shutdown.clone(),
+            move |token| {
+                watchdog::watch(
+                    watched.clone(),
+                    api.clone(),
+                    watchdog_settings.clone(),
+                    instance.clone(),
+                    paging.clone(),
+                    token,
+                )
+            },
         ));
         let am = &settings.alertmanager;
         let verify_poll = if am.poll_interval.is_zero() {
@@ -412,12 +501,26 @@ impl Application {
                 metrics: Arc::clone(&engine.metrics),
                 queue: state.queue.clone(),
             };
-            background.spawn(poller::poll_loop(
-                inbox,
+            let (api, interval, filter) = (
                 engine.escalator.api().clone(),
                 am.poll_interval,
                 am.poll_filter.clone(),
+            );
+            // A replica that becomes leader first catches up with Alertmanager's firing alerts.
+            let catch_up = settings.ha.enabled;
+            background.spawn(crate::ha::while_leading(
+                Arc::clone(&leadership),
                 shutdown.clone(),
+                move |token| {
+                    poller::poll_loop(
+                        inbox.clone(),
+                        api.clone(),
+                        interval,
+                        filter.clone(),
+                        catch_up,
+                        token,
+                    )
+                },
             ));
         }
         let retention = crate::retention::Retention {

@@ -50,6 +50,10 @@ pub const GUARD_MAX_ATTEMPTS: Count = count(0, 10_000);
 pub const BREAKER_FAILURES: Count = count(0, 1_000);
 pub const BREAKER_COOLDOWN: Span = secs(0, 30 * DAY);
 pub const VERIFY_WITHIN: Span = secs(1, 7 * DAY);
+/// The leader's Lease: how long it holds, how often it is renewed, the clock-skew margin.
+pub const LEASE_DURATION: Span = secs(2, 10 * MINUTE);
+pub const LEASE_RENEW: Span = secs(1, 5 * MINUTE);
+pub const LEASE_SKEW: Span = secs(0, MINUTE);
 /// An escalation level's wait for a claim, and the length of an on-call shift.
 pub const ACK_TIMEOUT: Span = secs(1, 7 * DAY);
 pub const SHIFT_LENGTH: Span = secs(MINUTE, 365 * DAY);

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod escalation;
 pub mod executor;
 pub mod guard;
+pub mod ha;
 pub mod health;
 pub mod history;
 pub mod incident;

@@ -105,15 +105,54 @@ pub struct Inbox {
     pub queue: Queue,
 }
 
-/// Polls every `interval` until `shutdown`.
+/// Polls every `interval` until `shutdown`. With `catch_up` (a replica that just became the
+/// leader) it first records every firing alert the filter selects, held or not: alerts delivered
+/// to a leader that died before running them run here (the guards and the cluster's target locks
+/// keep those it did run from running twice).
 pub async fn poll_loop(
     inbox: Inbox,
     api: AlertmanagerApi,
     interval: Duration,
     filter: Vec<String>,
+    catch_up: bool,
     shutdown: CancellationToken,
 ) {
     let mut held = Held::default();
+    if catch_up {
+        match api.alerts(&filter).await {
+            Ok(answer) => {
+                let firing: Vec<Alert> = answer
+                    .into_iter()
+                    .filter_map(|a| {
+                        let own = a
+                            .labels
+                            .get("alertname")
+                            .is_some_and(|n| OWN_ALERTS.contains(&n.as_str()));
+                        let fingerprint = Fingerprint::parse(&a.fingerprint).ok()?;
+                        (!own && a.status.silenced_by.is_empty()).then_some(Alert {
+                            status: AlertStatus::Firing,
+                            fingerprint,
+                            labels: a.labels,
+                            annotations: a.annotations,
+                            starts_at: a.starts_at,
+                            ends_at: None,
+                            generator_url: a.generator_url,
+                        })
+                    })
+                    .collect();
+                let n = firing.len();
+                if let Err(e) = record(&inbox, firing, Timestamp::now()).await {
+                    tracing::warn!(error = %e, "catch-up: could not record Alertmanager's firing alerts");
+                } else {
+                    tracing::info!(
+                        alerts = n,
+                        "catch-up: recorded Alertmanager's firing alerts as the new leader"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "catch-up: could not read Alertmanager's alerts"),
+        }
+    }
     loop {
         if let Err(e) = poll_once(&inbox, &api, &filter, &mut held).await {
             tracing::warn!(error = %e, "could not read held alerts from Alertmanager; retrying");
@@ -138,7 +177,17 @@ async fn poll_once(
         held.commit(next);
         return Ok(());
     }
+    record(inbox, fresh, now).await?;
+    held.commit(next);
+    Ok(())
+}
+
+/// Records `fresh` alerts as read from Alertmanager, durably, then queues them.
+async fn record(inbox: &Inbox, fresh: Vec<Alert>, now: Timestamp) -> Result<(), String> {
     let n = fresh.len();
+    if n == 0 {
+        return Ok(());
+    }
     let permits = inbox
         .queue
         .try_reserve_many(n)
@@ -151,7 +200,6 @@ async fn poll_once(
             inbox.metrics.store_errors.inc();
             e.to_string()
         })?;
-    held.commit(next);
     inbox.health.backlog.added(n);
     for i in &intakes {
         if i.alert.status == AlertStatus::Firing {

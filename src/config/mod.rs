@@ -73,6 +73,7 @@ pub struct Settings {
     pub storm: StormSettings,
     pub deadman: DeadmanSettings,
     pub incidents: IncidentSettings,
+    pub ha: HaSettings,
     /// Global dry run: scripts see `dry_run == true` and `disk_cleanup` deletes nothing.
     pub dry_run: bool,
     /// Allow listening on a non-loopback address without authentication.
@@ -106,6 +107,7 @@ impl Default for Settings {
             storm: StormSettings::default(),
             deadman: DeadmanSettings::default(),
             incidents: IncidentSettings::default(),
+            ha: HaSettings::default(),
             dry_run: false,
             insecure: false,
             watch: false,
@@ -398,6 +400,28 @@ impl Settings {
         d("history.max_age", h.max_age, HISTORY_MAX_AGE)?;
         c("history.max_runs", h.max_runs, HISTORY_MAX_RUNS)?;
         d("history.prune_interval", h.prune_interval, PRUNE_INTERVAL)?;
+        let ha = &self.ha;
+        d("ha.lease_duration", ha.lease_duration, LEASE_DURATION)?;
+        d("ha.renew_every", ha.renew_every, LEASE_RENEW)?;
+        d("ha.clock_skew", ha.clock_skew, LEASE_SKEW)?;
+        if ha.renew_every.saturating_add(ha.clock_skew) >= ha.lease_duration {
+            // Renewals must land before the Lease ends, margin included.
+            return Err(InvalidSetting {
+                field: "ha.renew_every",
+                message: format!(
+                    "ha.renew_every ({}) plus ha.clock_skew ({}) must be shorter than ha.lease_duration ({})",
+                    humantime::format_duration(ha.renew_every),
+                    humantime::format_duration(ha.clock_skew),
+                    humantime::format_duration(ha.lease_duration)
+                ),
+            });
+        }
+        if ha.enabled && !self.kubernetes.in_cluster && self.kubernetes.kubeconfig.is_empty() {
+            return Err(InvalidSetting {
+                field: "ha.enabled",
+                message: "ha.enabled needs the Kubernetes API: run in a cluster, or set kubernetes.kubeconfig".into(),
+            });
+        }
         let k = &self.kubernetes;
         d(
             "kubernetes.request_timeout",
@@ -481,6 +505,18 @@ impl Settings {
             name: "channels",
             message,
         })?;
+        if let Some(v) = get("REACTOR_HA_ENABLED") {
+            self.ha.enabled = parse_bool(&v).map_err(|message| ConfigError::Env {
+                name: "REACTOR_HA_ENABLED",
+                message,
+            })?;
+        }
+        if self.ha.identity.is_none() {
+            self.ha.identity = get("POD_NAME").filter(|v| !v.is_empty());
+        }
+        if self.ha.namespace.is_none() {
+            self.ha.namespace = get("POD_NAMESPACE").filter(|v| !v.is_empty());
+        }
         if let Some(v) = get("REACTOR_DRY_RUN") {
             self.dry_run = parse_bool(&v).map_err(|message| ConfigError::Env {
                 name: "REACTOR_DRY_RUN",

@@ -357,3 +357,39 @@ pub struct IncidentSettings {
     /// The service reactor's own failing self-checks (`ReactorUnhealthy`) open incidents for.
     pub reactor_service: Option<String>,
 }
+
+/// Two or more replicas with one leader, elected through a Kubernetes Lease: only the leader takes
+/// alerts, runs playbooks, sends heartbeats and pages; the others answer 503 until they lead.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HaSettings {
+    pub enabled: bool,
+    /// The leader's Lease (`coordination.k8s.io/v1`).
+    pub lease_name: String,
+    /// Where the Leases live; default the pod's namespace (in a cluster), else `default`.
+    pub namespace: Option<String>,
+    /// How long a Lease holds without renewal.
+    #[serde(deserialize_with = "duration")]
+    pub lease_duration: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub renew_every: Duration,
+    /// Subtracted from the Lease's end before a step acts: clocks of two nodes may differ.
+    #[serde(deserialize_with = "duration")]
+    pub clock_skew: Duration,
+    /// This replica's name in the Lease; default `POD_NAME`, else the host name.
+    pub identity: Option<String>,
+}
+
+impl Default for HaSettings {
+    fn default() -> Self {
+        HaSettings {
+            enabled: false,
+            lease_name: "reactor".into(),
+            namespace: None,
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+            clock_skew: Duration::from_secs(2),
+            identity: None,
+        }
+    }
+}

@@ -70,6 +70,9 @@ pub struct Engine {
     pub(crate) incidents: Option<crate::incident::Incidents>,
     pub(crate) incident_service: Option<String>,
     pub(crate) guards: Guards,
+    /// Whether this replica leads, and the cluster-held target locks (two replicas).
+    pub(crate) leadership: Arc<crate::ha::Leadership>,
+    pub(crate) target_locks: Option<(crate::ha::TargetLocks, Duration)>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) health: Arc<Health>,
@@ -117,6 +120,8 @@ impl Engine {
             incidents: None,
             incident_service: None,
             guards: Guards::open(&store)?,
+            leadership: crate::ha::Leadership::single(),
+            target_locks: None,
             store,
             playbooks,
             executor,
@@ -129,6 +134,18 @@ impl Engine {
             resolved_seen: Mutex::new(HashSet::new()),
             verify_wake: Notify::new(),
         })
+    }
+
+    /// Two replicas: runs act only while this one leads, and each takes its target's lock in
+    /// the cluster first, held at least `min_hold` (the Lease's duration).
+    pub fn with_ha(
+        mut self,
+        leadership: Arc<crate::ha::Leadership>,
+        locks: Option<(crate::ha::TargetLocks, Duration)>,
+    ) -> Engine {
+        self.leadership = leadership;
+        self.target_locks = locks;
+        self
     }
 
     /// Where pages go when a playbook names no `escalate.to`.
@@ -380,12 +397,15 @@ impl Engine {
             .or_else(|| self.incident_service.clone());
         let mut page = page;
         if let Some(service) = service {
-            if let Some(number) = self.open_incident(&run, &page, alertname, service).await? {
+            if let Some((number, epoch)) =
+                self.open_incident(&run, &page, alertname, service).await?
+            {
                 // The humans' Alertmanager page links to the incident and claims it in one click.
                 let incidents = self.incidents.as_ref().expect("an incident was opened");
                 let base = self.external_url.trim_end_matches('/');
                 let token = incidents.signer().claim_token(
                     number,
+                    epoch,
                     None,
                     crate::clock::later(now, crate::incident::escalate::CLAIM_LINK_LIFETIME),
                 );
@@ -415,7 +435,7 @@ impl Engine {
         page: &crate::alertmanager::PostableAlert,
         alertname: &str,
         service: String,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<(u64, u32)>, StoreError> {
         use crate::incident::{IncidentError, NewIncident, Severity};
         let Some(incidents) = &self.incidents else {
             return Ok(None);
@@ -449,7 +469,8 @@ impl Engine {
                         stored.note(now, format!("incident {} {what}", incident.number));
                     }
                 })?;
-                Ok(Some(incident.number))
+                let epoch = incident.escalation.as_ref().map_or(0, |e| e.epoch);
+                Ok(Some((incident.number, epoch)))
             }
             Err(IncidentError::Store(e)) => Err(e),
             Err(e) => {

@@ -36,11 +36,40 @@ impl Engine {
             if run.started_at.is_none() {
                 run.started_at = Some(self.clock.now());
             }
-            if playbook.silence {
-                self.create_silence(&mut run, &playbook).await?;
-            }
             let id = run.id;
-            let result = self.run_steps(run, &playbook, cancel, unrecorded).await;
+            let result = match self.cluster_lock(&mut run, &playbook).await {
+                Ok(()) => {
+                    if playbook.silence {
+                        self.create_silence(&mut run, &playbook).await?;
+                    }
+                    let done = self.run_steps(run, &playbook, cancel, unrecorded).await;
+                    if let (Ok(run), Some((locks, _))) = (&done, &self.target_locks) {
+                        if run.outcome != Outcome::Interrupted {
+                            // The cooldown of this target now holds in the cluster too.
+                            let key = crate::guard::target_key(
+                                &playbook.name,
+                                &run.alert,
+                                playbook.guards.target_labels.as_deref(),
+                            );
+                            let hold = playbook.guards.cooldown.max(Duration::from_secs(1));
+                            if let Err(e) = locks.acted(&key, hold, self.clock.now()).await {
+                                tracing::warn!(run_id = %run.id, error = ?e, "could not mark the target's cluster lock acted");
+                            }
+                        }
+                    }
+                    done
+                }
+                // Another replica acted on the target, or the lock could not be taken: settled.
+                Err(()) => {
+                    let mut unrecorded = unrecorded;
+                    self.record(&run, &mut unrecorded)
+                        .map(|()| {
+                            self.metrics
+                                .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
+                            run
+                        })
+                }
+            };
             self.in_flight.remove(id);
             self.metrics.in_flight.dec();
             let run = result?;
@@ -86,6 +115,59 @@ impl Engine {
         Ok(())
     }
 
+    /// Two replicas: takes the run's target lock in the cluster. `Err` when it may not act, with
+    /// the run settled: deduplicated when another replica holds the lock, failed when the lock
+    /// could not be read or written (nothing acts without it).
+    async fn cluster_lock(&self, run: &mut Run, playbook: &Playbook) -> Result<(), ()> {
+        let Some((locks, min_hold)) = &self.target_locks else {
+            return Ok(());
+        };
+        let key = crate::guard::target_key(
+            &playbook.name,
+            &run.alert,
+            playbook.guards.target_labels.as_deref(),
+        );
+        let mut now = self.clock.now();
+        let mut taken = locks.take(&key, *min_hold, now).await;
+        if let Err(crate::ha::LockRefused::HeldBy {
+            acting: true,
+            until,
+            ..
+        }) = &taken
+        {
+            // Another replica was acting on it and stopped renewing (it died, or lost the lead):
+            // its lock runs out within the leader's Lease duration, then this run takes it.
+            let wait = until.duration_since(now).unsigned_abs().min(*min_hold)
+                + Duration::from_millis(200);
+            tokio::time::sleep(wait).await;
+            now = self.clock.now();
+            taken = locks.take(&key, *min_hold, now).await;
+        }
+        match taken {
+            Ok(()) => {
+                run.note(now, "cluster lock of the target taken".to_owned());
+                Ok(())
+            }
+            Err(crate::ha::LockRefused::HeldBy { holder, until, .. }) => {
+                let reason = format!(
+                    "another replica ({holder}) acted on this target; its lock holds until {until}"
+                );
+                run.settle(Outcome::Deduplicated, &reason, now);
+                self.metrics.guard_tripped(&playbook.name, "cluster_lock");
+                tracing::info!(run_id = %run.id, %holder, "target locked by another replica");
+                Err(())
+            }
+            Err(crate::ha::LockRefused::Unavailable(e)) => {
+                let reason = format!(
+                    "the target's lock in the cluster could not be taken ({e}); not acting"
+                );
+                run.settle(Outcome::Failed, &reason, now);
+                tracing::warn!(run_id = %run.id, error = %e, "cluster lock unavailable");
+                Err(())
+            }
+        }
+    }
+
     /// The steps in order; the first step that exhausts its retries fails the run.
     pub(super) async fn run_steps(
         &self,
@@ -100,6 +182,7 @@ impl Engine {
         let run_id = run.id.to_string();
         let run_url = self.run_url(run.id);
         let mut failure = None;
+        let mut lost_lead = false;
         'steps: for (index, step) in playbook.steps.iter().enumerate() {
             let last_step = index + 1 == playbook.steps.len();
             let (params, args) = {
@@ -111,6 +194,11 @@ impl Engine {
             };
             for attempt in 1..=step.retries + 1 {
                 if cancel.is_cancelled() {
+                    break 'steps;
+                }
+                if !self.leadership.is_leader() {
+                    // Another replica may lead now: no step starts here.
+                    lost_lead = true;
                     break 'steps;
                 }
                 let started_at = self.clock.now();
@@ -206,7 +294,14 @@ impl Engine {
             }
         }
         let now = self.clock.now();
-        if cancel.is_cancelled() {
+        if lost_lead {
+            run.settle(
+                Outcome::Interrupted,
+                "this replica lost the leader's Lease before the step: no step starts on a standby",
+                now,
+            );
+            tracing::warn!("run interrupted: this replica no longer leads");
+        } else if cancel.is_cancelled() {
             run.settle(
                 Outcome::Cancelled,
                 "alert resolved while the run was in progress (on_resolved: cancel)",

@@ -187,9 +187,12 @@ impl Escalations {
         };
         let current = |i: &Incident| {
             i.state == State::Open
-                && i.escalation
-                    .as_ref()
-                    .is_some_and(|e| e.epoch == epoch && e.next == step && e.due.is_some())
+                && i.escalation.as_ref().is_some_and(|e| {
+                    // The timer of this very step: not one left from a crash or a retry.
+                    e.epoch == epoch
+                        && e.next == step
+                        && e.due.map(|d| d.as_millisecond().max(0)) == Some(due.as_millisecond())
+                })
         };
         if !current(&incident) {
             return Ok(None);
@@ -316,6 +319,7 @@ impl Escalations {
         // The one-click claim link: claims as the person paged (changeable on its page).
         let token = self.signer.claim_token(
             i.number,
+            i.escalation.as_ref().map_or(0, |e| e.epoch),
             Some(person.clone()).filter(|p| !p.is_empty()),
             later(now, CLAIM_LINK_LIFETIME),
         );

@@ -117,6 +117,14 @@ impl Keys {
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
+    /// The key named `name`, if it exists.
+    pub fn get(&self, name: &str) -> Result<Option<ApiKey>, StoreError> {
+        Ok(self
+            .by_name
+            .get(name.as_bytes())?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
     /// Every key, without digests.
     pub fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
         let mut out = Vec::new();

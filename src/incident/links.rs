@@ -40,6 +40,10 @@ pub enum LinkError {
 pub struct Claim {
     #[serde(rename = "n")]
     pub number: u64,
+    /// The incident's opening (its escalation epoch): a link of an earlier opening does not
+    /// claim the incident reopened.
+    #[serde(rename = "o", default)]
+    pub epoch: u32,
     /// The person paged, who claims by default.
     #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
     pub person: Option<String>,
@@ -95,10 +99,18 @@ impl Signer {
         Some(payload)
     }
 
-    /// A claim link's token for incident `number`, sent to `person`, good until `expires`.
-    pub fn claim_token(&self, number: u64, person: Option<String>, expires: Timestamp) -> String {
+    /// A claim link's token for opening `epoch` of incident `number`, sent to `person`, good
+    /// until `expires`.
+    pub fn claim_token(
+        &self,
+        number: u64,
+        epoch: u32,
+        person: Option<String>,
+        expires: Timestamp,
+    ) -> String {
         let payload = serde_json::to_vec(&Claim {
             number,
+            epoch,
             person,
             expires,
         })
@@ -129,11 +141,12 @@ mod tests {
         let again = Signer::open(&db.open_tree("m").unwrap()).unwrap();
         let now: Timestamp = "2027-03-29T08:00:00Z".parse().unwrap();
         let until: Timestamp = "2027-03-30T08:00:00Z".parse().unwrap();
-        let token = signer.claim_token(7, Some("alice".into()), until);
+        let token = signer.claim_token(7, 0, Some("alice".into()), until);
         assert_eq!(
             again.claim(&token, now),
             Ok(Claim {
                 number: 7,
+                epoch: 0,
                 person: Some("alice".into()),
                 expires: until
             }),

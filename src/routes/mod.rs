@@ -45,6 +45,8 @@ pub struct AppState {
     pub desk: Arc<crate::incident::Desk>,
     /// The guards' state, for the console's playbooks page.
     pub guards: crate::guard::Guards,
+    /// Whether this replica leads (always, with one replica): a standby takes no alerts.
+    pub leadership: Arc<crate::ha::Leadership>,
 }
 
 impl AppState {
@@ -168,6 +170,24 @@ async fn readyz(
         "playbooks".into(),
         serde_json::json!({"ok": true, "loaded": state.playbooks_loaded()}),
     );
+    if state.leadership.enabled() {
+        let leading = state.leadership.is_leader();
+        let detail = if leading {
+            format!("{} leads", state.leadership.identity())
+        } else {
+            format!(
+                "standby: {} leads; this replica takes no alerts until it holds the Lease",
+                state
+                    .leadership
+                    .holder()
+                    .unwrap_or_else(|| "no replica".into())
+            )
+        };
+        checks.insert(
+            "leadership".into(),
+            serde_json::json!({"ok": leading, "detail": detail}),
+        );
+    }
     let started = !report.is_empty();
     if !started {
         checks.insert(

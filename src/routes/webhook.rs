@@ -20,6 +20,22 @@ pub async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    if !state.leadership.is_leader() {
+        // A standby takes nothing: Alertmanager retries a 503, and reaches the leader.
+        state.metrics.webhook_rejected("standby");
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "this replica is a standby ({} leads); retry",
+                state
+                    .leadership
+                    .holder()
+                    .unwrap_or_else(|| "no replica".into())
+            ),
+        );
+        e.retry_after = Some(RETRY_AFTER_SECS);
+        return Err(e);
+    }
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -303,6 +303,20 @@ async fn forms_refuse_a_wrong_csrf_token_or_a_key_without_the_scope_and_change_n
     assert_eq!(again.status, StatusCode::CONFLICT);
     assert!(again.body.contains("is CLAIMED: it cannot be claimed"));
 
+    // A form another site posts is refused, even with the right token.
+    let forged = c
+        .http
+        .post(c.desk.app.url(&path))
+        .header(header::COOKIE, &oncall)
+        .header("sec-fetch-site", "cross-site")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(form_body(&[("action", "resolve"), ("csrf", &token)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    assert_eq!(c.desk.incident(n).await["state"], "CLAIMED");
+
     let out = c.post("/ui/logout", Some(&oncall), &[]).await;
     assert_eq!(
         out.status,
@@ -313,6 +327,25 @@ async fn forms_refuse_a_wrong_csrf_token_or_a_key_without_the_scope_and_change_n
         .post("/ui/logout", Some(&oncall), &[("csrf", &token)])
         .await;
     assert_eq!(out.status, StatusCode::SEE_OTHER);
+
+    // Revoking a key ends the sessions it opened.
+    assert_eq!(c.get(&path, Some(&viewer)).await.status, StatusCode::OK);
+    let (status, _) = c
+        .desk
+        .call(
+            c.desk
+                .app
+                .client
+                .delete(c.desk.app.url("/api/v1/keys/viewer")),
+        )
+        .await;
+    assert!(status.is_success(), "{status}");
+    let gone = c.get(&path, Some(&viewer)).await;
+    assert_eq!(
+        gone.status,
+        StatusCode::SEE_OTHER,
+        "a revoked key's session is over"
+    );
     c.desk.app.stop().await;
 }
 
@@ -380,7 +413,12 @@ async fn a_claim_link_claims_once_and_an_expired_tampered_or_late_one_changes_no
 
     let shown = c.get(&path, None).await;
     assert_eq!(shown.status, StatusCode::OK, "no sign-in needed");
-    assert!(shown.body.contains("id=\"claim\"") && shown.body.contains("value=\"primary\""));
+    assert!(
+        shown.body.contains("id=\"claim\"")
+            && shown.body.contains("Claim as <strong>primary</strong>"),
+        "{}",
+        shown.body
+    );
     assert_eq!(
         c.desk.incident(n).await["state"],
         "OPEN",
@@ -418,21 +456,26 @@ async fn a_claim_link_claims_once_and_an_expired_tampered_or_late_one_changes_no
     assert_eq!(again.status, StatusCode::CONFLICT);
 
     // Resolved: the link shows it and cannot claim.
-    let (status, _) = c
-        .desk
-        .call(
-            c.desk
-                .app
-                .client
-                .post(c.desk.app.url(&format!("/api/v1/incidents/{n}")))
-                .json(&json!({"action": "resolve", "by": "primary"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(c.desk.act(n, "resolve", "primary").await, StatusCode::OK);
     let late = c.get(&path, None).await;
     assert!(late
         .body
         .contains("This incident is RESOLVED: it cannot be claimed"));
+
+    // Reopened: a link of the earlier opening claims nothing.
+    assert_eq!(c.desk.act(n, "reopen", "primary").await, StatusCode::OK);
+    let stale = c.get(&path, None).await;
+    assert_eq!(stale.status, StatusCode::GONE);
+    assert!(stale.body.contains("was reopened"), "{}", stale.body);
+    let stale = c
+        .post(
+            &path,
+            None,
+            &[("by", "primary"), ("csrf", &csrf(&shown.body))],
+        )
+        .await;
+    assert_eq!(stale.status, StatusCode::GONE);
+    assert_eq!(c.desk.incident(n).await["state"], "OPEN");
 
     // A day later the link has expired.
     c.desk.clock.advance(Duration::from_secs(24 * 3600));
@@ -443,8 +486,6 @@ async fn a_claim_link_claims_once_and_an_expired_tampered_or_late_one_changes_no
         "{}",
         expired.body
     );
-    let incident = c.desk.incident(n).await;
-    assert_eq!(incident["state"], "RESOLVED");
-    assert_eq!(incident["claimed_by"], "primary");
+    assert_eq!(c.desk.incident(n).await["state"], "OPEN");
     c.desk.app.stop().await;
 }

@@ -40,6 +40,8 @@ struct Shared {
     client: kube::Client,
     requests: Arc<Mutex<Vec<String>>>,
     faults: Arc<Mutex<Vec<(String, String, Fault)>>>,
+    /// Paths the fake deleted (answered 200 to a DELETE that was not a dry run).
+    deleted: Arc<Mutex<Vec<String>>>,
 }
 
 pub struct FakeApi {
@@ -63,6 +65,7 @@ impl FakeApi {
             client: client.clone(),
             requests: Arc::default(),
             faults: Arc::default(),
+            deleted: Arc::default(),
         };
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let (addr, shutdown) = super::helpers::serve_local(app).await;
@@ -111,6 +114,16 @@ impl FakeApi {
             .lock()
             .unwrap()
             .push((method.to_owned(), path.to_owned(), fault));
+    }
+
+    /// No more injected faults.
+    pub fn heal(&self) {
+        self.shared.faults.lock().unwrap().clear();
+    }
+
+    /// The paths the fake itself deleted, in order: its record of deletions.
+    pub fn deletions(&self) -> Vec<String> {
+        self.shared.deleted.lock().unwrap().clone()
     }
 
     /// Every request so far, as `METHOD /path?query`.
@@ -354,6 +367,9 @@ async fn handle(State(s): State<Shared>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let (code, body) = forward(&method, &target, content_type.as_deref(), bytes.to_vec()).await;
+    if method == "DELETE" && code == 200 {
+        s.deleted.lock().unwrap().push(path.clone());
+    }
     if let Some(Fault::ConcurrentWrite(patch)) = fault {
         let (c, _) = forward(
             "PATCH",

@@ -415,6 +415,40 @@ impl Alertmanager {
         }
     }
 
+    /// One of a cluster on loopback: gossiping on `cluster_port` with the peer on `peer_port`;
+    /// each waits its position times `peer_timeout` before sending what no peer has sent.
+    pub async fn start_clustered(
+        port: u16,
+        cluster_port: u16,
+        peer_port: u16,
+        peer_timeout: &str,
+        config: &str,
+    ) -> Alertmanager {
+        let listen = format!("--cluster.listen-address=127.0.0.1:{cluster_port}");
+        let peer = format!("--cluster.peer=127.0.0.1:{peer_port}");
+        let timeout = format!("--cluster.peer-timeout={peer_timeout}");
+        let (proc, dir) = start_daemon(
+            ALERTMANAGER,
+            "prometheus-alertmanager",
+            config,
+            "--storage.path",
+            port,
+            &[
+                listen.as_str(),
+                peer.as_str(),
+                timeout.as_str(),
+                "--cluster.gossip-interval=100ms",
+                "--cluster.pushpull-interval=1s",
+            ],
+        )
+        .await;
+        Alertmanager {
+            port,
+            _proc: proc,
+            _dir: dir,
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

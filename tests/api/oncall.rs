@@ -141,6 +141,17 @@ impl Desk {
         incident["number"].as_u64().unwrap()
     }
 
+    /// `POST /api/v1/incidents/{number}` with `action` by `by`: the status.
+    pub async fn act(&self, number: u64, action: &str, by: &str) -> StatusCode {
+        let url = self.app.url(&format!("/api/v1/incidents/{number}"));
+        let req = self
+            .app
+            .client
+            .post(url)
+            .json(&json!({"action": action, "by": by}));
+        self.call(req).await.0
+    }
+
     pub async fn incident(&self, number: u64) -> Value {
         self.call(
             self.app

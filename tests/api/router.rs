@@ -54,6 +54,7 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
             })
         },
         guards: reactor::guard::Guards::open(&store).unwrap(),
+        leadership: reactor::ha::Leadership::single(),
         store,
         metrics,
         dry_run: false,

@@ -136,6 +136,11 @@ impl Kubernetes {
         &self.settings
     }
 
+    /// The client, for the Leases of leader election and the cluster-held guards.
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
     /// Deny wins; an empty allow list allows every namespace not denied. Only a valid
     /// [`Namespace`] gets here, so the lists compare with what the API server will act on.
     pub fn check_namespace(&self, namespace: &Namespace) -> Result<(), KubeError> {

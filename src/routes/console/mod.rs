@@ -37,6 +37,10 @@ pub struct Session {
     /// Posted back by every form.
     pub csrf: String,
     pub expires: Timestamp,
+    /// When the API key was made: a key revoked (or made again under its name) ends the
+    /// sessions it opened. `None` for the service's token.
+    #[serde(default)]
+    pub key_created: Option<Timestamp>,
 }
 
 impl Session {
@@ -132,12 +136,45 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// The session of the request's cookie, when it is genuine and not expired.
+/// The session of the request's cookie, when it is genuine, not expired, and its key still
+/// exists (with the scopes it has now).
 fn session_of(state: &AppState, headers: &HeaderMap) -> Option<Session> {
     let token = cookie_value(headers, COOKIE)?;
     let payload = state.desk.signer.verify("session", &token)?;
-    let s: Session = serde_json::from_slice(&payload).ok()?;
-    (s.expires > state.desk.clock.now()).then_some(s)
+    let mut s: Session = serde_json::from_slice(&payload).ok()?;
+    if s.expires <= state.desk.clock.now() {
+        return None;
+    }
+    if let Some(created) = s.key_created {
+        let key = state.desk.keys.get(&s.name).ok()??;
+        if key.created_at != created {
+            return None;
+        }
+        s.scopes = key.scopes;
+    }
+    Some(s)
+}
+
+/// A POST sent by another site (a form elsewhere posting here): refused, whatever cookie it
+/// carries. Browsers say where a request comes from in `Sec-Fetch-Site` and `Origin`.
+pub(super) fn cross_site(headers: &HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = header("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
+    }
+    match (header("origin"), header("host")) {
+        (Some(origin), Some(host)) => origin.split_once("://").map(|(_, h)| h) != Some(host),
+        _ => false,
+    }
+}
+
+pub(super) fn cross_site_refused() -> Response {
+    message(
+        StatusCode::FORBIDDEN,
+        None,
+        "Refused",
+        "This form was sent from another site: nothing was changed.",
+    )
 }
 
 /// Pages behind sign-in: without a session, to the sign-in form.
@@ -185,8 +222,9 @@ struct Login {
     key: String,
 }
 
-/// The key's name and scopes: an API key, or the service's own token (every scope).
-fn identify(state: &AppState, key: &str) -> Option<(String, Vec<Scope>)> {
+/// The key's name, scopes and creation time: an API key, or the service's own token (every
+/// scope).
+fn identify(state: &AppState, key: &str) -> Option<(String, Vec<Scope>, Option<Timestamp>)> {
     let key = key.trim();
     if key.is_empty() {
         return None;
@@ -202,18 +240,23 @@ fn identify(state: &AppState, key: &str) -> Option<(String, Vec<Scope>)> {
         return Some((
             "admin".into(),
             vec![Scope::Read, Scope::IncidentsAck, Scope::IncidentsWrite],
+            None,
         ));
     }
     let k = state.desk.keys.find(key).ok()??;
-    Some((k.name, k.scopes))
+    Some((k.name, k.scopes, Some(k.created_at)))
 }
 
 async fn login(
     State(state): State<AppState>,
+    headers: HeaderMap,
     form: Result<Form<Login>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    if cross_site(&headers) {
+        return cross_site_refused();
+    }
     let key = form.map(|Form(l)| l.key).unwrap_or_default();
-    let Some((name, scopes)) = identify(&state, &key) else {
+    let Some((name, scopes, key_created)) = identify(&state, &key) else {
         let mut resp = render(
             "login.html",
             minijinja::context! { error => "That key is not known: check it, or ask for one (reactor keys create)." },
@@ -230,12 +273,16 @@ async fn login(
         scopes,
         csrf: random_token(),
         expires,
+        key_created,
     };
     let token = state.desk.signer.sign(
         "session",
         &serde_json::to_vec(&session).expect("a session serializes"),
     );
-    let secure = if state.desk.external_url.starts_with("https://") {
+    let behind_tls = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    let secure = if state.desk.external_url.starts_with("https://") || behind_tls {
         "; Secure"
     } else {
         ""
@@ -258,11 +305,12 @@ struct Csrf {
 }
 
 async fn logout(
+    headers: HeaderMap,
     axum::Extension(session): axum::Extension<Session>,
     form: Result<Form<Csrf>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let posted = form.map(|Form(c)| c.csrf).unwrap_or_default();
-    if !csrf_ok(&session, &posted) {
+    if cross_site(&headers) || !csrf_ok(&session, &posted) {
         return csrf_refused(&session);
     }
     let mut resp = Redirect::to("/ui/login").into_response();

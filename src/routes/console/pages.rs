@@ -78,26 +78,32 @@ pub(super) async fn incidents(
         since: None,
         limit: 1000,
     };
-    let all = match state.desk.incidents.list(&Filter {
-        limit: 5000,
-        ..Filter::default()
-    }) {
-        Ok(l) => l,
+    let now = state.desk.clock.now();
+    let incidents = state.desk.incidents.clone();
+    let severity = q.severity.clone();
+    // Off the async workers: the chart reads the last 30 days.
+    let read = tokio::task::spawn_blocking(move || {
+        let mut shown = incidents.list(&filter)?;
+        shown.retain(|i| severity.is_empty() || i.severity.as_str() == severity);
+        let month = Filter {
+            since: now.checked_sub(SignedDuration::from_hours(30 * 24)).ok(),
+            limit: 100_000,
+            ..Filter::default()
+        };
+        let chart = charts::claim_and_resolve(&incidents.list(&month)?, now);
+        Ok::<_, crate::history::StoreError>((shown, chart))
+    })
+    .await;
+    let (mut shown, chart) = match read {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return internal(Some(&session), e),
         Err(e) => return internal(Some(&session), e),
     };
-    let now = state.desk.clock.now();
-    let mut shown: Vec<&Incident> = all
-        .iter()
-        .filter(|i| filter.state.is_none_or(|s| i.state == s))
-        .filter(|i| filter.service.as_ref().is_none_or(|s| &i.service == s))
-        .filter(|i| q.severity.is_empty() || i.severity.as_str() == q.severity)
-        .take(filter.limit)
-        .collect();
     // Open ones first, then claimed, then resolved; newest first within each.
     shown.sort_by_key(|i| (i.state as u8, std::cmp::Reverse(i.number)));
     let rows: Vec<Value> = shown
         .iter()
-        .map(|i| {
+        .map(|i: &Incident| {
             context! {
                 number => i.number,
                 severity => i.severity.as_str(),
@@ -111,7 +117,6 @@ pub(super) async fn incidents(
             }
         })
         .collect();
-    let chart = charts::claim_and_resolve(&all, now);
     let services: Vec<&String> = state.desk.oncall.services.keys().collect();
     render(
         "incidents.html",
@@ -176,6 +181,7 @@ pub(super) struct ActForm {
 
 pub(super) async fn act(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Extension(session): Extension<Session>,
     Path(number): Path<u64>,
     form: Result<Form<ActForm>, axum::extract::rejection::FormRejection>,
@@ -183,7 +189,7 @@ pub(super) async fn act(
     let Ok(Form(form)) = form else {
         return csrf_refused(&session);
     };
-    if !csrf_ok(&session, &form.csrf) {
+    if super::cross_site(&headers) || !csrf_ok(&session, &form.csrf) {
         return csrf_refused(&session);
     }
     if !session.may(Scope::IncidentsAck) {
@@ -553,7 +559,26 @@ pub(super) async fn health(
         .into_iter()
         .map(|(check, r)| context! { name => check.as_str(), ok => r.ok, detail => r.detail })
         .collect();
-    let notify_backlog = state.store.tree("notify_due").map(|t| t.len()).unwrap_or(0);
+    // Counting reads entries: off the async workers, and at most 100,000 of each.
+    let (store, incidents) = (state.store.clone(), state.desk.incidents.clone());
+    let counts = tokio::task::spawn_blocking(move || {
+        const CAP: usize = 100_000;
+        let notify = store
+            .tree("notify_due")
+            .map(|t| t.iter().take(CAP).count())
+            .unwrap_or(0);
+        let open = incidents
+            .list(&Filter {
+                state: Some(IncidentState::Open),
+                limit: CAP,
+                ..Filter::default()
+            })
+            .map(|l| l.len())
+            .unwrap_or(0);
+        (notify, open)
+    })
+    .await;
+    let (notify_backlog, open_incidents) = counts.unwrap_or((0, 0));
     let heartbeat = state.health.heartbeat_age();
     render(
         "health.html",
@@ -565,12 +590,28 @@ pub(super) async fn health(
             queue => state.health.backlog.depth(),
             alertmanager_backlog => state.metrics.escalations_pending.get(),
             notify_backlog => notify_backlog,
-            open_incidents => state.desk.incidents.list(&Filter { state: Some(IncidentState::Open), limit: 10_000, ..Filter::default() }).map(|l| l.len()).unwrap_or(0),
-            runs => state.store.run_count(),
+            open_incidents => open_incidents,
             playbooks => state.reloader.in_force().current().len(),
             mode => if state.dry_run { "dry run" } else { "live" },
         },
     )
+}
+
+/// A link made for an earlier opening of a reopened incident claims nothing.
+fn stale_opening(state: &AppState, claim: &crate::incident::links::Claim) -> Option<Response> {
+    let i = state.desk.incidents.get(claim.number).ok()??;
+    let epoch = i.escalation.as_ref().map_or(0, |e| e.epoch);
+    (epoch != claim.epoch).then(|| {
+        message(
+            StatusCode::GONE,
+            None,
+            "This claim link does not work",
+            &format!(
+                "this link was sent before incident {} was reopened; it cannot claim it now. Nothing was changed.",
+                claim.number
+            ),
+        )
+    })
 }
 
 /// The claim link's page: the incident, and a Claim button. A GET never changes anything, so a
@@ -591,6 +632,9 @@ pub(super) async fn claim_form(
             )
         }
     };
+    if let Some(stale) = stale_opening(&state, &claim) {
+        return stale;
+    }
     let i = match state.desk.incidents.get(claim.number) {
         Ok(Some(i)) => i,
         Ok(None) => {
@@ -607,7 +651,7 @@ pub(super) async fn claim_form(
         "claim.html",
         context! {
             i => i,
-            by => claim.person.unwrap_or_default(),
+            person => claim.person,
             csrf => state.desk.signer.sign("claim-form", token.as_bytes()),
             token => token,
             open => i.state == IncidentState::Open,
@@ -625,9 +669,13 @@ pub(super) struct ClaimForm {
 
 pub(super) async fn claim(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Path(token): Path<String>,
     form: Result<Form<ClaimForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    if super::cross_site(&headers) {
+        return super::cross_site_refused();
+    }
     let now = state.desk.clock.now();
     let claim = match state.desk.signer.claim(&token, now) {
         Ok(c) => c,
@@ -640,6 +688,9 @@ pub(super) async fn claim(
             )
         }
     };
+    if let Some(stale) = stale_opening(&state, &claim) {
+        return stale;
+    }
     let form = form.ok().map(|Form(f)| f);
     let genuine = form.as_ref().is_some_and(|f| {
         state
@@ -656,22 +707,27 @@ pub(super) async fn claim(
             "This form's security token is missing or does not match the link: nothing was changed. Open the link again.",
         );
     }
-    let by = form.map(|f| f.by.trim().to_owned()).unwrap_or_default();
-    let by = if by.is_empty() {
-        claim.person.unwrap_or_else(|| "claim link".into())
-    } else {
-        by.chars().take(crate::incident::BY_MAX).collect()
+    // A link sent to one person claims as that person; a link for a channel's audience (the
+    // Alertmanager page) takes the name typed, and the timeline says so.
+    let typed: String = form
+        .map(|f| f.by.trim().chars().take(crate::incident::BY_MAX).collect())
+        .unwrap_or_default();
+    let (by, note) = match &claim.person {
+        Some(person) => (person.clone(), "through their claim link"),
+        None if !typed.is_empty() => (typed, "through a claim link, name as typed"),
+        None => {
+            return message(
+                StatusCode::BAD_REQUEST,
+                None,
+                "Who claims?",
+                "by: type your name to claim. Nothing was changed.",
+            )
+        }
     };
     match state
         .desk
         .incidents
-        .act(
-            claim.number,
-            Action::Claim,
-            &by,
-            Some("through a claim link".into()),
-            now,
-        )
+        .act(claim.number, Action::Claim, &by, Some(note.into()), now)
         .await
     {
         Ok(i) => message(
