@@ -175,14 +175,12 @@ impl Application {
             crate::ha::Leadership::single()
         };
         let target_locks = ha_client.clone().map(|client| {
-            (
-                crate::ha::TargetLocks::new(
-                    client,
-                    &ha_namespace,
-                    leadership.identity().to_owned(),
-                    settings.kubernetes.request_timeout,
-                ),
-                settings.ha.lease_duration,
+            crate::ha::TargetLocks::new(
+                client,
+                &ha_namespace,
+                leadership.identity().to_owned(),
+                settings.kubernetes.request_timeout,
+                &settings.ha,
             )
         });
         let playbooks = playbook::load_dir(&settings.playbooks_dir, &settings.scripts_dir, &rhai)?;
@@ -489,11 +487,14 @@ impl Application {
         } else {
             am.poll_interval
         };
-        background.spawn(crate::engine::verify_loop(
-            Arc::clone(&engine),
-            verify_poll,
-            shutdown.clone(),
-        ));
+        {
+            let engine = Arc::clone(&engine);
+            background.spawn(crate::ha::while_leading(
+                Arc::clone(&leadership),
+                shutdown.clone(),
+                move |token| crate::engine::verify_loop(Arc::clone(&engine), verify_poll, token),
+            ));
+        }
         if am.url.is_some() && !am.poll_interval.is_zero() {
             let inbox = poller::Inbox {
                 store: engine.store.clone(),

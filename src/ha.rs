@@ -37,8 +37,6 @@ pub struct Leadership {
     until_ms: AtomicU64,
     /// Who holds the Lease, as last read.
     holder: Mutex<Option<String>>,
-    /// Told each time this replica becomes leader (the catch-up poll listens).
-    became_leader: tokio::sync::Notify,
 }
 
 impl Leadership {
@@ -50,7 +48,6 @@ impl Leadership {
             origin: Instant::now(),
             until_ms: AtomicU64::new(0),
             holder: Mutex::new(None),
-            became_leader: tokio::sync::Notify::new(),
         })
     }
 
@@ -77,14 +74,16 @@ impl Leadership {
             || (self.origin.elapsed().as_millis() as u64) < self.until_ms.load(Ordering::Acquire)
     }
 
+    /// Returns once this replica leads (at once with one replica).
+    pub async fn wait_to_lead(&self) {
+        while !self.is_leader() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The holder of the Lease as last read (`None`: unknown or nobody).
     pub fn holder(&self) -> Option<String> {
         self.holder.lock().unwrap().clone()
-    }
-
-    /// Waits until this replica becomes leader again.
-    pub async fn became_leader(&self) {
-        self.became_leader.notified().await
     }
 
     fn hold_until(&self, until: Instant) {
@@ -94,7 +93,6 @@ impl Leadership {
         *self.holder.lock().unwrap() = Some(self.identity.clone());
         if !was {
             tracing::info!(identity = %self.identity, "this replica leads: it takes alerts and acts");
-            self.became_leader.notify_waiters();
         }
     }
 
@@ -113,6 +111,36 @@ fn holder_of(lease: &Lease) -> Option<String> {
     lease.spec.as_ref()?.holder_identity.clone()
 }
 
+/// The label a Service selects the leader by.
+pub const ROLE_LABEL: &str = "reactor.dev/role";
+
+/// Writes `reactor.dev/role: leader|standby` on pod `name`; whether it was written.
+async fn label_pod(
+    pods: &Api<k8s_openapi::api::core::v1::Pod>,
+    name: &str,
+    leading: bool,
+    timeout: Duration,
+) -> bool {
+    let role = if leading { "leader" } else { "standby" };
+    let patch = json!({"metadata": {"labels": {ROLE_LABEL: role}}});
+    let (params, patch) = (
+        kube::api::PatchParams::default(),
+        kube::api::Patch::Merge(&patch),
+    );
+    let call = pods.patch(name, &params, &patch);
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(_)) => {
+            tracing::info!(pod = name, role, "labelled this replica's pod");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(pod = name, error = %e, "could not label this replica's pod (ha.label_pod)");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 /// Campaigns for the leader's Lease until `shutdown`, then gives it up if held.
 pub async fn campaign(
     leadership: Arc<Leadership>,
@@ -121,6 +149,7 @@ pub async fn campaign(
     namespace: String,
     shutdown: CancellationToken,
 ) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &namespace);
     let lock = LeaseLock::new(
         client,
         &namespace,
@@ -130,13 +159,29 @@ pub async fn campaign(
             lease_ttl: settings.lease_duration,
         },
     );
+    // The role last written on this replica's pod (None: not yet, or it failed).
+    let mut labelled: Option<bool> = None;
     loop {
         let tried = Instant::now();
+        if settings.label_pod {
+            let leading = leadership.is_leader();
+            if labelled != Some(leading) {
+                labelled = label_pod(&pods, leadership.identity(), leading, settings.renew_every)
+                    .await
+                    .then_some(leading);
+            }
+        }
         match tokio::time::timeout(settings.renew_every, lock.try_acquire_or_renew()).await {
-            Ok(Ok(LeaseLockResult::Acquired(_))) => {
-                // The Lease runs from about when we asked; minus the margin for clock skew.
-                let until = tried + settings.lease_duration.saturating_sub(settings.clock_skew);
-                leadership.hold_until(until);
+            Ok(Ok(LeaseLockResult::Acquired(lease))) => {
+                // The crate's patches carry no resourceVersion: believe the Lease it got back,
+                // which must name this replica (another may have written it last).
+                if holder_of(&lease).as_deref() == Some(leadership.identity()) {
+                    // It runs from about when we asked; minus the margin for clock skew.
+                    let until = tried + settings.lease_duration.saturating_sub(settings.clock_skew);
+                    leadership.hold_until(until);
+                } else {
+                    leadership.lose(holder_of(&lease));
+                }
             }
             Ok(Ok(LeaseLockResult::NotAcquired(lease))) => leadership.lose(holder_of(&lease)),
             Ok(Err(e)) => {
@@ -152,6 +197,9 @@ pub async fn campaign(
             () = tokio::time::sleep(settings.renew_every.saturating_sub(tried.elapsed())) => {}
         }
     }
+    if settings.label_pod && labelled != Some(false) {
+        label_pod(&pods, leadership.identity(), false, settings.renew_every).await;
+    }
     if leadership.is_leader() {
         leadership.lose(None);
         // Hand over at once instead of after the Lease runs out.
@@ -166,15 +214,29 @@ pub async fn campaign(
 /// Why a run may not act on its target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LockRefused {
-    /// Another replica holds the target's lock: it acted (`acting`: it is acting now).
+    /// Another replica holds the target's lock.
     HeldBy {
         holder: String,
         until: Timestamp,
-        acting: bool,
+        why: Held,
     },
     /// The lock could not be read or written.
     Unavailable(String),
 }
+
+/// What another replica's lock says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// It is acting on the target now (or died doing so: the lock runs out).
+    Acting,
+    /// It ran this very episode of the alert.
+    SameEpisode,
+    /// It acted on the target within the cooldown.
+    Cooldown,
+}
+
+/// How long an `acted` lock remembers the episode it ran, whatever the cooldown.
+pub const EPISODE_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
 /// Per-target locks held in the cluster.
 #[derive(Clone)]
@@ -182,6 +244,11 @@ pub struct TargetLocks {
     api: Api<Lease>,
     identity: String,
     timeout: Duration,
+    /// How long an `acting` lock holds without renewal, how often it is renewed, and the margin
+    /// for another node's clock.
+    pub acting_hold: Duration,
+    pub renew_every: Duration,
+    pub clock_skew: Duration,
 }
 
 /// The lock's name: `reactor-target-` and 16 hex digits of the target's key (FNV-1a).
@@ -193,14 +260,16 @@ pub fn lock_name(key: &str) -> String {
 }
 
 const STATE: &str = "reactor/state";
+const EPISODE: &str = "reactor/episode";
+const COOLDOWN_UNTIL: &str = "reactor/cooldown-until";
 
-fn acting(lease: &Lease) -> bool {
+fn annotation<'a>(lease: &'a Lease, key: &str) -> Option<&'a str> {
     lease
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(STATE))
-        .is_some_and(|s| s == "acting")
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
 }
 
 fn lease_until(lease: &Lease) -> Option<Timestamp> {
@@ -212,43 +281,53 @@ fn lease_until(lease: &Lease) -> Option<Timestamp> {
         .ok()
 }
 
+/// What this replica writes into a lock.
+struct Write<'a> {
+    key: &'a str,
+    episode: &'a str,
+    state: &'a str,
+    hold: Duration,
+    cooldown_until: Option<Timestamp>,
+}
+
 impl TargetLocks {
-    pub fn new(client: kube::Client, namespace: &str, identity: String, timeout: Duration) -> Self {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        identity: String,
+        timeout: Duration,
+        settings: &HaSettings,
+    ) -> Self {
         TargetLocks {
             api: Api::namespaced(client, namespace),
             identity,
             timeout,
+            acting_hold: settings.lease_duration,
+            renew_every: settings.renew_every,
+            clock_skew: settings.clock_skew,
         }
     }
 
-    /// The Lease this replica would write for `key`, held `hold` from `now`, in `state`.
-    #[allow(clippy::too_many_arguments)]
-    fn lease(
-        &self,
-        name: &str,
-        key: &str,
-        hold: Duration,
-        now: Timestamp,
-        state: &str,
-        base: Option<&Lease>,
-    ) -> Lease {
-        let micro = format!("{:.6}", now.display_with_offset(jiff::tz::Offset::UTC));
+    fn lease(&self, name: &str, w: &Write, now: Timestamp, base: Option<&Lease>) -> Lease {
+        let micro = |t: Timestamp| format!("{:.6}", t.display_with_offset(jiff::tz::Offset::UTC));
+        let mut annotations = json!({
+            // The key names labels; an annotation keeps it readable (bounded).
+            "reactor/target": w.key.chars().take(1024).collect::<String>(),
+            STATE: w.state,
+            EPISODE: w.episode.chars().take(256).collect::<String>(),
+        });
+        if let Some(t) = w.cooldown_until {
+            annotations[COOLDOWN_UNTIL] = json!(t.to_string());
+        }
         let mut value = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {
-                "name": name,
-                // The key names labels; an annotation keeps it readable (bounded).
-                "annotations": {
-                    "reactor/target": key.chars().take(1024).collect::<String>(),
-                    STATE: state,
-                },
-            },
+            "metadata": {"name": name, "annotations": annotations},
             "spec": {
                 "holderIdentity": self.identity,
-                "acquireTime": micro,
-                "renewTime": micro,
-                "leaseDurationSeconds": hold.as_secs().clamp(1, i32::MAX as u64),
+                "acquireTime": micro(now),
+                "renewTime": micro(now),
+                "leaseDurationSeconds": w.hold.as_secs().clamp(1, i32::MAX as u64),
             },
         });
         if let Some(rv) = base.and_then(|b| b.metadata.resource_version.clone()) {
@@ -257,32 +336,54 @@ impl TargetLocks {
         serde_json::from_value(value).expect("a Lease")
     }
 
-    /// Takes the lock of target `key`, `acting` for `hold`: `Ok` when this replica may act.
-    pub async fn take(&self, key: &str, hold: Duration, now: Timestamp) -> Result<(), LockRefused> {
-        self.write(key, hold, now, "acting", false).await
+    /// Takes the lock of target `key` for `episode` (the alert's fingerprint and start), in
+    /// state `acting`: `Ok` when this replica may act.
+    pub async fn take(&self, key: &str, episode: &str, now: Timestamp) -> Result<(), LockRefused> {
+        let w = Write {
+            key,
+            episode,
+            state: "acting",
+            hold: self.acting_hold,
+            cooldown_until: None,
+        };
+        self.bounded(self.write(&w, now, false)).await
     }
 
-    /// The steps ended: the lock says `acted` and holds for `cooldown` (if this replica still
-    /// holds it).
+    /// Renews this replica's `acting` lock while its steps run; refused once another holds it.
+    pub async fn renew(&self, key: &str, episode: &str, now: Timestamp) -> Result<(), LockRefused> {
+        let w = Write {
+            key,
+            episode,
+            state: "acting",
+            hold: self.acting_hold,
+            cooldown_until: None,
+        };
+        self.bounded(self.write(&w, now, true)).await
+    }
+
+    /// The steps ended: the lock says `acted`, remembers the episode, and holds the cooldown.
     pub async fn acted(
         &self,
         key: &str,
+        episode: &str,
         cooldown: Duration,
         now: Timestamp,
     ) -> Result<(), LockRefused> {
-        self.write(key, cooldown, now, "acted", true).await
+        let w = Write {
+            key,
+            episode,
+            state: "acted",
+            hold: cooldown.max(EPISODE_MEMORY),
+            cooldown_until: Some(crate::clock::later(now, cooldown)),
+        };
+        self.bounded(self.write(&w, now, true)).await
     }
 
-    async fn write(
+    async fn bounded(
         &self,
-        key: &str,
-        hold: Duration,
-        now: Timestamp,
-        state: &str,
-        only_mine: bool,
+        f: impl std::future::Future<Output = Result<(), LockRefused>>,
     ) -> Result<(), LockRefused> {
-        let attempt = self.try_take(key, hold, now, state, only_mine);
-        match tokio::time::timeout(self.timeout, attempt).await {
+        match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r,
             Err(_) => Err(LockRefused::Unavailable(format!(
                 "no answer from the API server within {}",
@@ -291,36 +392,61 @@ impl TargetLocks {
         }
     }
 
-    async fn try_take(
+    /// Whether another replica's `lease` keeps this replica from acting for `episode` at `now`.
+    fn refusal(&self, lease: &Lease, episode: &str, now: Timestamp) -> Option<Held> {
+        let skew = jiff::SignedDuration::try_from(self.clock_skew).unwrap_or_default();
+        let until = lease_until(lease)?;
+        if until.checked_add(skew).map_or(true, |end| end <= now) {
+            return None; // ran out (its holder's clock may be ahead by the skew)
+        }
+        match annotation(lease, STATE) {
+            Some("acted") => {
+                if annotation(lease, EPISODE) == Some(episode) {
+                    return Some(Held::SameEpisode);
+                }
+                let cooling = annotation(lease, COOLDOWN_UNTIL)
+                    .and_then(|t| t.parse::<Timestamp>().ok())
+                    .is_none_or(|t| t > now);
+                cooling.then_some(Held::Cooldown)
+            }
+            _ => Some(Held::Acting),
+        }
+    }
+
+    async fn write(
         &self,
-        key: &str,
-        hold: Duration,
+        w: &Write<'_>,
         now: Timestamp,
-        state: &str,
         only_mine: bool,
     ) -> Result<(), LockRefused> {
-        let name = lock_name(key);
+        let name = lock_name(w.key);
         let unavailable = |e: kube::Error| LockRefused::Unavailable(e.to_string());
-        let held = |lease: &Lease| LockRefused::HeldBy {
+        let held = |lease: &Lease, why: Held| LockRefused::HeldBy {
             holder: holder_of(lease).unwrap_or_default(),
             until: lease_until(lease).unwrap_or(now),
-            acting: acting(lease),
+            why,
         };
         let current = self.api.get_opt(&name).await.map_err(unavailable)?;
         let result = match &current {
-            None if only_mine => return Ok(()),
+            None if only_mine => {
+                return Err(LockRefused::Unavailable("the target's lock is gone".into()))
+            }
             None => {
-                let lease = self.lease(&name, key, hold, now, state, None);
+                let lease = self.lease(&name, w, now, None);
                 self.api.create(&PostParams::default(), &lease).await
             }
             Some(lease) => {
                 let mine = holder_of(lease).as_deref() == Some(self.identity.as_str());
-                let ended = lease_until(lease).is_none_or(|until| until <= now);
-                if !mine && (only_mine || !ended) {
-                    return Err(held(lease));
+                if !mine {
+                    if only_mine {
+                        return Err(held(lease, Held::Acting));
+                    }
+                    if let Some(why) = self.refusal(lease, w.episode, now) {
+                        return Err(held(lease, why));
+                    }
                 }
                 // Replaced only if nobody wrote it since it was read.
-                let next = self.lease(&name, key, hold, now, state, Some(lease));
+                let next = self.lease(&name, w, now, Some(lease));
                 self.api.replace(&name, &PostParams::default(), &next).await
             }
         };
@@ -329,11 +455,11 @@ impl TargetLocks {
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 // Another replica wrote it first: it acts.
                 match self.api.get_opt(&name).await {
-                    Ok(Some(lease)) => Err(held(&lease)),
+                    Ok(Some(lease)) => Err(held(&lease, Held::Acting)),
                     Ok(None) => Err(LockRefused::HeldBy {
                         holder: String::new(),
                         until: now,
-                        acting: true,
+                        why: Held::Acting,
                     }),
                     Err(e) => Err(unavailable(e)),
                 }

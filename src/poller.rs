@@ -118,39 +118,25 @@ pub async fn poll_loop(
     shutdown: CancellationToken,
 ) {
     let mut held = Held::default();
+    // Until it succeeds: an Alertmanager that does not answer, or a full queue, is tried again.
     if catch_up {
-        match api.alerts(&filter).await {
-            Ok(answer) => {
-                let firing: Vec<Alert> = answer
-                    .into_iter()
-                    .filter_map(|a| {
-                        let own = a
-                            .labels
-                            .get("alertname")
-                            .is_some_and(|n| OWN_ALERTS.contains(&n.as_str()));
-                        let fingerprint = Fingerprint::parse(&a.fingerprint).ok()?;
-                        (!own && a.status.silenced_by.is_empty()).then_some(Alert {
-                            status: AlertStatus::Firing,
-                            fingerprint,
-                            labels: a.labels,
-                            annotations: a.annotations,
-                            starts_at: a.starts_at,
-                            ends_at: None,
-                            generator_url: a.generator_url,
-                        })
-                    })
-                    .collect();
-                let n = firing.len();
-                if let Err(e) = record(&inbox, firing, Timestamp::now()).await {
-                    tracing::warn!(error = %e, "catch-up: could not record Alertmanager's firing alerts");
-                } else {
+        loop {
+            match catch_up_once(&inbox, &api, &filter).await {
+                Ok(n) => {
                     tracing::info!(
                         alerts = n,
                         "catch-up: recorded Alertmanager's firing alerts as the new leader"
                     );
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "catch-up: could not record Alertmanager's firing alerts; trying again")
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "catch-up: could not read Alertmanager's alerts"),
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {},
+            }
         }
     }
     loop {
@@ -162,6 +148,40 @@ pub async fn poll_loop(
             _ = tokio::time::sleep(interval) => {},
         }
     }
+}
+
+/// Records every firing alert the filter selects that is not reactor's own or silenced, held or
+/// not, in chunks the queue can take. The number recorded.
+async fn catch_up_once(
+    inbox: &Inbox,
+    api: &AlertmanagerApi,
+    filter: &[String],
+) -> Result<usize, String> {
+    let answer = api.alerts(filter).await.map_err(|e| e.to_string())?;
+    let firing: Vec<Alert> = answer
+        .into_iter()
+        .filter_map(|a| {
+            let own = a
+                .labels
+                .get("alertname")
+                .is_some_and(|n| OWN_ALERTS.contains(&n.as_str()));
+            let fingerprint = Fingerprint::parse(&a.fingerprint).ok()?;
+            (!own && a.status.silenced_by.is_empty()).then_some(Alert {
+                status: AlertStatus::Firing,
+                fingerprint,
+                labels: a.labels,
+                annotations: a.annotations,
+                starts_at: a.starts_at,
+                ends_at: None,
+                generator_url: a.generator_url,
+            })
+        })
+        .collect();
+    let n = firing.len();
+    for chunk in firing.chunks(64) {
+        record(inbox, chunk.to_vec(), Timestamp::now()).await?;
+    }
+    Ok(n)
 }
 
 async fn poll_once(

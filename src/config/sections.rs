@@ -378,6 +378,9 @@ pub struct HaSettings {
     pub clock_skew: Duration,
     /// This replica's name in the Lease; default `POD_NAME`, else the host name.
     pub identity: Option<String>,
+    /// Label this replica's own pod (named by the identity) `reactor.dev/role: leader` or
+    /// `standby`, so a Service can select the leader while both pods stay Ready.
+    pub label_pod: bool,
 }
 
 impl Default for HaSettings {
@@ -390,6 +393,7 @@ impl Default for HaSettings {
             renew_every: Duration::from_secs(5),
             clock_skew: Duration::from_secs(2),
             identity: None,
+            label_pod: true,
         }
     }
 }

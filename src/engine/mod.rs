@@ -72,7 +72,7 @@ pub struct Engine {
     pub(crate) guards: Guards,
     /// Whether this replica leads, and the cluster-held target locks (two replicas).
     pub(crate) leadership: Arc<crate::ha::Leadership>,
-    pub(crate) target_locks: Option<(crate::ha::TargetLocks, Duration)>,
+    pub(crate) target_locks: Option<crate::ha::TargetLocks>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) health: Arc<Health>,
@@ -137,11 +137,11 @@ impl Engine {
     }
 
     /// Two replicas: runs act only while this one leads, and each takes its target's lock in
-    /// the cluster first, held at least `min_hold` (the Lease's duration).
+    /// the cluster first.
     pub fn with_ha(
         mut self,
         leadership: Arc<crate::ha::Leadership>,
-        locks: Option<(crate::ha::TargetLocks, Duration)>,
+        locks: Option<crate::ha::TargetLocks>,
     ) -> Engine {
         self.leadership = leadership;
         self.target_locks = locks;
@@ -191,6 +191,8 @@ impl Engine {
     /// the alert's runs (and pages), instead of leaving the alert in the intake to panic again at
     /// every start.
     pub async fn process(self: &Arc<Self>, intake: Intake) {
+        // Two replicas: alerts recovered at start wait until this replica leads.
+        self.leadership.wait_to_lead().await;
         let seq = intake.seq;
         let processed = AssertUnwindSafe(self.process_inner(intake))
             .catch_unwind()

@@ -165,6 +165,7 @@ impl Engine {
     /// Runs a recovered run: one of an idempotent playbook caught in progress, or one admitted
     /// that never started.
     pub async fn resume(self: &Arc<Self>, run: Run, playbook: Arc<Playbook>) {
+        self.leadership.wait_to_lead().await;
         let id = run.id;
         match AssertUnwindSafe(self.execute(run, playbook, None))
             .catch_unwind()

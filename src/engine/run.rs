@@ -37,37 +37,22 @@ impl Engine {
                 run.started_at = Some(self.clock.now());
             }
             let id = run.id;
-            let result = match self.cluster_lock(&mut run, &playbook).await {
-                Ok(()) => {
+            let result = match self.cluster_lock(&mut run, &playbook, &cancel).await {
+                Ok(lock) => {
                     if playbook.silence {
                         self.create_silence(&mut run, &playbook).await?;
                     }
-                    let done = self.run_steps(run, &playbook, cancel, unrecorded).await;
-                    if let (Ok(run), Some((locks, _))) = (&done, &self.target_locks) {
-                        if run.outcome != Outcome::Interrupted {
-                            // The cooldown of this target now holds in the cluster too.
-                            let key = crate::guard::target_key(
-                                &playbook.name,
-                                &run.alert,
-                                playbook.guards.target_labels.as_deref(),
-                            );
-                            let hold = playbook.guards.cooldown.max(Duration::from_secs(1));
-                            if let Err(e) = locks.acted(&key, hold, self.clock.now()).await {
-                                tracing::warn!(run_id = %run.id, error = ?e, "could not mark the target's cluster lock acted");
-                            }
-                        }
-                    }
-                    done
+                    self.run_locked(run, &playbook, cancel, unrecorded, lock)
+                        .await
                 }
                 // Another replica acted on the target, or the lock could not be taken: settled.
                 Err(()) => {
                     let mut unrecorded = unrecorded;
-                    self.record(&run, &mut unrecorded)
-                        .map(|()| {
-                            self.metrics
-                                .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
-                            run
-                        })
+                    self.record(&run, &mut unrecorded).map(|()| {
+                        self.metrics
+                            .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
+                        run
+                    })
                 }
             };
             self.in_flight.remove(id);
@@ -115,57 +100,139 @@ impl Engine {
         Ok(())
     }
 
-    /// Two replicas: takes the run's target lock in the cluster. `Err` when it may not act, with
-    /// the run settled: deduplicated when another replica holds the lock, failed when the lock
-    /// could not be read or written (nothing acts without it).
-    async fn cluster_lock(&self, run: &mut Run, playbook: &Playbook) -> Result<(), ()> {
-        let Some((locks, min_hold)) = &self.target_locks else {
-            return Ok(());
+    /// Two replicas: takes the run's target lock in the cluster, waiting out another replica's
+    /// `acting` lock (its holder died mid-run). `Ok(Some((key, episode)))` when taken, `Ok(None)`
+    /// with one replica; `Err` when it may not act, with the run settled: deduplicated when
+    /// another replica ran this episode or acted within the cooldown, failed (and paged) when
+    /// the lock could not be taken.
+    async fn cluster_lock(
+        &self,
+        run: &mut Run,
+        playbook: &Playbook,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(String, String)>, ()> {
+        use crate::ha::{Held, LockRefused};
+        let Some(locks) = &self.target_locks else {
+            return Ok(None);
         };
         let key = crate::guard::target_key(
             &playbook.name,
             &run.alert,
             playbook.guards.target_labels.as_deref(),
         );
-        let mut now = self.clock.now();
-        let mut taken = locks.take(&key, *min_hold, now).await;
-        if let Err(crate::ha::LockRefused::HeldBy {
-            acting: true,
-            until,
-            ..
-        }) = &taken
-        {
-            // Another replica was acting on it and stopped renewing (it died, or lost the lead):
-            // its lock runs out within the leader's Lease duration, then this run takes it.
-            let wait = until.duration_since(now).unsigned_abs().min(*min_hold)
-                + Duration::from_millis(200);
-            tokio::time::sleep(wait).await;
-            now = self.clock.now();
-            taken = locks.take(&key, *min_hold, now).await;
-        }
-        match taken {
-            Ok(()) => {
-                run.note(now, "cluster lock of the target taken".to_owned());
-                Ok(())
+        let episode = format!(
+            "{}@{}",
+            run.alert.fingerprint,
+            run.alert.starts_at.as_nanosecond()
+        );
+        // An acting lock runs out within its hold plus the skew, unless renewed: wait that long.
+        let give_up = Instant::now() + locks.acting_hold * 2 + locks.clock_skew;
+        let refused = loop {
+            let now = self.clock.now();
+            match locks.take(&key, &episode, now).await {
+                Ok(()) => {
+                    run.note(now, "cluster lock of the target taken".to_owned());
+                    return Ok(Some((key, episode)));
+                }
+                Err(LockRefused::HeldBy {
+                    why: Held::Acting, ..
+                }) if Instant::now() < give_up && !cancel.is_cancelled() => {
+                    tokio::select! {
+                        () = tokio::time::sleep(locks.renew_every) => {}
+                        () = cancel.cancelled() => {}
+                    }
+                }
+                Err(e) => break e,
             }
-            Err(crate::ha::LockRefused::HeldBy { holder, until, .. }) => {
-                let reason = format!(
-                    "another replica ({holder}) acted on this target; its lock holds until {until}"
-                );
+        };
+        let now = self.clock.now();
+        match refused {
+            LockRefused::HeldBy {
+                holder,
+                until,
+                why: why @ (Held::SameEpisode | Held::Cooldown),
+            } => {
+                let reason = match why {
+                    Held::SameEpisode => format!("another replica ({holder}) ran this alert"),
+                    _ => format!("another replica ({holder}) acted on this target within its cooldown; its lock holds until {until}"),
+                };
                 run.settle(Outcome::Deduplicated, &reason, now);
                 self.metrics.guard_tripped(&playbook.name, "cluster_lock");
                 tracing::info!(run_id = %run.id, %holder, "target locked by another replica");
-                Err(())
             }
-            Err(crate::ha::LockRefused::Unavailable(e)) => {
+            LockRefused::HeldBy { holder, .. } => {
+                let reason = format!("another replica ({holder}) is still acting on this target; not acting beside it");
+                run.settle(Outcome::Failed, &reason, now);
+            }
+            LockRefused::Unavailable(e) => {
                 let reason = format!(
                     "the target's lock in the cluster could not be taken ({e}); not acting"
                 );
                 run.settle(Outcome::Failed, &reason, now);
                 tracing::warn!(run_id = %run.id, error = %e, "cluster lock unavailable");
-                Err(())
             }
         }
+        Err(())
+    }
+
+    /// Runs the steps; with a cluster lock, renews it while they run (stopping them when it is
+    /// lost or this replica stops leading), then marks it `acted` with the cooldown.
+    async fn run_locked(
+        &self,
+        run: Run,
+        playbook: &Playbook,
+        cancel: CancellationToken,
+        unrecorded: Option<u64>,
+        lock: Option<(String, String)>,
+    ) -> Result<Run, StoreError> {
+        let (Some(locks), Some((key, episode))) = (&self.target_locks, lock) else {
+            return self.run_steps(run, playbook, cancel, unrecorded).await;
+        };
+        let lost = std::sync::atomic::AtomicBool::new(false);
+        let steps_done = CancellationToken::new();
+        let keeper = async {
+            loop {
+                tokio::select! {
+                    () = steps_done.cancelled() => return,
+                    () = tokio::time::sleep(locks.renew_every) => {}
+                }
+                let renewed = self.leadership.is_leader()
+                    && locks.renew(&key, &episode, self.clock.now()).await.is_ok();
+                if !renewed {
+                    lost.store(true, std::sync::atomic::Ordering::Release);
+                    cancel.cancel();
+                    return;
+                }
+            }
+        };
+        let steps = async {
+            let r = self
+                .run_steps(run, playbook, cancel.clone(), unrecorded)
+                .await;
+            steps_done.cancel();
+            r
+        };
+        let (done, ()) = tokio::join!(steps, keeper);
+        let mut run = done?;
+        let now = self.clock.now();
+        if lost.load(std::sync::atomic::Ordering::Acquire) && run.outcome == Outcome::Cancelled {
+            run.settle(
+                Outcome::Interrupted,
+                "this replica lost the target's cluster lock or the lead while acting; stopped",
+                now,
+            );
+            self.store.put_run(&run)?;
+        }
+        if run.outcome != Outcome::Interrupted {
+            // The cooldown of this target, and this episode, now hold in the cluster too.
+            if let Err(e) = locks
+                .acted(&key, &episode, playbook.guards.cooldown, now)
+                .await
+            {
+                tracing::warn!(run_id = %run.id, error = ?e, "could not mark the target's cluster lock acted");
+            }
+        }
+        Ok(run)
     }
 
     /// The steps in order; the first step that exhausts its retries fails the run.

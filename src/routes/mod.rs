@@ -148,10 +148,23 @@ const READY_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Ready when the database takes writes, playbooks are loaded and every self-check that stops
 /// remediation passes (503 otherwise), with every check's detail.
+/// `/readyz?standby=ready`: a standby counts as ready (the pod's readiness, so rollouts and
+/// disruption budgets work; the Service then selects the leader by its pod's label).
+#[derive(serde::Deserialize, Default)]
+struct ReadyQuery {
+    #[serde(default)]
+    standby: Option<String>,
+}
+
 async fn readyz(
     State(state): State<AppState>,
     Extension(probe): Extension<Arc<CachedProbe>>,
+    query: Result<axum::extract::Query<ReadyQuery>, axum::extract::rejection::QueryRejection>,
 ) -> (StatusCode, Json<serde_json::Value>) {
+    let standby_ready = query
+        .ok()
+        .and_then(|q| q.0.standby)
+        .is_some_and(|v| v == "ready");
     let report = state.health.report();
     let database = probe
         .get(|| async {
@@ -185,11 +198,12 @@ async fn readyz(
         };
         checks.insert(
             "leadership".into(),
-            serde_json::json!({"ok": leading, "detail": detail}),
+            serde_json::json!({"ok": leading || standby_ready, "leading": leading, "detail": detail}),
         );
     }
     let started = !report.is_empty();
-    if !started {
+    // A standby runs no self-checks: the leader does.
+    if !started && state.leadership.is_leader() {
         checks.insert(
             "watchdog".into(),
             serde_json::json!({"ok": false, "detail": "self-checks have not run yet"}),

@@ -118,7 +118,7 @@ impl Replica {
     async fn leads(&self) -> Option<bool> {
         let r = client().get(self.url("/readyz")).send().await.ok()?;
         let v: Value = r.json().await.ok()?;
-        v["checks"]["leadership"]["ok"].as_bool()
+        v["checks"]["leadership"]["leading"].as_bool()
     }
 
     async fn post(&self, body: &Value) -> Option<reqwest::Response> {
@@ -193,10 +193,25 @@ async fn lease_holder(api: &FakeApi) -> Option<String> {
     leases.get("reactor").await.ok()?.spec?.holder_identity
 }
 
+/// `n` crash-looping pods in `shop`, and the replicas' own pods `a` and `b`.
 fn pods(n: usize) -> Vec<Value> {
     (0..n)
         .map(|i| pod("shop", &format!("p-{i:02}"), Some(("ReplicaSet", "p-rs"))))
+        .chain(["a", "b"].map(|r| pod("default", r, Some(("StatefulSet", "reactor")))))
         .collect()
+}
+
+/// The role label on a replica's pod.
+async fn role(api: &FakeApi, replica: &str) -> Option<String> {
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(api.client.clone(), "default");
+    pods.get(replica)
+        .await
+        .ok()?
+        .metadata
+        .labels?
+        .get("reactor.dev/role")
+        .cloned()
 }
 
 /// How many times the fake deleted pod `i`.
@@ -216,6 +231,23 @@ async fn two_replicas_elect_one_leader_and_the_standby_answers_503() {
     let (leader, standby) = (&leader, &standby);
     assert_eq!(lease_holder(&api).await.as_deref(), Some(leader.name));
 
+    // Each labels its own pod: the Service selects the leader's.
+    wait_for(Duration::from_secs(10), || async {
+        let roles = (
+            role(&api, leader.name).await?,
+            role(&api, standby.name).await?,
+        );
+        (roles == ("leader".into(), "standby".into())).then_some(())
+    })
+    .await
+    .expect("the leader's pod says leader, the standby's standby");
+    // Ready as a pod (rollouts, the disruption budget), not for traffic.
+    let pod_ready = client()
+        .get(standby.url("/readyz?standby=ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pod_ready.status(), StatusCode::OK);
     let ready = client().get(standby.url("/readyz")).send().await.unwrap();
     assert_eq!(
         ready.status(),
@@ -477,8 +509,11 @@ async fn a_leader_cut_off_from_the_api_server_steps_down_within_the_lease_and_ac
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after: Vec<String> = api.requests()[before..].to_vec();
     assert!(
-        after.iter().all(|r| r.contains("/leases/")),
-        "only its campaign for the Lease, no action: {after:?}"
+        after
+            .iter()
+            .all(|r| r.contains("/leases/")
+                || r.starts_with("PATCH /api/v1/namespaces/default/pods/a?")),
+        "only its campaign for the Lease and its own pod's role label, no action: {after:?}"
     );
     assert_eq!(deleted(&api, 0), 0);
 }
