@@ -40,24 +40,24 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    /// One replica: always the leader.
-    pub fn single() -> Arc<Leadership> {
+    fn new(enabled: bool, identity: String) -> Arc<Leadership> {
         Arc::new(Leadership {
-            enabled: false,
-            identity: String::new(),
+            enabled,
+            identity,
             origin: Instant::now(),
             until_ms: AtomicU64::new(0),
             holder: Mutex::new(None),
         })
     }
 
+    /// One replica: always the leader.
+    pub fn single() -> Arc<Leadership> {
+        Leadership::new(false, String::new())
+    }
+
     /// A replica that leads only while it holds the Lease.
     pub fn elected(identity: String) -> Arc<Leadership> {
-        Arc::new(Leadership {
-            enabled: true,
-            identity,
-            ..Arc::into_inner(Leadership::single()).expect("just made")
-        })
+        Leadership::new(true, identity)
     }
 
     pub fn enabled(&self) -> bool {
@@ -339,18 +339,21 @@ impl TargetLocks {
     /// Takes the lock of target `key` for `episode` (the alert's fingerprint and start), in
     /// state `acting`: `Ok` when this replica may act.
     pub async fn take(&self, key: &str, episode: &str, now: Timestamp) -> Result<(), LockRefused> {
-        let w = Write {
-            key,
-            episode,
-            state: "acting",
-            hold: self.acting_hold,
-            cooldown_until: None,
-        };
-        self.bounded(self.write(&w, now, false)).await
+        self.acting(key, episode, now, false).await
     }
 
     /// Renews this replica's `acting` lock while its steps run; refused once another holds it.
     pub async fn renew(&self, key: &str, episode: &str, now: Timestamp) -> Result<(), LockRefused> {
+        self.acting(key, episode, now, true).await
+    }
+
+    async fn acting(
+        &self,
+        key: &str,
+        episode: &str,
+        now: Timestamp,
+        only_mine: bool,
+    ) -> Result<(), LockRefused> {
         let w = Write {
             key,
             episode,
@@ -358,7 +361,7 @@ impl TargetLocks {
             hold: self.acting_hold,
             cooldown_until: None,
         };
-        self.bounded(self.write(&w, now, true)).await
+        self.bounded(self.write(&w, now, only_mine)).await
     }
 
     /// The steps ended: the lock says `acted`, remembers the episode, and holds the cooldown.

@@ -199,13 +199,13 @@ impl Escalations {
         }
         let Some((team, policy)) = self.oncall.policy_of(&incident.service) else {
             // No policy: nobody to notify.
-            self.advance(number, &current, |i| {
+            self.incidents.update_if(number, &current, |i| {
                 i.escalation.iter_mut().for_each(Escalation::stop)
             })?;
             return Ok(None);
         };
         if step >= policy.steps() {
-            self.advance(number, &current, |i| {
+            self.incidents.update_if(number, &current, |i| {
                 i.escalation.iter_mut().for_each(Escalation::stop)
             })?;
             return Ok(None);
@@ -244,7 +244,7 @@ impl Escalations {
             self.incidents.timers.insert(k.as_slice(), &[])?;
         }
         let round = step as usize / policy.levels.len() + 1;
-        let advanced = self.advance(number, &current, |i| {
+        let advanced = self.incidents.update_if(number, &current, |i| {
             if step > 0 {
                 i.timeline.push(Event {
                     at: now,
@@ -296,15 +296,6 @@ impl Escalations {
             lateness: now.duration_since(due),
             level: number_of_level,
         }))
-    }
-
-    fn advance(
-        &self,
-        number: u64,
-        current: &dyn Fn(&Incident) -> bool,
-        f: impl FnMut(&mut Incident),
-    ) -> Result<Option<Incident>, IncidentError> {
-        Ok(self.incidents.update_if(number, current, f)?)
     }
 
     /// The page for one recipient of one level.

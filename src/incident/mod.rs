@@ -246,14 +246,15 @@ const NEXT: &[u8] = b"next_number";
 
 impl Incidents {
     pub fn open(store: &Store, metrics: Arc<Metrics>) -> Result<Incidents, StoreError> {
+        let meta = store.tree("incidents_meta")?;
         Ok(Incidents {
             metrics,
             store: store.clone(),
             by_number: store.tree("incidents")?,
             by_dedup: store.tree("incidents_by_dedup")?,
             by_alert: store.tree("incidents_by_alert")?,
-            signer: links::Signer::open(&store.tree("incidents_meta")?)?,
-            meta: store.tree("incidents_meta")?,
+            signer: links::Signer::open(&meta)?,
+            meta,
             timers: store.tree("incident_timers")?,
             wake: Arc::default(),
             pages: None,

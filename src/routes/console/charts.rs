@@ -95,14 +95,7 @@ pub fn runs_per_hour(runs: &[(Timestamp, &str)], now: Timestamp) -> String {
             );
         }
     }
-    for (k, label) in [(0, "-24h"), (12, "-12h"), (23, "now")] {
-        let _ = write!(
-            svg,
-            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{label}</text>",
-            LEFT + k as f64 * slot,
-            HEIGHT - 6.0
-        );
-    }
+    x_labels(&mut svg, slot, &[(0, "-24h"), (12, "-12h"), (23, "now")]);
     legend(
         &mut svg,
         &[
@@ -114,6 +107,18 @@ pub fn runs_per_hour(runs: &[(Timestamp, &str)], now: Timestamp) -> String {
     );
     svg.push_str("</svg>");
     svg
+}
+
+/// Labels under the slots `k` of width `slot`.
+fn x_labels(svg: &mut String, slot: f64, labels: &[(usize, &str)]) {
+    for (k, label) in labels {
+        let _ = write!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{label}</text>",
+            LEFT + *k as f64 * slot,
+            HEIGHT - 6.0
+        );
+    }
 }
 
 fn legend(svg: &mut String, items: &[(&str, &str)]) {
@@ -207,14 +212,7 @@ pub fn claim_and_resolve(incidents: &[Incident], now: Timestamp) -> String {
             );
         }
     }
-    for (k, label) in [(0, "-30d"), (15, "-15d"), (29, "today")] {
-        let _ = write!(
-            svg,
-            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{label}</text>",
-            LEFT + k as f64 * slot,
-            HEIGHT - 6.0
-        );
-    }
+    x_labels(&mut svg, slot, &[(0, "-30d"), (15, "-15d"), (29, "today")]);
     legend(
         &mut svg,
         &[("time to claim", "#1565c0"), ("time to resolve", "#2e7d32")],

@@ -128,12 +128,12 @@ pub(super) async fn incidents(
     )
 }
 
-fn runs_of(state: &AppState, i: &Incident) -> Vec<serde_json::Value> {
+/// The remediation runs behind an incident, as stored.
+fn runs_of(state: &AppState, i: &Incident) -> Vec<crate::history::Run> {
     i.runs
         .iter()
         .filter_map(|id| id.parse::<RunId>().ok())
         .filter_map(|id| state.store.get_run(id).ok().flatten())
-        .filter_map(|r| serde_json::to_value(r).ok())
         .collect()
 }
 
@@ -268,12 +268,7 @@ pub(super) async fn report(
 ) -> Response {
     match state.desk.incidents.get(number) {
         Ok(Some(i)) => {
-            let runs: Vec<crate::history::Run> = i
-                .runs
-                .iter()
-                .filter_map(|id| id.parse::<RunId>().ok())
-                .filter_map(|id| state.store.get_run(id).ok().flatten())
-                .collect();
+            let runs = runs_of(&state, &i);
             render(
                 "message.html",
                 context! {
@@ -597,21 +592,39 @@ pub(super) async fn health(
     )
 }
 
-/// A link made for an earlier opening of a reopened incident claims nothing.
-fn stale_opening(state: &AppState, claim: &crate::incident::links::Claim) -> Option<Response> {
-    let i = state.desk.incidents.get(claim.number).ok()??;
-    let epoch = i.escalation.as_ref().map_or(0, |e| e.epoch);
-    (epoch != claim.epoch).then(|| {
-        message(
-            StatusCode::GONE,
-            None,
-            "This claim link does not work",
-            &format!(
-                "this link was sent before incident {} was reopened; it cannot claim it now. Nothing was changed.",
-                claim.number
-            ),
-        )
-    })
+/// What a claim link's token names, or why it does not work: it was changed, it expired, or
+/// it was sent before the incident was reopened.
+fn open_link(state: &AppState, token: &str) -> Result<crate::incident::links::Claim, String> {
+    let claim = state
+        .desk
+        .signer
+        .claim(token, state.desk.clock.now())
+        .map_err(|e| e.to_string())?;
+    let epoch = state
+        .desk
+        .incidents
+        .get(claim.number)
+        .ok()
+        .flatten()
+        .and_then(|i| i.escalation)
+        .map_or(0, |e| e.epoch);
+    if epoch != claim.epoch {
+        return Err(format!(
+            "this link was sent before incident {} was reopened; it cannot claim it now",
+            claim.number
+        ));
+    }
+    Ok(claim)
+}
+
+/// The page of a claim link that does not work.
+fn link_refused(why: &str) -> Response {
+    message(
+        StatusCode::GONE,
+        None,
+        "This claim link does not work",
+        &format!("{why}. Nothing was changed."),
+    )
 }
 
 /// The claim link's page: the incident, and a Claim button. A GET never changes anything, so a
@@ -620,21 +633,10 @@ pub(super) async fn claim_form(
     State(state): State<AppState>,
     Path(token): Path<String>,
 ) -> Response {
-    let now = state.desk.clock.now();
-    let claim = match state.desk.signer.claim(&token, now) {
+    let claim = match open_link(&state, &token) {
         Ok(c) => c,
-        Err(e) => {
-            return message(
-                StatusCode::GONE,
-                None,
-                "This claim link does not work",
-                &format!("{e}. Nothing was changed; sign in to the console to see the incident."),
-            )
-        }
+        Err(why) => return link_refused(&why),
     };
-    if let Some(stale) = stale_opening(&state, &claim) {
-        return stale;
-    }
     let i = match state.desk.incidents.get(claim.number) {
         Ok(Some(i)) => i,
         Ok(None) => {
@@ -677,20 +679,10 @@ pub(super) async fn claim(
         return super::cross_site_refused();
     }
     let now = state.desk.clock.now();
-    let claim = match state.desk.signer.claim(&token, now) {
+    let claim = match open_link(&state, &token) {
         Ok(c) => c,
-        Err(e) => {
-            return message(
-                StatusCode::GONE,
-                None,
-                "This claim link does not work",
-                &format!("{e}. Nothing was changed."),
-            )
-        }
+        Err(why) => return link_refused(&why),
     };
-    if let Some(stale) = stale_opening(&state, &claim) {
-        return stale;
-    }
     let form = form.ok().map(|Form(f)| f);
     let genuine = form.as_ref().is_some_and(|f| {
         state
