@@ -549,39 +549,51 @@ async fn two_clustered_alertmanagers_both_delivering_the_same_alert_make_one_run
         .await
         .expect("the Alertmanagers form a cluster");
     }
-    // Prometheus sends each alert to every Alertmanager.
-    let alerts = json!([{
-        "labels": {"alertname": "ReactorSelfTestOk", "instance": "ha-1", "severity": "warning"},
-        "annotations": {"summary": "clustered"},
-        "startsAt": jiff::Timestamp::now().to_string(),
-    }]);
-    am1.post_alerts(&alerts).await;
-    am2.post_alerts(&alerts).await;
-    // Both copies arrive.
-    let received = |m: &str| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("reactor_alerts_received_total{status=\"firing\"} "))
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let both = wait_for(Duration::from_secs(30), || async {
-        (received(&app.metrics().await) >= 2).then_some(())
-    })
-    .await;
-    assert!(both.is_some(), "both Alertmanagers delivered");
-    let runs = app
-        .wait_for_runs(
-            "alertname=ReactorSelfTestOk",
-            Duration::from_secs(30),
-            |r| r.len() >= 2 && r.iter().all(|x| x["outcome"] != "running"),
-        )
+    // Prometheus sends each alert to every Alertmanager. Whether both deliver is a race with
+    // the gossip of the notification log (slow here), so a fresh alert is tried until one is
+    // delivered twice; an alert that one Alertmanager suppressed is still run exactly once.
+    let mut twice = None;
+    for attempt in 1..=5 {
+        let instance = format!("ha-{attempt}");
+        let alerts = json!([{
+            "labels": {"alertname": "ReactorSelfTestOk", "instance": instance, "severity": "warning"},
+            "annotations": {"summary": "clustered"},
+            "startsAt": jiff::Timestamp::now().to_string(),
+        }]);
+        tokio::join!(am1.post_alerts(&alerts), am2.post_alerts(&alerts));
+        let runs_of_this = || async {
+            let runs = app.runs("alertname=ReactorSelfTestOk").await;
+            let this = |r: &Value| r["alert"]["labels"]["instance"] == instance.as_str();
+            runs.into_iter().filter(this).collect::<Vec<_>>()
+        };
+        let settled = |r: &[Value]| !r.is_empty() && r.iter().all(|x| x["outcome"] != "running");
+        wait_for(Duration::from_secs(30), || async {
+            Some(runs_of_this().await).filter(|r| settled(r))
+        })
+        .await
+        .expect("the alert is run");
+        // The second copy, if any, follows within the group wait.
+        let both = wait_for(Duration::from_secs(5), || async {
+            Some(runs_of_this().await).filter(|r| r.len() >= 2 && settled(r))
+        })
         .await;
-    let succeeded = runs.iter().filter(|r| r["outcome"] == "succeeded").count();
-    assert_eq!(succeeded, 1, "one run per alert: {runs:?}");
-    assert!(
-        runs.iter()
-            .all(|r| r["outcome"] == "succeeded" || r["outcome"] == "deduplicated"),
-        "every other copy is deduplicated: {runs:?}"
-    );
+        let runs = match both {
+            Some(runs) => runs,
+            None => runs_of_this().await,
+        };
+        let succeeded = runs.iter().filter(|r| r["outcome"] == "succeeded").count();
+        assert_eq!(succeeded, 1, "one run per alert: {runs:?}");
+        assert!(
+            runs.iter()
+                .all(|r| r["outcome"] == "succeeded" || r["outcome"] == "deduplicated"),
+            "every other copy is deduplicated: {runs:?}"
+        );
+        if runs.len() >= 2 {
+            twice = Some(attempt);
+            break;
+        }
+    }
+    let attempt = twice.expect("in five alerts, both Alertmanagers delivered one of them");
+    println!("both Alertmanagers delivered alert {attempt}; reactor ran it once");
     app.stop().await;
 }

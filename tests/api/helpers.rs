@@ -417,6 +417,8 @@ impl Alertmanager {
 
     /// One of a cluster on loopback: gossiping on `cluster_port` with the peer on `peer_port`;
     /// each waits its position times `peer_timeout` before sending what no peer has sent.
+    /// Gossip is slow (every 30s, full state every minute), as on a congested network, so a
+    /// peer's notification log usually arrives after both have sent; the cluster settles in 2s.
     pub async fn start_clustered(
         port: u16,
         cluster_port: u16,
@@ -437,8 +439,9 @@ impl Alertmanager {
                 listen.as_str(),
                 peer.as_str(),
                 timeout.as_str(),
-                "--cluster.gossip-interval=100ms",
-                "--cluster.pushpull-interval=1s",
+                "--cluster.gossip-interval=30s",
+                "--cluster.pushpull-interval=1m",
+                "--cluster.settle-timeout=2s",
             ],
         )
         .await;
