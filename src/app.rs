@@ -270,6 +270,7 @@ impl Application {
         )
         .map_err(store_error)?
         .with_route(settings.route.to.clone())
+        .with_shadow(settings.mode == crate::playbook::Mode::Shadow)
         .with_ha(Arc::clone(&leadership), target_locks);
         let incidents = crate::incident::Incidents::open(&store, Arc::clone(&engine.metrics))
             .map_err(store_error)?

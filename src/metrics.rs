@@ -66,6 +66,12 @@ pub struct IncidentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    pub playbook: String,
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LevelLabels {
     pub level: String,
 }
@@ -114,6 +120,8 @@ pub struct Metrics {
     /// From opening to the first claim, and to the resolution, by service.
     pub incident_time_to_claim: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub incident_time_to_resolve: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    /// What shadow runs would have done, by playbook and action (`delete`, `patch`, `exec`, …).
+    pub shadow_actions: Family<ShadowLabels, Counter>,
     /// Escalation levels notified, by level number.
     pub incident_escalations: Family<LevelLabels, Counter>,
     /// How late an escalation step fired after its due time.
@@ -251,6 +259,12 @@ impl Default for Metrics {
             "From an incident's opening to its resolution, by service",
             incident_time_to_resolve.clone(),
         );
+        let shadow_actions = Family::default();
+        registry.register(
+            "shadow_actions",
+            "Actions shadow runs would have taken, by playbook and action",
+            shadow_actions.clone(),
+        );
         let incident_escalations = Family::default();
         registry.register(
             "incident_escalations",
@@ -352,6 +366,7 @@ impl Default for Metrics {
             incidents_opened,
             incident_time_to_claim,
             incident_time_to_resolve,
+            shadow_actions,
             incident_escalations,
             incident_escalation_lateness,
             heartbeat_age,

@@ -246,6 +246,9 @@ struct RunsArgs {
     /// Only runs of alerts with this alertname.
     #[arg(long)]
     alertname: Option<String>,
+    /// Only shadow runs (`shadow`: what shadow playbooks would have done) or only live ones.
+    #[arg(long, value_parser = ["shadow", "live"])]
+    mode: Option<String>,
     /// At most this many runs, newest first.
     #[arg(long, default_value_t = 20)]
     limit: usize,

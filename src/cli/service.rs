@@ -185,6 +185,9 @@ pub(super) async fn runs(settings: Settings, a: RunsArgs) -> ExitCode {
             if let Some(n) = &a.alertname {
                 q.push(format!("alertname={}", urlencode(n)));
             }
+            if let Some(m) = &a.mode {
+                q.push(format!("mode={m}"));
+            }
             format!("/api/v1/runs?{}", q.join("&"))
         }
     };
@@ -268,6 +271,9 @@ fn from_database(settings: &Settings, a: &RunsArgs) -> Result<serde_json::Value,
                     playbook: a.playbook.clone(),
                     outcome: a.outcome,
                     alertname: a.alertname.clone(),
+                    mode: a.mode.as_deref().and_then(|m| {
+                        serde_json::from_value(serde_json::Value::String(m.to_owned())).ok()
+                    }),
                     limit: Some(a.limit),
                 })
                 .map_err(|e| e.to_string())?,

@@ -74,6 +74,8 @@ pub struct Settings {
     pub deadman: DeadmanSettings,
     pub incidents: IncidentSettings,
     pub ha: HaSettings,
+    /// `shadow`: every playbook runs in shadow mode (`REACTOR_MODE`).
+    pub mode: crate::playbook::Mode,
     /// Global dry run: scripts see `dry_run == true` and `disk_cleanup` deletes nothing.
     pub dry_run: bool,
     /// Allow listening on a non-loopback address without authentication.
@@ -108,6 +110,7 @@ impl Default for Settings {
             deadman: DeadmanSettings::default(),
             incidents: IncidentSettings::default(),
             ha: HaSettings::default(),
+            mode: crate::playbook::Mode::Live,
             dry_run: false,
             insecure: false,
             watch: false,
@@ -505,6 +508,18 @@ impl Settings {
             name: "channels",
             message,
         })?;
+        if let Some(v) = get("REACTOR_MODE") {
+            self.mode = match v.as_str() {
+                "live" => crate::playbook::Mode::Live,
+                "shadow" => crate::playbook::Mode::Shadow,
+                other => {
+                    return Err(ConfigError::Env {
+                        name: "REACTOR_MODE",
+                        message: format!("expected live or shadow, got {other:?}"),
+                    })
+                }
+            };
+        }
         if let Some(v) = get("REACTOR_HA_ENABLED") {
             self.ha.enabled = parse_bool(&v).map_err(|message| ConfigError::Env {
                 name: "REACTOR_HA_ENABLED",

@@ -6,6 +6,21 @@
 use super::*;
 
 impl Engine {
+    /// Whether `playbook`'s runs are shadow runs: its `mode`, or `mode: shadow` for all.
+    pub(super) fn shadow(&self, playbook: &Playbook) -> bool {
+        self.shadow_all || playbook.mode == crate::playbook::Mode::Shadow
+    }
+
+    /// The name the guards keep `playbook`'s records under: shadow runs count apart, so a
+    /// playbook switched to live starts with clean counters.
+    pub(super) fn guard_name<'a>(&self, playbook: &'a Playbook) -> std::borrow::Cow<'a, str> {
+        if self.shadow(playbook) {
+            std::borrow::Cow::Owned(format!("{}#shadow", playbook.name))
+        } else {
+            std::borrow::Cow::Borrowed(&playbook.name)
+        }
+    }
+
     /// Decides whether `run` may remediate, as [`Engine::guarded`] does; a corrupt guard record
     /// refuses the run (skipped, counted, paged) instead of resetting the target's guards.
     pub(super) fn admit(
@@ -57,15 +72,15 @@ impl Engine {
         }
         let policy = &playbook.guards;
         let admission = match run.manual {
-            Some(_) => {
-                Admission::Target(
-                    self.guards
-                        .admit_manual(alert, &playbook.name, now, policy)?,
-                )
-            }
+            Some(_) => Admission::Target(self.guards.admit_manual(
+                alert,
+                &self.guard_name(playbook),
+                now,
+                policy,
+            )?),
             None => self
                 .guards
-                .admit(alert, &playbook.name, run.id, now, policy)?,
+                .admit(alert, &self.guard_name(playbook), run.id, now, policy)?,
         };
         let decision = match admission {
             Admission::RepeatOf(owner) => {
@@ -110,7 +125,8 @@ impl Engine {
         }
         if let Some(bp) = &policy.breaker {
             if let BreakerDecision::Open { since } =
-                self.guards.admit_breaker(&playbook.name, now, bp)?
+                self.guards
+                    .admit_breaker(&self.guard_name(playbook), now, bp)?
             {
                 let reason = format!("circuit breaker open since {since}: too many recent failures of this playbook; not remediating");
                 run.settle(Outcome::Skipped, &reason, now);

@@ -73,6 +73,8 @@ pub struct Engine {
     /// Whether this replica leads, and the cluster-held target locks (two replicas).
     pub(crate) leadership: Arc<crate::ha::Leadership>,
     pub(crate) target_locks: Option<crate::ha::TargetLocks>,
+    /// `mode: shadow` (or `REACTOR_MODE=shadow`): every playbook's runs are shadow runs.
+    pub(crate) shadow_all: bool,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) health: Arc<Health>,
@@ -122,6 +124,7 @@ impl Engine {
             guards: Guards::open(&store)?,
             leadership: crate::ha::Leadership::single(),
             target_locks: None,
+            shadow_all: false,
             store,
             playbooks,
             executor,
@@ -145,6 +148,12 @@ impl Engine {
     ) -> Engine {
         self.leadership = leadership;
         self.target_locks = locks;
+        self
+    }
+
+    /// `true`: every playbook runs in shadow mode.
+    pub fn with_shadow(mut self, all: bool) -> Engine {
+        self.shadow_all = all;
         self
     }
 

@@ -39,7 +39,8 @@ impl Engine {
             let id = run.id;
             let result = match self.cluster_lock(&mut run, &playbook, &cancel).await {
                 Ok(lock) => {
-                    if playbook.silence {
+                    // A shadow run leaves Alertmanager as it is: the humans see the alert.
+                    if playbook.silence && !self.shadow(&playbook) {
                         self.create_silence(&mut run, &playbook).await?;
                     }
                     self.run_locked(run, &playbook, cancel, unrecorded, lock)
@@ -78,7 +79,7 @@ impl Engine {
         if let Some(bp) = &playbook.guards.breaker {
             if matches!(run.outcome, Outcome::Succeeded | Outcome::Failed) {
                 self.guards.record_breaker(
-                    &playbook.name,
+                    &self.guard_name(playbook),
                     run.outcome == Outcome::Failed,
                     self.clock.now(),
                     bp,
@@ -112,7 +113,11 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> Result<Option<(String, String)>, ()> {
         use crate::ha::{Held, LockRefused};
-        let Some(locks) = &self.target_locks else {
+        let Some(locks) = self
+            .target_locks
+            .as_ref()
+            .filter(|_| !self.shadow(playbook))
+        else {
             return Ok(None);
         };
         let key = crate::guard::target_key(
@@ -250,6 +255,7 @@ impl Engine {
         let run_url = self.run_url(run.id);
         let mut failure = None;
         let mut lost_lead = false;
+        let shadow = self.shadow(playbook);
         'steps: for (index, step) in playbook.steps.iter().enumerate() {
             let last_step = index + 1 == playbook.steps.len();
             let (params, args) = {
@@ -280,6 +286,7 @@ impl Engine {
                     params: params.clone(),
                     timeout: step.timeout,
                     dry_run: match &run.manual {
+                        _ if shadow => Some(true),
                         Some(m) if m.dry_run => Some(true),
                         _ => step.dry_run,
                     },
@@ -375,6 +382,8 @@ impl Engine {
                 now,
             );
             tracing::info!("run cancelled: its alert resolved");
+        } else if shadow {
+            self.settle_shadow(&mut run, playbook, failure, now);
         } else if let Some(reason) = failure {
             run.settle(Outcome::Failed, &reason, now);
         } else if let Some(within) = playbook.verify {
@@ -397,6 +406,48 @@ impl Engine {
         self.metrics
             .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
         Ok(run)
+    }
+
+    /// A shadow run ends `shadow`, listing the actions its dry runs would have taken; nobody is
+    /// paged, whatever its steps did.
+    fn settle_shadow(
+        &self,
+        run: &mut Run,
+        playbook: &Playbook,
+        failure: Option<String>,
+        now: Timestamp,
+    ) {
+        let mut actions = Vec::new();
+        for change in run.steps.iter().flat_map(|s| &s.changes) {
+            let mut action = format!("{} {}", change.verb, change.object);
+            if !change.namespace.is_empty() {
+                action.push_str(&format!(" in {}", change.namespace));
+            }
+            if change.result != "ok" {
+                action.push_str(&format!(" (would fail: {})", change.result));
+            }
+            self.metrics
+                .shadow_actions
+                .get_or_create(&crate::metrics::ShadowLabels {
+                    playbook: playbook.name.clone(),
+                    action: change.verb.clone(),
+                })
+                .inc();
+            actions.push(action);
+        }
+        let reason = match &failure {
+            Some(f) => format!(
+                "shadow: nothing acted; {} action(s) it would have taken, then {f}",
+                actions.len()
+            ),
+            None => format!(
+                "shadow: nothing acted; {} action(s) it would have taken",
+                actions.len()
+            ),
+        };
+        run.shadow_actions = actions;
+        run.settle(Outcome::Shadow, &reason, now);
+        tracing::info!(actions = run.shadow_actions.len(), "shadow run recorded");
     }
 
     /// Writes `run`; the first time for a deferred run, also takes its alert off the intake.

@@ -137,6 +137,9 @@ pub enum Outcome {
     Cancelled,
     /// The steps succeeded; waiting (until `verifyDeadline`) for the alert to resolve.
     Verifying,
+    /// A shadow playbook's run: every step a dry run, nobody paged; `shadowActions` lists what
+    /// it would have done.
+    Shadow,
 }
 
 impl Outcome {
@@ -150,6 +153,7 @@ impl Outcome {
             Outcome::Deduplicated => "deduplicated",
             Outcome::Cancelled => "cancelled",
             Outcome::Verifying => "verifying",
+            Outcome::Shadow => "shadow",
         }
     }
 }
@@ -158,7 +162,7 @@ impl FromStr for Outcome {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(serde_json::Value::String(s.to_owned()))
-            .map_err(|_| format!("outcome must be one of running, verifying, succeeded, failed, skipped, interrupted, deduplicated, cancelled; got {s:?}"))
+            .map_err(|_| format!("outcome must be one of running, verifying, succeeded, failed, skipped, interrupted, deduplicated, cancelled, shadow; got {s:?}"))
     }
 }
 
@@ -286,6 +290,9 @@ pub struct Run {
     /// The incident this run opened or updated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incident: Option<u64>,
+    /// A shadow run: the actions it would have taken (`delete pods/web-1 in shop`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow_actions: Vec<String>,
 }
 
 /// One page on one notification channel: where it stands, as the run shows it.
@@ -339,6 +346,7 @@ impl Run {
             manual: None,
             notifications: Vec::new(),
             incident: None,
+            shadow_actions: Vec::new(),
         }
     }
 
@@ -398,7 +406,18 @@ pub struct RunFilter {
     pub playbook: Option<String>,
     pub outcome: Option<Outcome>,
     pub alertname: Option<String>,
+    /// `shadow`: shadow runs only; `live`: every other run.
+    #[serde(default)]
+    pub mode: Option<RunMode>,
     pub limit: Option<usize>,
+}
+
+/// Shadow runs, or live ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunMode {
+    Live,
+    Shadow,
 }
 
 impl RunFilter {
@@ -410,6 +429,9 @@ impl RunFilter {
             .as_ref()
             .is_none_or(|p| r.playbook.as_ref() == Some(p))
             && self.outcome.is_none_or(|o| r.outcome == o)
+            && self
+                .mode
+                .is_none_or(|m| (m == RunMode::Shadow) == (r.outcome == Outcome::Shadow))
             && self
                 .alertname
                 .as_ref()

@@ -100,6 +100,18 @@ pub struct Playbook {
     pub verify: Option<Duration>,
     /// Silence the alert in Alertmanager while the run (and its verification) is in progress.
     pub silence: bool,
+    /// `shadow`: every step runs as a dry run, nobody is paged, the run records what it would
+    /// have done.
+    pub mode: Mode,
+}
+
+/// Whether a playbook acts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Live,
+    Shadow,
 }
 
 /// What a resolved notification does to a run of this playbook that is still in progress.

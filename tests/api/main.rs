@@ -29,6 +29,7 @@ mod paging_path;
 mod reload;
 mod router;
 mod services;
+mod shadow;
 mod soak;
 mod structure;
 mod watchdog;

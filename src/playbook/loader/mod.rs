@@ -84,6 +84,8 @@ struct RawPlaybook {
     verify: Option<Spanned<RawVerify>>,
     #[serde(default)]
     silence: bool,
+    #[serde(default)]
+    mode: super::Mode,
 }
 
 #[derive(Deserialize)]
@@ -465,6 +467,7 @@ impl FileCtx<'_> {
         Some(Playbook {
             verify,
             silence: raw.silence,
+            mode: raw.mode,
             guards,
             idempotent: raw.idempotent,
             on_resolved: raw.on_resolved,

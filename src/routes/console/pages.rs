@@ -312,6 +312,7 @@ pub(super) async fn runs(
         playbook: Some(q.playbook.clone()).filter(|s| !s.is_empty()),
         outcome,
         alertname: Some(q.alertname.clone()).filter(|s| !s.is_empty()),
+        mode: None,
         limit: Some(200),
     };
     let store = state.store.clone();
@@ -358,7 +359,7 @@ pub(super) async fn runs(
         context! {
             session => session, rows => rows,
             q => context! { outcome => q.outcome, playbook => q.playbook, alertname => q.alertname },
-            outcomes => ["succeeded", "failed", "verifying", "running", "skipped", "deduplicated", "cancelled", "interrupted"],
+            outcomes => ["succeeded", "failed", "verifying", "running", "skipped", "deduplicated", "cancelled", "interrupted", "shadow"],
             chart => Value::from_safe_string(charts::runs_per_hour(&recent, now)),
         },
     )
