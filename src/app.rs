@@ -190,7 +190,9 @@ impl Application {
         tracing::info!(services = oncall.services.len(), teams = oncall.teams.len(), dir = %settings.oncall_dir.display(), "on-call files loaded");
         let services: Vec<String> = oncall.services.keys().cloned().collect();
         let known: Vec<&str> = services.iter().map(String::as_str).collect();
-        playbooks.check_services(&known)?;
+        let approvers = oncall.approvers();
+        let approver_names: Vec<&str> = approvers.iter().map(String::as_str).collect();
+        playbooks.check_services(&known, &approver_names)?;
         oncall
             .check_channels(&settings.channel_names(), |c| {
                 settings.channel_needs_address(c)
@@ -307,7 +309,8 @@ impl Application {
                     .into_iter()
                     .map(str::to_owned)
                     .collect(),
-            ),
+            )
+            .with_services(services.clone(), approvers.clone()),
         );
         let desk = Arc::new(crate::incident::Desk {
             incidents,
@@ -328,6 +331,8 @@ impl Application {
             health: Arc::clone(&engine.health),
             guards: engine.guards.clone(),
             leadership: Arc::clone(&leadership),
+            pauses: engine.pauses.clone(),
+            approver: Some(crate::engine::Approver(Arc::clone(&engine))),
             desk,
         };
         Ok(Application {
@@ -481,6 +486,10 @@ impl Application {
                     token,
                 )
             },
+        ));
+        background.spawn(crate::engine::approval_loop(
+            Arc::clone(&engine),
+            shutdown.clone(),
         ));
         let am = &settings.alertmanager;
         let verify_poll = if am.poll_interval.is_zero() {

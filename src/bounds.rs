@@ -37,6 +37,8 @@ const DAY: u64 = 86_400;
 
 // Playbooks.
 pub const STEPS: Count = count(1, 100);
+/// How long a gated step waits for its approval.
+pub const APPROVAL_TIMEOUT: Span = secs(1, 7 * DAY);
 pub const STEP_TIMEOUT: Span = Span {
     min: Duration::from_millis(1),
     max: Duration::from_secs(DAY),

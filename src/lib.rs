@@ -25,6 +25,7 @@ pub mod history;
 pub mod incident;
 pub mod metrics;
 pub mod notify;
+pub mod pause;
 pub mod playbook;
 pub mod poller;
 pub mod reload;

@@ -24,6 +24,8 @@ pub struct Reloader {
     channels: Vec<String>,
     /// The services an `escalate.incident` may name.
     services: Vec<String>,
+    /// The teams and people an `approval.from` may name.
+    approvers: Vec<String>,
     /// One reload at a time: a second waits for the first and then loads again.
     one_at_a_time: tokio::sync::Mutex<()>,
 }
@@ -46,13 +48,16 @@ impl Reloader {
             metrics,
             channels: vec![crate::config::ALERTMANAGER_CHANNEL.to_owned()],
             services: Vec::new(),
+            approvers: Vec::new(),
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The services a reloaded playbook's `escalate.incident` may name.
-    pub fn with_services(mut self, services: Vec<String>) -> Reloader {
+    /// The services a reloaded playbook's `escalate.incident` may name, and the teams and
+    /// people its `approval.from` may name.
+    pub fn with_services(mut self, services: Vec<String>, approvers: Vec<String>) -> Reloader {
         self.services = services;
+        self.approvers = approvers;
         self
     }
 
@@ -87,9 +92,10 @@ impl Reloader {
             });
         let known: Vec<&str> = self.channels.iter().map(String::as_str).collect();
         let services: Vec<&str> = self.services.iter().map(String::as_str).collect();
+        let approvers: Vec<&str> = self.approvers.iter().map(String::as_str).collect();
         let loaded = loaded
             .and_then(|p| p.check_routes(&known).map(|()| p))
-            .and_then(|p| p.check_services(&services).map(|()| p));
+            .and_then(|p| p.check_services(&services, &approvers).map(|()| p));
         match loaded {
             Ok(playbooks) => {
                 let count = playbooks.len();

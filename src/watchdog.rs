@@ -285,6 +285,7 @@ async fn self_check_incident(paging: &Paging, check: Check, detail: Option<&str>
                 dedup_key: Some(key.clone()),
                 run: None,
                 fingerprint: Some(key),
+                approvers: None,
             };
             incidents.create(new, now).await.map(drop)
         }

@@ -105,6 +105,7 @@ async fn main() {
                     dedup_key: Some(format!("bench-{i}")),
                     run: None,
                     fingerprint: None,
+                    approvers: None,
                 };
                 incidents.create(new, jiff::Timestamp::now()).await.unwrap();
             }

@@ -42,7 +42,9 @@ pub(super) fn check(settings: Settings, a: CheckArgs) -> ExitCode {
     let loaded = match (loaded, oncall) {
         (Ok(p), Ok(o)) => {
             let services: Vec<&str> = o.services.keys().map(String::as_str).collect();
-            if let Err(e) = p.check_services(&services) {
+            let approvers = o.approvers();
+            let approvers: Vec<&str> = approvers.iter().map(String::as_str).collect();
+            if let Err(e) = p.check_services(&services, &approvers) {
                 for e in &e.0 {
                     eprintln!("{e}");
                 }

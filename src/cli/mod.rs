@@ -3,6 +3,7 @@
 
 mod authoring;
 mod channels;
+mod gates;
 mod incidents;
 mod keys;
 mod oncall;
@@ -61,9 +62,99 @@ enum Command {
     /// List incidents, show, claim or resolve one, or print its report (through the running
     /// service).
     Incidents(IncidentsArgs),
+    /// Pause remediation for a playbook or for the alerts some matchers select, for a while
+    /// (matching alerts are recorded as `paused` runs and nothing acts).
+    Pause(GateArgs<PauseArgs>),
+    /// List the maintenance pauses in force (--all: every one).
+    Pauses(GateArgs<PausesArgs>),
+    /// Lift a maintenance pause early.
+    Unpause(GateArgs<UnpauseArgs>),
+    /// Approve the step a run waits on.
+    Approve(GateArgs<AnswerArgs>),
+    /// Deny the step a run waits on: the run ends `denied` and nothing of it acts.
+    Deny(GateArgs<AnswerArgs>),
     /// Who is on call for each team now (or --at a time), and whom each escalation level
     /// notifies; read from the on-call files.
     Oncall(OncallArgs),
+}
+
+#[derive(Debug, Args)]
+struct GateArgs<T: Args> {
+    #[command(flatten)]
+    what: T,
+    #[command(flatten)]
+    service: ServiceArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("scope").required(true).multiple(true).args(["playbook", "matchers"])))]
+struct PauseArgs {
+    /// Only this playbook's runs.
+    #[arg(long)]
+    playbook: Option<String>,
+    /// Only alerts these Alertmanager matchers select: 'namespace="shop"'.
+    #[arg(long)]
+    matchers: Option<String>,
+    /// How long: 30m, 2h (1s to 30d).
+    #[arg(long = "for")]
+    length: String,
+    /// Why, for the runs it holds and the list.
+    #[arg(long)]
+    reason: String,
+    /// Who pauses (default: $USER).
+    #[arg(long)]
+    by: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct PausesArgs {
+    /// Every pause, also expired and lifted ones.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, Args)]
+struct UnpauseArgs {
+    id: u64,
+    /// Who lifts it (default: $USER).
+    #[arg(long)]
+    by: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct AnswerArgs {
+    /// The run waiting for approval (42-0).
+    run: String,
+    /// Who answers (default: $USER).
+    #[arg(long)]
+    by: Option<String>,
+}
+
+/// What `gates` does.
+#[derive(Debug)]
+enum GateCommand {
+    Pause {
+        playbook: Option<String>,
+        matchers: Option<String>,
+        length: String,
+        reason: String,
+        by: Option<String>,
+    },
+    Pauses {
+        all: bool,
+    },
+    Unpause {
+        id: u64,
+        by: Option<String>,
+    },
+    Approve {
+        run: String,
+        by: Option<String>,
+    },
+    Deny {
+        run: String,
+        by: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -337,6 +428,40 @@ async fn run(cli: Cli) -> ExitCode {
             incidents::incidents(settings, a.command, a.state, a.service).await
         }
         Command::Oncall(a) => oncall::oncall(&settings, a.team, a.at),
+        Command::Pause(GateArgs { what: a, service }) => {
+            let c = GateCommand::Pause {
+                playbook: a.playbook,
+                matchers: a.matchers,
+                length: a.length,
+                reason: a.reason,
+                by: a.by,
+            };
+            gates::gates(settings, c, service).await
+        }
+        Command::Pauses(GateArgs { what, service }) => {
+            gates::gates(settings, GateCommand::Pauses { all: what.all }, service).await
+        }
+        Command::Unpause(GateArgs { what, service }) => {
+            let c = GateCommand::Unpause {
+                id: what.id,
+                by: what.by,
+            };
+            gates::gates(settings, c, service).await
+        }
+        Command::Approve(GateArgs { what, service }) => {
+            let c = GateCommand::Approve {
+                run: what.run,
+                by: what.by,
+            };
+            gates::gates(settings, c, service).await
+        }
+        Command::Deny(GateArgs { what, service }) => {
+            let c = GateCommand::Deny {
+                run: what.run,
+                by: what.by,
+            };
+            gates::gates(settings, c, service).await
+        }
         Command::Channels(a) => match a.command {
             None => channels::list(&settings),
             Some(ChannelsCommand::Test { name }) => channels::test(settings, &name).await,

@@ -15,6 +15,7 @@
 //! verification, [`recover`] start-up recovery, the shutdown drain and panics.
 
 mod admit;
+mod approve;
 mod in_flight;
 mod notice;
 mod recover;
@@ -50,6 +51,7 @@ use crate::metrics::{Metrics, StatusLabels};
 use crate::notify::Notifier;
 use crate::playbook::{render_params, InForce, OnResolved, Playbook, TemplateContext};
 
+pub use approve::{approval_loop, Answer, ApprovalError, Approver};
 pub use in_flight::{InFlight, InFlightRuns};
 pub use verify::verify_loop;
 
@@ -75,6 +77,12 @@ pub struct Engine {
     pub(crate) target_locks: Option<crate::ha::TargetLocks>,
     /// `mode: shadow` (or `REACTOR_MODE=shadow`): every playbook's runs are shadow runs.
     pub(crate) shadow_all: bool,
+    /// Runs waiting for approval: run id → deadline (ms), durable.
+    pub(crate) approvals: sled::Tree,
+    /// Woken when a run starts waiting for approval.
+    pub(crate) approval_wake: Arc<Notify>,
+    /// Maintenance pauses.
+    pub(crate) pauses: crate::pause::Pauses,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) health: Arc<Health>,
@@ -125,6 +133,9 @@ impl Engine {
             leadership: crate::ha::Leadership::single(),
             target_locks: None,
             shadow_all: false,
+            approvals: store.tree("approvals")?,
+            approval_wake: Arc::new(Notify::new()),
+            pauses: crate::pause::Pauses::open(&store)?,
             store,
             playbooks,
             executor,
@@ -290,6 +301,20 @@ impl Engine {
             let copies = std::iter::repeat_n(alert, matched.len().min(u16::MAX as usize));
             for ((i, playbook), alert) in matched.iter().enumerate().zip(copies) {
                 let mut run = new_run(i, alert, Some(playbook));
+                // A maintenance pause holds the alerts it names (not a run asked for by hand).
+                let pause = manual
+                    .is_none()
+                    .then(|| self.pauses.holding(&run.alert.labels, &playbook.name, now))
+                    .flatten();
+                if let Some(p) = pause {
+                    let reason = format!(
+                        "paused by {} until {} (pause {}: {}); nothing acts and reactor pages nobody",
+                        p.by, p.until, p.id, p.reason
+                    );
+                    run.settle(Outcome::Paused, &reason, now);
+                    records.push(run);
+                    continue;
+                }
                 if !self.admit(&mut run, playbook, now, &mut pages)? {
                     records.push(run);
                     continue;
@@ -467,6 +492,7 @@ impl Engine {
             dedup_key: Some(notice.dedup_key.clone()),
             run: Some(run.id.to_string()),
             fingerprint: Some(run.alert.fingerprint.to_string()),
+            approvers: None,
         };
         let now = self.clock.now();
         match incidents.create(new, now).await {

@@ -228,7 +228,11 @@ impl Engine {
             );
             self.store.put_run(&run)?;
         }
-        if run.outcome != Outcome::Interrupted {
+        // A run waiting for approval has not acted yet: its `acting` lock simply runs out.
+        if !matches!(
+            run.outcome,
+            Outcome::Interrupted | Outcome::AwaitingApproval
+        ) {
             // The cooldown of this target, and this episode, now hold in the cluster too.
             if let Err(e) = locks
                 .acted(&key, &episode, playbook.guards.cooldown, now)
@@ -256,8 +260,45 @@ impl Engine {
         let mut failure = None;
         let mut lost_lead = false;
         let shadow = self.shadow(playbook);
-        'steps: for (index, step) in playbook.steps.iter().enumerate() {
+        // An approved run goes on from its approved step; the steps before it have run.
+        let resume_at = run
+            .approvals
+            .iter()
+            .filter(|a| a.decision == Some(crate::history::Decision::Approved))
+            .map(|a| a.step_index)
+            .max()
+            .unwrap_or(0);
+        let approved = Some(crate::history::Decision::Approved);
+        if let Some(a) = run.approvals.last().filter(|a| a.decision == approved) {
+            let same = playbook.steps.get(a.step_index).map(|s| &s.name) == Some(&a.step);
+            if !same {
+                run.settle(
+                    Outcome::Failed,
+                    &format!("the playbook changed while step {:?} waited for approval; not running a different step", a.step),
+                    self.clock.now(),
+                );
+                self.record(&run, &mut unrecorded)?;
+                return Ok(run);
+            }
+        }
+        'steps: for (index, step) in playbook.steps.iter().enumerate().skip(resume_at) {
             let last_step = index + 1 == playbook.steps.len();
+            if let Some(gate) = &step.approval {
+                let dry = run.manual.as_ref().is_some_and(|m| m.dry_run);
+                if shadow || dry {
+                    run.note(
+                        self.clock.now(),
+                        format!(
+                            "dry run: step {} would ask {} for approval",
+                            step.name, gate.from
+                        ),
+                    );
+                } else if !run.approved(index) {
+                    return self
+                        .ask_approval(run, playbook, index, gate, &mut unrecorded)
+                        .await;
+                }
+            }
             let (params, args) = {
                 let mut ctx = TemplateContext::new(&run.alert, &playbook.name);
                 ctx.run_id = &run_id;

@@ -115,6 +115,7 @@ impl Engine {
             self.resolved_seen.lock().unwrap().extend(waiting);
             self.verify_wake.notify_one();
         }
+        self.withdraw_approvals(fingerprint).await?;
         self.resolve_pages(fingerprint, "the alert resolved").await
     }
 

@@ -140,6 +140,14 @@ pub enum Outcome {
     /// A shadow playbook's run: every step a dry run, nobody paged; `shadowActions` lists what
     /// it would have done.
     Shadow,
+    /// A maintenance pause held this alert: nothing acted, nobody paged; `reason` names it.
+    Paused,
+    /// A step's approval gate asked a human; the run waits (no worker, no thread) until an
+    /// answer, its deadline, or the alert's resolution. `approvals` shows the request.
+    #[serde(rename = "awaiting_approval")]
+    AwaitingApproval,
+    /// A human denied a step's approval: nothing of it acted.
+    Denied,
 }
 
 impl Outcome {
@@ -154,6 +162,9 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::Verifying => "verifying",
             Outcome::Shadow => "shadow",
+            Outcome::Paused => "paused",
+            Outcome::AwaitingApproval => "awaiting_approval",
+            Outcome::Denied => "denied",
         }
     }
 }
@@ -162,7 +173,7 @@ impl FromStr for Outcome {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(serde_json::Value::String(s.to_owned()))
-            .map_err(|_| format!("outcome must be one of running, verifying, succeeded, failed, skipped, interrupted, deduplicated, cancelled, shadow; got {s:?}"))
+            .map_err(|_| format!("outcome must be one of running, verifying, succeeded, failed, skipped, interrupted, deduplicated, cancelled, shadow, paused, awaiting_approval, denied; got {s:?}"))
     }
 }
 
@@ -293,6 +304,54 @@ pub struct Run {
     /// A shadow run: the actions it would have taken (`delete pods/web-1 in shop`, …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shadow_actions: Vec<String>,
+    /// The approvals its gated steps asked for, and the answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<Approval>,
+}
+
+/// A gated step's request for approval, and its answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Approval {
+    pub step: String,
+    pub step_index: usize,
+    /// The team or person asked.
+    pub from: String,
+    pub requested_at: Timestamp,
+    /// Without an answer by then, the run fails and escalates.
+    pub deadline: Timestamp,
+    /// The incident that asks the approvers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<Timestamp>,
+}
+
+/// How an approval request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Approved,
+    Denied,
+    /// Nobody answered before the deadline.
+    TimedOut,
+    /// The alert resolved while the run waited: the request was withdrawn.
+    Withdrawn,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Approved => "approved",
+            Decision::Denied => "denied",
+            Decision::TimedOut => "timed_out",
+            Decision::Withdrawn => "withdrawn",
+        }
+    }
 }
 
 /// One page on one notification channel: where it stands, as the run shows it.
@@ -347,6 +406,7 @@ impl Run {
             notifications: Vec::new(),
             incident: None,
             shadow_actions: Vec::new(),
+            approvals: Vec::new(),
         }
     }
 
@@ -365,6 +425,21 @@ impl Run {
         self.reason = Some(reason.to_owned());
         self.finished_at = Some(now);
         self.note(now, format!("{outcome}: {reason}"));
+    }
+
+    /// The approval request the run waits on, if it waits.
+    pub fn pending_approval(&mut self) -> Option<&mut Approval> {
+        (self.outcome == Outcome::AwaitingApproval)
+            .then(|| self.approvals.last_mut())
+            .flatten()
+            .filter(|a| a.decision.is_none())
+    }
+
+    /// Whether step `index` was approved.
+    pub fn approved(&self, index: usize) -> bool {
+        self.approvals
+            .iter()
+            .any(|a| a.step_index == index && a.decision == Some(Decision::Approved))
     }
 
     /// Its steps succeeded and nothing is left to verify.

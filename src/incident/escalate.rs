@@ -197,7 +197,15 @@ impl Escalations {
         if !current(&incident) {
             return Ok(None);
         }
-        let Some((team, policy)) = self.oncall.policy_of(&incident.service) else {
+        // An approval asks its approvers; any other incident its service's team.
+        let route = match &incident.approvers {
+            Some(from) => self.oncall.approval_route(from),
+            None => self
+                .oncall
+                .policy_of(&incident.service)
+                .map(|(t, p)| (t.clone(), p.clone())),
+        };
+        let Some((team, policy)) = route.as_ref().map(|(t, p)| (t, p)) else {
             // No policy: nobody to notify.
             self.incidents.update_if(number, &current, |i| {
                 i.escalation.iter_mut().for_each(Escalation::stop)

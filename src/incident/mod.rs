@@ -141,6 +141,10 @@ pub struct Incident {
     /// Where its escalation policy stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalation: Option<Escalation>,
+    /// An approval request: the team or person asked, reached through the team's escalation
+    /// policy (or the person alone) instead of the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<String>,
 }
 
 /// A validated request to open an incident.
@@ -157,6 +161,8 @@ pub struct NewIncident {
     /// the alert's resolution resolves the incident.
     pub run: Option<String>,
     pub fingerprint: Option<String>,
+    /// An approval request: whom to ask (see [`Incident::approvers`]).
+    pub approvers: Option<String>,
 }
 
 /// A change a human (or reactor) asks for.
@@ -375,6 +381,7 @@ impl Incidents {
                 runs: new.run.iter().cloned().collect(),
                 // Level 1 is notified at once, by the escalation engine.
                 escalation: Some(Escalation::start(0, now)),
+                approvers: new.approvers.clone(),
             };
             self.put(&incident)?;
             if let Some(k) = &dedup {

@@ -160,7 +160,23 @@ pub struct Step {
     pub params: Vec<(String, Param)>,
     /// Step-level dry run; `None` falls back to the global setting.
     pub dry_run: Option<bool>,
+    /// A human approves this step before it runs.
+    pub approval: Option<ApprovalGate>,
 }
+
+/// `approval: {timeout: 15m, from: NAME}`: the step runs only once a human says yes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalGate {
+    /// Without an answer by then, the run fails and escalates.
+    pub timeout: Duration,
+    /// A team of the on-call files (asked through its escalation policy) or a person.
+    pub from: String,
+    /// The line of `approval:`, for `reactor check`.
+    pub line: u64,
+}
+
+/// The default wait for an approval.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// What a step does.
 #[derive(Debug, Clone)]
@@ -347,8 +363,29 @@ impl Playbooks {
         self.list.iter().find(|p| p.name == name)
     }
 
-    /// Every `escalate.incident.service` naming a service not in `known`, at its file and line.
-    pub fn check_services(&self, known: &[&str]) -> Result<(), loader::LoadErrors> {
+    /// Every `escalate.incident.service` naming a service not in `known`, and every approval's
+    /// `from` naming neither a team nor a person of `approvers`, at its file and line.
+    pub fn check_services(
+        &self,
+        known: &[&str],
+        approvers: &[&str],
+    ) -> Result<(), loader::LoadErrors> {
+        let gates = self.list.iter().flat_map(|p| {
+            p.steps.iter().filter_map(move |s| {
+                let gate = s.approval.as_ref()?;
+                (!approvers.contains(&gate.from.as_str())).then(|| loader::LoadError {
+                    file: p.origin.file.clone(),
+                    line: Some(gate.line),
+                    message: format!(
+                        "playbook {:?}: step {:?}: approval.from: {:?} is neither a team nor a person of the on-call files ({})",
+                        p.name,
+                        s.name,
+                        gate.from,
+                        approvers.join(", ")
+                    ),
+                })
+            })
+        });
         let errors: Vec<loader::LoadError> = self
             .list
             .iter()
@@ -364,6 +401,7 @@ impl Playbooks {
                     ),
                 })
             })
+            .chain(gates)
             .collect();
         if errors.is_empty() {
             Ok(())

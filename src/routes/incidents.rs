@@ -104,6 +104,7 @@ impl Create {
             dedup_key: Some(dedup_key).filter(|k| !k.is_empty()),
             run: None,
             fingerprint: None,
+            approvers: None,
         })
     }
 }

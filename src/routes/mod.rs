@@ -8,6 +8,7 @@ mod body;
 mod connection;
 mod console;
 mod incidents;
+mod pauses;
 mod runs;
 pub mod serve;
 mod webhook;
@@ -47,6 +48,10 @@ pub struct AppState {
     pub guards: crate::guard::Guards,
     /// Whether this replica leads (always, with one replica): a standby takes no alerts.
     pub leadership: Arc<crate::ha::Leadership>,
+    /// Maintenance pauses (`/api/v1/pauses`).
+    pub pauses: crate::pause::Pauses,
+    /// Answers approval requests (`POST /api/v1/runs/{id}/approval`); `None` without an engine.
+    pub approver: Option<crate::engine::Approver>,
 }
 
 impl AppState {
@@ -92,6 +97,8 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/keys/{name}",
             axum::routing::delete(incidents::revoke_key),
         )
+        .route("/api/v1/pauses", get(pauses::list).post(pauses::create))
+        .route("/api/v1/pauses/{id}", axum::routing::delete(pauses::lift))
         .route("/metrics", get(metrics))
         .route("/-/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
@@ -106,6 +113,8 @@ pub fn router(state: AppState) -> Router {
             get(incidents::show).post(incidents::update),
         )
         .route("/api/v1/incidents/{number}/report", get(incidents::report))
+        // Approvers answer with the same keys as claims (`incidents:ack`).
+        .route("/api/v1/runs/{id}/approval", post(runs::approval))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             incidents::require_scope,
@@ -336,8 +345,8 @@ async fn require_auth(State(state): State<AppState>, req: Request, next: Next) -
 /// A refusal or failure, rendered as `{"error": "..."}`. Server errors are logged with detail.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
     retry_after: Option<u32>,
 }
 

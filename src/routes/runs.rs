@@ -211,3 +211,49 @@ async fn enqueue(
         Json(serde_json::json!({"run": RunId { seq, index: 0 }.to_string(), "intake": seq})),
     ))
 }
+
+/// `POST /api/v1/runs/{id}/approval`: `{"decision": "approve" | "deny", "by": ...}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalBody {
+    pub decision: crate::engine::Answer,
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+/// Answers the approval a run waits for: 200 with the run; 404 for no run; 409 naming the
+/// run's outcome when it waits for none (answered, timed out, or withdrawn already).
+pub async fn approval(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<ApprovalBody>, JsonRejection>,
+) -> Result<Json<Run>, ApiError> {
+    let id: RunId = id
+        .parse()
+        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let Json(req) = body.map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, r.body_text()))?;
+    let Some(approver) = &state.approver else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "approvals are not served here",
+        ));
+    };
+    decide(approver, id, req.decision, &who(req.by))
+        .await
+        .map(Json)
+}
+
+/// Answers run `id`'s approval by `by`, as the API and the console do.
+pub(super) async fn decide(
+    approver: &crate::engine::Approver,
+    id: RunId,
+    answer: crate::engine::Answer,
+    by: &str,
+) -> Result<Run, ApiError> {
+    use crate::engine::ApprovalError;
+    approver.decide(id, answer, by).await.map_err(|e| match e {
+        ApprovalError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+        ApprovalError::NotWaiting { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        ApprovalError::Store(e) => ApiError::internal(e),
+    })
+}

@@ -7,6 +7,7 @@ static ALLOCATOR: reactor::allocator::Allocator = reactor::allocator::Allocator;
 
 mod acting;
 mod alertmanager;
+mod approval;
 mod browser;
 mod channels;
 mod cli;
@@ -26,6 +27,7 @@ mod manual;
 mod oncall;
 mod pages;
 mod paging_path;
+mod pause;
 mod reload;
 mod router;
 mod services;

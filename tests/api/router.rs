@@ -55,6 +55,8 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
         },
         guards: reactor::guard::Guards::open(&store).unwrap(),
         leadership: reactor::ha::Leadership::single(),
+        pauses: reactor::pause::Pauses::open(&store).unwrap(),
+        approver: None,
         store,
         metrics,
         dry_run: false,

@@ -259,6 +259,43 @@ impl OnCall {
         self.services.get(name)
     }
 
+    /// The names an approval gate's `from` may take: every team and every person.
+    pub fn approvers(&self) -> Vec<String> {
+        self.teams
+            .keys()
+            .chain(self.people.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// Whom an approval from `from` asks, as a team and its policy: a team's own policy (or,
+    /// without one, its on-call once with the default wait); a person alone, once.
+    pub fn approval_route(&self, from: &str) -> Option<(Team, Policy)> {
+        let once = |notify| Policy {
+            levels: vec![Level {
+                notify,
+                timeout: DEFAULT_ACK_TIMEOUT,
+            }],
+            repeat: 0,
+        };
+        if let Some(team) = self.teams.get(from) {
+            let policy = team
+                .policy
+                .clone()
+                .unwrap_or_else(|| once(vec![Target::OnCall]));
+            return Some((team.clone(), policy));
+        }
+        let person = self.people.get(from)?;
+        let team = Team {
+            name: person.name.clone(),
+            description: String::new(),
+            escalation_contact: None,
+            schedule: None,
+            policy: None,
+        };
+        Some((team, once(vec![Target::Person(person.name.clone())])))
+    }
+
     /// The policy of the team that owns `service`.
     pub fn policy_of(&self, service: &str) -> Option<(&Team, &Policy)> {
         let team = self.teams.get(&self.service(service)?.team)?;

@@ -11,11 +11,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::{BreakerPolicy, GuardPolicy};
 use super::{
-    EscalateSpec, MatchOp, OnResolved, Origin, Param, Playbook, Playbooks, Step, StepAction,
-    Template,
+    ApprovalGate, EscalateSpec, MatchOp, OnResolved, Origin, Param, Playbook, Playbooks, Step,
+    StepAction, Template,
 };
+use super::{BreakerPolicy, GuardPolicy};
 use crate::bounds;
 use crate::domain::AlertStatus;
 
@@ -154,6 +154,17 @@ struct RawStep {
     params: BTreeMap<String, Spanned<serde_json::Value>>,
     #[serde(default)]
     dry_run: Option<bool>,
+    /// `{timeout: 15m, from: TEAM_OR_PERSON}`: a human approves the step first.
+    #[serde(default)]
+    approval: Option<Spanned<RawApproval>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApproval {
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+    from: String,
 }
 
 #[derive(Deserialize)]

@@ -225,6 +225,21 @@ impl FileCtx<'_> {
                 )),
             }
         }
+        let approval = s.approval.map(|a| {
+            let line = a.referenced.line();
+            ApprovalGate {
+                timeout: self.duration(
+                    errors,
+                    "approval.timeout",
+                    a.value.timeout,
+                    crate::playbook::DEFAULT_APPROVAL_TIMEOUT,
+                    bounds::APPROVAL_TIMEOUT,
+                    &context,
+                ),
+                from: a.value.from,
+                line,
+            }
+        });
         let action = action?;
         (errors.len() == before).then_some(Step {
             name,
@@ -234,6 +249,7 @@ impl FileCtx<'_> {
             retry_delay,
             params,
             dry_run: s.dry_run,
+            approval,
         })
     }
 

@@ -355,7 +355,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         )
         .route("/ui/incidents/{number}/report", get(pages::report))
         .route("/ui/runs", get(pages::runs))
-        .route("/ui/runs/{id}", get(pages::run))
+        .route("/ui/runs/{id}", get(pages::run).post(pages::answer))
         .route("/ui/oncall", get(pages::oncall))
         .route("/ui/playbooks", get(pages::playbooks))
         .route("/ui/health", get(pages::health))

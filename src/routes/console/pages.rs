@@ -179,6 +179,26 @@ pub(super) struct ActForm {
     csrf: String,
 }
 
+/// A form that changes state comes from this site with the session's CSRF token, and the
+/// session's key has `incidents:ack`; otherwise the page that says why.
+fn refusal(session: &Session, headers: &axum::http::HeaderMap, csrf: &str) -> Option<Response> {
+    if super::cross_site(headers) || !csrf_ok(session, csrf) {
+        return Some(csrf_refused(session));
+    }
+    if !session.may(Scope::IncidentsAck) {
+        return Some(message(
+            StatusCode::FORBIDDEN,
+            Some(session),
+            "Not allowed",
+            &format!(
+                "the key {:?} lacks the scope incidents:ack: nothing was changed",
+                session.name
+            ),
+        ));
+    }
+    None
+}
+
 pub(super) async fn act(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -189,19 +209,8 @@ pub(super) async fn act(
     let Ok(Form(form)) = form else {
         return csrf_refused(&session);
     };
-    if super::cross_site(&headers) || !csrf_ok(&session, &form.csrf) {
-        return csrf_refused(&session);
-    }
-    if !session.may(Scope::IncidentsAck) {
-        return message(
-            StatusCode::FORBIDDEN,
-            Some(&session),
-            "Not allowed",
-            &format!(
-                "the key {:?} lacks the scope incidents:ack: nothing was changed",
-                session.name
-            ),
-        );
+    if let Some(refused) = refusal(&session, &headers, &form.csrf) {
+        return refused;
     }
     let action = match form.action.as_str() {
         "claim" => Action::Claim,
@@ -359,7 +368,7 @@ pub(super) async fn runs(
         context! {
             session => session, rows => rows,
             q => context! { outcome => q.outcome, playbook => q.playbook, alertname => q.alertname },
-            outcomes => ["succeeded", "failed", "verifying", "running", "skipped", "deduplicated", "cancelled", "interrupted", "shadow"],
+            outcomes => ["succeeded", "failed", "verifying", "running", "skipped", "deduplicated", "cancelled", "interrupted", "shadow", "paused", "awaiting_approval", "denied"],
             chart => Value::from_safe_string(charts::runs_per_hour(&recent, now)),
         },
     )
@@ -658,6 +667,7 @@ pub(super) async fn claim_form(
             csrf => state.desk.signer.sign("claim-form", token.as_bytes()),
             token => token,
             open => i.state == IncidentState::Open,
+            approval => i.approvers.is_some() && i.state != IncidentState::Resolved,
         },
     )
 }
@@ -666,6 +676,9 @@ pub(super) async fn claim_form(
 pub(super) struct ClaimForm {
     #[serde(default)]
     by: String,
+    /// On an approval request's link: `approve` or `deny` instead of a claim.
+    #[serde(default)]
+    decision: String,
     #[serde(default)]
     csrf: String,
 }
@@ -702,6 +715,10 @@ pub(super) async fn claim(
     }
     // A link sent to one person claims as that person; a link for a channel's audience (the
     // Alertmanager page) takes the name typed, and the timeline says so.
+    let decision = form
+        .as_ref()
+        .map(|f| f.decision.clone())
+        .unwrap_or_default();
     let typed: String = form
         .map(|f| f.by.trim().chars().take(crate::incident::BY_MAX).collect())
         .unwrap_or_default();
@@ -717,6 +734,27 @@ pub(super) async fn claim(
             )
         }
     };
+    if !decision.is_empty() {
+        // An approval request's link answers for the run behind it.
+        let run = match state.desk.incidents.get(claim.number) {
+            Ok(i) => i
+                .filter(|i| i.approvers.is_some())
+                .and_then(|i| i.runs.first().and_then(|r| r.parse::<RunId>().ok())),
+            Err(e) => return internal(None, e),
+        };
+        let Some(run) = run else {
+            return message(
+                StatusCode::BAD_REQUEST,
+                None,
+                "Not an approval",
+                &format!(
+                    "incident {} asks for no approval. Nothing was changed.",
+                    claim.number
+                ),
+            );
+        };
+        return answer_run(&state, None, run, &decision, &by).await;
+    }
     match state
         .desk
         .incidents
@@ -741,4 +779,90 @@ pub(super) async fn claim(
         ),
         Err(e) => internal(None, e),
     }
+}
+
+#[derive(Deserialize)]
+pub(super) struct AnswerForm {
+    #[serde(default)]
+    decision: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The answer a form gives: `approve` or `deny`.
+fn answer_of(decision: &str) -> Option<crate::engine::Answer> {
+    match decision {
+        "approve" => Some(crate::engine::Answer::Approve),
+        "deny" => Some(crate::engine::Answer::Deny),
+        _ => None,
+    }
+}
+
+/// Answers the approval request `id` waits on, as `by`: a page saying what happened.
+async fn answer_run(
+    state: &AppState,
+    session: Option<&Session>,
+    id: RunId,
+    decision: &str,
+    by: &str,
+) -> Response {
+    let Some(answer) = answer_of(decision) else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            session,
+            "Unknown answer",
+            &format!("decision {decision:?}: expected approve or deny. Nothing was changed."),
+        );
+    };
+    let Some(approver) = &state.approver else {
+        return message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            session,
+            "Approvals unavailable",
+            "approvals are not served here",
+        );
+    };
+    match crate::routes::runs::decide(approver, id, answer, by).await {
+        Ok(run) => message(
+            StatusCode::OK,
+            session,
+            &format!("Run {id}: {decision}d"),
+            &format!(
+                "run {id} is now {} ({decision}d by {by}).",
+                run.outcome.as_str()
+            ),
+        ),
+        Err(e) => message(
+            e.status,
+            session,
+            "Nothing changed",
+            &format!("{}.", e.message),
+        ),
+    }
+}
+
+/// `POST /ui/runs/{id}`: Approve or Deny on a run waiting for approval.
+pub(super) async fn answer(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Extension(session): Extension<Session>,
+    Path(id): Path<String>,
+    form: Result<Form<AnswerForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Ok(Form(form)) = form else {
+        return csrf_refused(&session);
+    };
+    if let Some(refused) = refusal(&session, &headers, &form.csrf) {
+        return refused;
+    }
+    let Ok(run_id) = id.parse::<RunId>() else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            Some(&session),
+            "No such run",
+            &format!("{id:?} is not a run id (SEQ-INDEX)"),
+        );
+    };
+    let by = session.name.clone();
+    answer_run(&state, Some(&session), run_id, &form.decision, &by).await
 }

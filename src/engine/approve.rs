@@ -1,0 +1,379 @@
+//! Approval gates. Before a step with `approval:` runs, the run is stored waiting
+//! (`awaiting_approval`) and an incident asks the approvers through their escalation policy.
+//! Nothing holds a worker or a thread while it waits: the wait is the run's record plus an entry
+//! in the sled tree `approvals` (run id → deadline), which [`approval_loop`] times out and which
+//! survives restarts. An answer, the deadline and the alert's resolution race; the first to
+//! change the run's record (compare-and-swap) wins, and the others find nothing waiting.
+
+use super::*;
+use crate::history::{Approval, Decision};
+use crate::playbook::ApprovalGate;
+
+/// A human's answer to an approval request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Answer {
+    Approve,
+    Deny,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("no run {0}")]
+    NotFound(RunId),
+    #[error("run {id} is {outcome}: it waits for no approval")]
+    NotWaiting { id: RunId, outcome: Outcome },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The narrow handle the HTTP edge holds to answer approval requests.
+#[derive(Clone)]
+pub struct Approver(pub(crate) Arc<Engine>);
+
+impl Approver {
+    /// Records `answer` by `by` for the run `id`: approve runs the step (on a task of its own),
+    /// deny ends the run `denied`. The run as stored after the answer.
+    pub async fn decide(&self, id: RunId, answer: Answer, by: &str) -> Result<Run, ApprovalError> {
+        let decision = match answer {
+            Answer::Approve => Decision::Approved,
+            Answer::Deny => Decision::Denied,
+        };
+        let run = self.0.end_wait(id, decision, by).await?;
+        if answer == Answer::Approve {
+            let engine = Arc::clone(&self.0);
+            let resumed = run.clone();
+            tokio::spawn(async move { engine.run_approved(resumed).await });
+        }
+        Ok(run)
+    }
+}
+
+/// What the target of a run is, for the approvers: its guards' target labels, else its alert.
+fn target_of(run: &Run, playbook: &Playbook) -> String {
+    let labels = &run.alert.labels;
+    let shown: Vec<String> = match playbook.guards.target_labels.as_deref() {
+        Some(names) => names
+            .iter()
+            .map(|n| format!("{n}={}", labels.get(n).map_or("", String::as_str)))
+            .collect(),
+        None => ["namespace", "pod", "instance", "job"]
+            .iter()
+            .filter_map(|n| Some(format!("{n}={}", labels.get(*n)?)))
+            .collect(),
+    };
+    if shown.is_empty() {
+        format!("{} ({})", run.alert.alertname(), run.alert.fingerprint)
+    } else {
+        shown.join(", ")
+    }
+}
+
+impl Engine {
+    /// Asks for the approval of step `index` of `playbook`: the run waits, its deadline is set,
+    /// and an incident asks the approvers. Returns the waiting run.
+    pub(super) async fn ask_approval(
+        &self,
+        mut run: Run,
+        playbook: &Playbook,
+        index: usize,
+        gate: &ApprovalGate,
+        unrecorded: &mut Option<u64>,
+    ) -> Result<Run, StoreError> {
+        let now = self.clock.now();
+        let deadline = crate::clock::later(now, gate.timeout);
+        let step = &playbook.steps[index];
+        run.approvals.push(Approval {
+            step: step.name.clone(),
+            step_index: index,
+            from: gate.from.clone(),
+            requested_at: now,
+            deadline,
+            incident: None,
+            decision: None,
+            decided_by: None,
+            decided_at: None,
+        });
+        run.outcome = Outcome::AwaitingApproval;
+        run.reason = Some(format!(
+            "waiting until {deadline} for {} to approve step {:?}",
+            gate.from, step.name
+        ));
+        run.note(
+            now,
+            format!("approval of step {} asked of {}", step.name, gate.from),
+        );
+        // The incident first, so the waiting run names it; after a crash before the run is
+        // stored, the alert is processed again and the same dedup key finds the same incident.
+        if let Some(number) = self.open_approval(&run, playbook, index, gate).await? {
+            if let Some(a) = run.approvals.last_mut() {
+                a.incident = Some(number);
+            }
+        }
+        // The deadline before the run: a crash between them leaves an entry that finds no
+        // waiting run, never a waiting run without a deadline.
+        self.approvals.insert(
+            run.id.key(),
+            &deadline.as_millisecond().max(0).to_be_bytes(),
+        )?;
+        self.record(&run, unrecorded)?;
+        self.store.history_durable().await?;
+        self.approval_wake.notify_one();
+        self.metrics
+            .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
+        tracing::info!(step = %step.name, from = %gate.from, %deadline, "waiting for approval");
+        Ok(run)
+    }
+
+    /// Opens the incident that asks `gate.from` to approve; `None` without incidents.
+    async fn open_approval(
+        &self,
+        run: &Run,
+        playbook: &Playbook,
+        index: usize,
+        gate: &ApprovalGate,
+    ) -> Result<Option<u64>, StoreError> {
+        use crate::incident::{IncidentError, NewIncident, Severity};
+        let Some(incidents) = &self.incidents else {
+            return Ok(None);
+        };
+        let step = &playbook.steps[index];
+        let target = target_of(run, playbook);
+        let deadline = run.approvals.last().map(|a| a.deadline);
+        let summary = run
+            .alert
+            .annotations
+            .get("summary")
+            .map(|s| format!("\n{s}"))
+            .unwrap_or_default();
+        let message = format!(
+            "reactor asks to run step {:?} of playbook {:?} on {target}, for alert {}.{summary}\n\n\
+             Approve or deny before {}: the console's run page {}, \
+             `reactor approve {id}` / `reactor deny {id}`, or \
+             POST /api/v1/runs/{id}/approval {{\"decision\": \"approve\"|\"deny\", \"by\": ...}}. \
+             Without an answer the run fails and pages.",
+            step.name,
+            playbook.name,
+            run.alert.alertname(),
+            deadline.map_or_else(String::new, |d| d.to_string()),
+            self.run_url(run.id),
+            id = run.id,
+        );
+        let service = playbook
+            .escalate
+            .incident
+            .as_ref()
+            .map(|(s, _)| s.clone())
+            .or_else(|| self.incident_service.clone())
+            .unwrap_or_else(|| "reactor".into());
+        let new = NewIncident {
+            service,
+            severity: Severity::Warn,
+            title: format!("approve {} of {} for {target}?", step.name, playbook.name),
+            message,
+            source: "reactor".into(),
+            detected_at: Some(run.received_at),
+            dedup_key: Some(format!("approval/{}/{index}", run.id)),
+            run: Some(run.id.to_string()),
+            fingerprint: None,
+            approvers: Some(gate.from.clone()),
+        };
+        match incidents.create(new, self.clock.now()).await {
+            Ok((incident, _)) => Ok(Some(incident.number)),
+            Err(IncidentError::Store(e)) => Err(e),
+            Err(e) => {
+                tracing::error!(run_id = %run.id, error = %e, "could not open the approval's incident");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Ends run `id`'s wait with `decision` by `by`, if it still waits: the run's record, its
+    /// deadline entry and the approval's incident. The run as stored.
+    pub(super) async fn end_wait(
+        &self,
+        id: RunId,
+        decision: Decision,
+        by: &str,
+    ) -> Result<Run, ApprovalError> {
+        let now = self.clock.now();
+        let mut ended = false;
+        let stored = self.store.update_run(id, |r| {
+            ended = false;
+            let Some(a) = r.pending_approval() else {
+                return;
+            };
+            a.decision = Some(decision);
+            a.decided_by = Some(by.to_owned());
+            a.decided_at = Some(now);
+            let (step, from, deadline) = (a.step.clone(), a.from.clone(), a.deadline);
+            ended = true;
+            match decision {
+                Decision::Approved => {
+                    r.outcome = Outcome::Running;
+                    r.reason = None;
+                    r.note(now, format!("step {step} approved by {by}"));
+                }
+                Decision::Denied => r.settle(
+                    Outcome::Denied,
+                    &format!("step {step:?} denied by {by}; nothing of it acted"),
+                    now,
+                ),
+                Decision::TimedOut => r.settle(
+                    Outcome::Failed,
+                    &format!("no answer from {from} to the approval of step {step:?} by {deadline}; nothing of it acted"),
+                    now,
+                ),
+                Decision::Withdrawn => r.settle(
+                    Outcome::Cancelled,
+                    &format!("the alert resolved while step {step:?} waited for approval; the request is withdrawn"),
+                    now,
+                ),
+            }
+        })?;
+        let run = stored.ok_or(ApprovalError::NotFound(id))?;
+        self.approvals
+            .remove(id.key())
+            .map_err(|e| ApprovalError::Store(e.into()))?;
+        if !ended {
+            return Err(ApprovalError::NotWaiting {
+                id,
+                outcome: run.outcome,
+            });
+        }
+        self.store.history_durable().await?;
+        tracing::info!(run_id = %id, decision = decision.as_str(), by, "approval answered");
+        if decision != Decision::Approved {
+            self.metrics
+                .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
+        }
+        // The request is answered: its incident resolves, which stops its escalation.
+        let incident = run.approvals.last().and_then(|a| a.incident);
+        if let (Some(incidents), Some(number)) = (&self.incidents, incident) {
+            let note = Some(format!("approval {}", decision.as_str()));
+            let who = if matches!(decision, Decision::Approved | Decision::Denied) {
+                by
+            } else {
+                "reactor"
+            };
+            match incidents
+                .act(number, crate::incident::Action::Resolve, who, note, now)
+                .await
+            {
+                Ok(_) | Err(crate::incident::IncidentError::Conflict { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(run_id = %id, incident = number, error = %e, "could not resolve the approval's incident")
+                }
+            }
+        }
+        Ok(run)
+    }
+
+    /// Runs an approved run on from its approved step.
+    async fn run_approved(self: Arc<Self>, run: Run) {
+        let Some(playbook) = self.playbook_of(&run) else {
+            let mut run = run;
+            run.settle(
+                Outcome::Failed,
+                "its playbook is no longer loaded; the approved step did not run",
+                self.clock.now(),
+            );
+            if self.store.put_run(&run).is_ok() {
+                let _ = self.escalate(REMEDIATION_FAILED, run, None).await;
+            }
+            return;
+        };
+        self.resume(run, playbook).await;
+    }
+
+    /// Times out every wait whose deadline has passed; returns the next deadline.
+    pub async fn approval_pass(&self) -> Result<Option<Timestamp>, StoreError> {
+        let now = self.clock.now();
+        let mut next: Option<Timestamp> = None;
+        let mut due = Vec::new();
+        for kv in self.approvals.iter() {
+            let (k, v) = kv?;
+            let (Some(id), Ok(ms)) = (RunId::from_key(&k), <[u8; 8]>::try_from(&*v)) else {
+                self.approvals.remove(k)?;
+                continue;
+            };
+            let deadline =
+                Timestamp::from_millisecond(i64::from_be_bytes(ms)).unwrap_or(Timestamp::MIN);
+            if deadline <= now {
+                due.push(id);
+            } else {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+            }
+        }
+        for id in due {
+            match self.end_wait(id, Decision::TimedOut, "reactor").await {
+                Ok(run) => {
+                    tracing::warn!(run_id = %id, "approval timed out; escalating");
+                    match self.playbook_of(&run) {
+                        Some(p) => self.settled(run, &p).await?,
+                        None => self.escalate(REMEDIATION_FAILED, run, None).await?,
+                    }
+                }
+                Err(ApprovalError::Store(e)) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(next)
+    }
+
+    /// The alert behind `fingerprint` resolved: every run of it still waiting for approval is
+    /// cancelled, and its request withdrawn.
+    pub(super) async fn withdraw_approvals(
+        &self,
+        fingerprint: &Fingerprint,
+    ) -> Result<(), StoreError> {
+        let mut waiting = Vec::new();
+        for kv in self.approvals.iter() {
+            let (k, _) = kv?;
+            if let Some(id) = RunId::from_key(&k) {
+                waiting.push(id);
+            }
+        }
+        for id in waiting {
+            let of_alert = self
+                .store
+                .get_run(id)?
+                .is_some_and(|r| r.alert.fingerprint == *fingerprint);
+            if !of_alert {
+                continue;
+            }
+            match self.end_wait(id, Decision::Withdrawn, "reactor").await {
+                Ok(_) | Err(ApprovalError::NotFound(_) | ApprovalError::NotWaiting { .. }) => {}
+                Err(ApprovalError::Store(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Times out approvals at their deadlines, on the leader only; woken when a new wait starts.
+pub async fn approval_loop(engine: Arc<Engine>, shutdown: CancellationToken) {
+    const IDLE: Duration = Duration::from_secs(60);
+    loop {
+        let mut wait = IDLE;
+        if engine.leadership.is_leader() {
+            match engine.approval_pass().await {
+                Ok(Some(next)) => {
+                    let until = next.duration_since(engine.clock.now());
+                    wait = Duration::try_from(until).unwrap_or_default().min(IDLE);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    engine.metrics.store_errors.inc();
+                    tracing::error!(error = %e, "could not time out approvals");
+                    wait = Duration::from_secs(1);
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+            () = engine.approval_wake.notified() => {}
+        }
+    }
+}
