@@ -24,6 +24,8 @@ pub const PAUSE_LENGTH: Span = Span {
 /// Longest reason and `by` a pause keeps.
 pub const MAX_REASON: usize = 1024;
 pub const MAX_BY: usize = 128;
+/// How long an ended pause stays listed (`?all=true`).
+pub const KEPT_AFTER_END: Duration = Duration::from_secs(30 * 24 * 3600);
 /// At most this many pauses in force at once.
 pub const MAX_IN_FORCE: usize = 1000;
 
@@ -113,10 +115,17 @@ impl Pauses {
         Ok(pauses)
     }
 
-    /// Reads the pauses in force at `now` from sled into memory.
+    /// Reads the pauses in force at `now` from sled into memory, and forgets those that ended
+    /// more than [`KEPT_AFTER_END`] ago.
     fn refresh(&self, now: Timestamp) -> Result<(), StoreError> {
         let mut live = Vec::new();
+        let forget_before =
+            now - jiff::SignedDuration::try_from(KEPT_AFTER_END).unwrap_or_default();
         for p in self.all()? {
+            if p.lifted_at.unwrap_or(p.until) < forget_before {
+                self.tree.remove(p.id.to_be_bytes())?;
+                continue;
+            }
             if p.in_force(now) {
                 let matchers = p
                     .matchers

@@ -21,6 +21,20 @@ impl Engine {
         }
     }
 
+    /// Why a maintenance pause holds `run` of `playbook` at `now`, if one does.
+    pub(super) fn paused(&self, run: &Run, playbook: &Playbook, now: Timestamp) -> Option<String> {
+        if run.manual.is_some() {
+            return None;
+        }
+        let p = self
+            .pauses
+            .holding(&run.alert.labels, &playbook.name, now)?;
+        Some(format!(
+            "paused by {} until {} (pause {}: {}); nothing acts and reactor pages nobody",
+            p.by, p.until, p.id, p.reason
+        ))
+    }
+
     /// Decides whether `run` may remediate, as [`Engine::guarded`] does; a corrupt guard record
     /// refuses the run (skipped, counted, paged) instead of resetting the target's guards.
     pub(super) fn admit(
@@ -70,6 +84,12 @@ impl Engine {
             run.settle(Outcome::Skipped, &reason, now);
             return Ok(false);
         }
+        // A maintenance pause holds the alerts it names, before the guards count them (a run
+        // asked for by hand is not paused).
+        if let Some(p) = self.paused(run, playbook, now) {
+            run.settle(Outcome::Paused, &p, now);
+            return Ok(false);
+        }
         let policy = &playbook.guards;
         let admission = match run.manual {
             Some(_) => Admission::Target(self.guards.admit_manual(
@@ -112,7 +132,7 @@ impl Engine {
                 );
                 run.settle(Outcome::Skipped, &reason, now);
                 self.metrics.guard_tripped(&playbook.name, "loop");
-                if escalate {
+                if escalate && !self.shadow(playbook) {
                     tracing::warn!(run_id = %run.id, playbook = %playbook.name, "remediation loop detected; escalating once");
                     pages.push(Page {
                         alertname: REMEDIATION_LOOP,

@@ -21,7 +21,7 @@ pub enum Answer {
 pub enum ApprovalError {
     #[error("no run {0}")]
     NotFound(RunId),
-    #[error("run {id} is {outcome}: it waits for no approval")]
+    #[error("run {id} is {outcome}: it waits for no approval (or not for this one)")]
     NotWaiting { id: RunId, outcome: Outcome },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -34,12 +34,20 @@ pub struct Approver(pub(crate) Arc<Engine>);
 impl Approver {
     /// Records `answer` by `by` for the run `id`: approve runs the step (on a task of its own),
     /// deny ends the run `denied`. The run as stored after the answer.
-    pub async fn decide(&self, id: RunId, answer: Answer, by: &str) -> Result<Run, ApprovalError> {
+    /// `meant`: the request the answer was given for (the step named, the incident whose link
+    /// was used); an answer meant for another request of the run changes nothing.
+    pub async fn decide(
+        &self,
+        id: RunId,
+        answer: Answer,
+        by: &str,
+        meant: impl Fn(&Approval) -> bool,
+    ) -> Result<Run, ApprovalError> {
         let decision = match answer {
             Answer::Approve => Decision::Approved,
             Answer::Deny => Decision::Denied,
         };
-        let run = self.0.end_wait(id, decision, by).await?;
+        let run = self.0.end_wait(id, decision, by, meant).await?;
         if answer == Answer::Approve {
             let engine = Arc::clone(&self.0);
             let resumed = run.clone();
@@ -110,6 +118,11 @@ impl Engine {
                 a.incident = Some(number);
             }
         }
+        // The wait holds nothing: the run leaves the in-flight registry, and its silence ends so
+        // the humans see the alert, before the wait is on record (an answer may resume it at once).
+        self.in_flight.remove(run.id);
+        self.metrics.in_flight.dec();
+        self.expire_silence(&mut run).await?;
         // The deadline before the run: a crash between them leaves an entry that finds no
         // waiting run, never a waiting run without a deadline.
         self.approvals.insert(
@@ -119,8 +132,6 @@ impl Engine {
         self.record(&run, unrecorded)?;
         self.store.history_durable().await?;
         self.approval_wake.notify_one();
-        self.metrics
-            .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
         tracing::info!(step = %step.name, from = %gate.from, %deadline, "waiting for approval");
         Ok(run)
     }
@@ -195,12 +206,13 @@ impl Engine {
         id: RunId,
         decision: Decision,
         by: &str,
+        meant: impl Fn(&Approval) -> bool,
     ) -> Result<Run, ApprovalError> {
         let now = self.clock.now();
         let mut ended = false;
         let stored = self.store.update_run(id, |r| {
             ended = false;
-            let Some(a) = r.pending_approval() else {
+            let Some(a) = r.pending_approval().filter(|a| meant(a)) else {
                 return;
             };
             a.decision = Some(decision);
@@ -231,10 +243,20 @@ impl Engine {
                 ),
             }
         })?;
-        let run = stored.ok_or(ApprovalError::NotFound(id))?;
-        self.approvals
-            .remove(id.key())
-            .map_err(|e| ApprovalError::Store(e.into()))?;
+        let forget = || {
+            self.approvals
+                .remove(id.key())
+                .map_err(|e| ApprovalError::Store(e.into()))
+        };
+        let Some(run) = stored else {
+            forget()?;
+            return Err(ApprovalError::NotFound(id));
+        };
+        // A timeout's entry stays until its page is queued (see `approval_pass`), so a crash in
+        // between still pages after the restart.
+        if ended && decision != Decision::TimedOut {
+            forget()?;
+        }
         if !ended {
             return Err(ApprovalError::NotWaiting {
                 id,
@@ -283,6 +305,17 @@ impl Engine {
             }
             return;
         };
+        let now = self.clock.now();
+        if let Some(why) = self.paused(&run, &playbook, now) {
+            // A pause began while the run waited: the approved step does not run either.
+            let mut run = run;
+            run.settle(Outcome::Paused, &why, now);
+            if self.store.put_run(&run).is_ok() {
+                self.metrics
+                    .run_recorded(run.playbook.as_deref(), run.outcome.as_str());
+            }
+            return;
+        }
         self.resume(run, playbook).await;
     }
 
@@ -306,17 +339,28 @@ impl Engine {
             }
         }
         for id in due {
-            match self.end_wait(id, Decision::TimedOut, "reactor").await {
-                Ok(run) => {
-                    tracing::warn!(run_id = %id, "approval timed out; escalating");
-                    match self.playbook_of(&run) {
-                        Some(p) => self.settled(run, &p).await?,
-                        None => self.escalate(REMEDIATION_FAILED, run, None).await?,
-                    }
-                }
+            let run = match self
+                .end_wait(id, Decision::TimedOut, "reactor", |_| true)
+                .await
+            {
+                Ok(run) => Some(run),
+                // Timed out before a crash that came before its page: page now.
+                Err(ApprovalError::NotWaiting { .. }) => self.store.get_run(id)?.filter(|r| {
+                    r.escalation.is_none()
+                        && r.notifications.is_empty()
+                        && r.approvals.last().and_then(|a| a.decision) == Some(Decision::TimedOut)
+                }),
                 Err(ApprovalError::Store(e)) => return Err(e),
-                Err(_) => {}
+                Err(ApprovalError::NotFound(_)) => None,
+            };
+            if let Some(run) = run {
+                tracing::warn!(run_id = %id, "approval timed out; escalating");
+                match self.playbook_of(&run) {
+                    Some(p) => self.settled(run, &p).await?,
+                    None => self.escalate(REMEDIATION_FAILED, run, None).await?,
+                }
             }
+            self.approvals.remove(id.key())?;
         }
         Ok(next)
     }
@@ -342,7 +386,10 @@ impl Engine {
             if !of_alert {
                 continue;
             }
-            match self.end_wait(id, Decision::Withdrawn, "reactor").await {
+            match self
+                .end_wait(id, Decision::Withdrawn, "reactor", |_| true)
+                .await
+            {
                 Ok(_) | Err(ApprovalError::NotFound(_) | ApprovalError::NotWaiting { .. }) => {}
                 Err(ApprovalError::Store(e)) => return Err(e),
             }

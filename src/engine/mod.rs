@@ -301,20 +301,6 @@ impl Engine {
             let copies = std::iter::repeat_n(alert, matched.len().min(u16::MAX as usize));
             for ((i, playbook), alert) in matched.iter().enumerate().zip(copies) {
                 let mut run = new_run(i, alert, Some(playbook));
-                // A maintenance pause holds the alerts it names (not a run asked for by hand).
-                let pause = manual
-                    .is_none()
-                    .then(|| self.pauses.holding(&run.alert.labels, &playbook.name, now))
-                    .flatten();
-                if let Some(p) = pause {
-                    let reason = format!(
-                        "paused by {} until {} (pause {}: {}); nothing acts and reactor pages nobody",
-                        p.by, p.until, p.id, p.reason
-                    );
-                    run.settle(Outcome::Paused, &reason, now);
-                    records.push(run);
-                    continue;
-                }
                 if !self.admit(&mut run, playbook, now, &mut pages)? {
                     records.push(run);
                     continue;

@@ -56,9 +56,15 @@ impl Engine {
                     })
                 }
             };
+            let run = match result {
+                // The wait left the in-flight registry (and its silence) before it began: an
+                // answer may already have resumed the run, which is no longer this task's.
+                Ok(run) if run.outcome == Outcome::AwaitingApproval => return Ok(()),
+                other => other,
+            };
             self.in_flight.remove(id);
             self.metrics.in_flight.dec();
-            let run = result?;
+            let run = run?;
             self.settled(run, &playbook).await
         }
         .instrument(span)
@@ -294,6 +300,10 @@ impl Engine {
                         ),
                     );
                 } else if !run.approved(index) {
+                    if cancel.is_cancelled() {
+                        // The alert resolved meanwhile: nobody is asked.
+                        break 'steps;
+                    }
                     return self
                         .ask_approval(run, playbook, index, gate, &mut unrecorded)
                         .await;

@@ -422,7 +422,10 @@ impl Store {
                 break;
             }
             looked_below = looked_below.max(run.id.seq + 1);
-            if matches!(run.outcome, Outcome::Running | Outcome::Verifying) {
+            if matches!(
+                run.outcome,
+                Outcome::Running | Outcome::Verifying | Outcome::AwaitingApproval
+            ) {
                 continue;
             }
             self.inner.runs.remove(&k)?;

@@ -219,6 +219,9 @@ pub struct ApprovalBody {
     pub decision: crate::engine::Answer,
     #[serde(default)]
     pub by: Option<String>,
+    /// The gated step the answer is for; without it, whichever the run waits on.
+    #[serde(default)]
+    pub step: Option<String>,
 }
 
 /// Answers the approval a run waits for: 200 with the run; 404 for no run; 409 naming the
@@ -238,7 +241,9 @@ pub async fn approval(
             "approvals are not served here",
         ));
     };
-    decide(approver, id, req.decision, &who(req.by))
+    let step = req.step;
+    let meant = |a: &crate::history::Approval| step.as_ref().is_none_or(|s| *s == a.step);
+    decide(approver, id, req.decision, &who(req.by), meant)
         .await
         .map(Json)
 }
@@ -249,11 +254,15 @@ pub(super) async fn decide(
     id: RunId,
     answer: crate::engine::Answer,
     by: &str,
+    meant: impl Fn(&crate::history::Approval) -> bool,
 ) -> Result<Run, ApiError> {
     use crate::engine::ApprovalError;
-    approver.decide(id, answer, by).await.map_err(|e| match e {
-        ApprovalError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-        ApprovalError::NotWaiting { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-        ApprovalError::Store(e) => ApiError::internal(e),
-    })
+    approver
+        .decide(id, answer, by, meant)
+        .await
+        .map_err(|e| match e {
+            ApprovalError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            ApprovalError::NotWaiting { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            ApprovalError::Store(e) => ApiError::internal(e),
+        })
 }

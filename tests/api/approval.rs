@@ -206,6 +206,11 @@ async fn a_deny_ends_the_run_denied_with_nothing_deleted_and_nobody_paged() {
     let gate = Gate::start("15m").await;
     let run = gate.waiting_run().await;
     let id = run["id"].as_str().unwrap();
+    // An answer meant for another step changes nothing.
+    let url = gate.app.url(&format!("/api/v1/runs/{id}/approval"));
+    let body = json!({"decision": "approve", "by": "alice", "step": "another-step"});
+    let other = gate.app.client.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(other.status(), StatusCode::CONFLICT);
     let (status, _) = gate.answer(id, "deny", "alice").await;
     assert_eq!(status, StatusCode::OK);
     let run = gate.settled(id).await;
@@ -439,7 +444,11 @@ async fn the_console_and_a_signed_link_answer_an_approval_and_refuse_a_forged_fo
         .post(
             &page_path,
             Some(&reader),
-            &[("decision", "approve"), ("csrf", &csrf(&page.body))],
+            &[
+                ("decision", "approve"),
+                ("step", "echo"),
+                ("csrf", &csrf(&page.body)),
+            ],
         )
         .await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
@@ -450,7 +459,11 @@ async fn the_console_and_a_signed_link_answer_an_approval_and_refuse_a_forged_fo
         .post(
             &page_path,
             Some(&oncall),
-            &[("decision", "approve"), ("csrf", "forged")],
+            &[
+                ("decision", "approve"),
+                ("step", "echo"),
+                ("csrf", "forged"),
+            ],
         )
         .await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
@@ -467,7 +480,11 @@ async fn the_console_and_a_signed_link_answer_an_approval_and_refuse_a_forged_fo
         .post(
             &page_path,
             Some(&oncall),
-            &[("decision", "deny"), ("csrf", &csrf(&page.body))],
+            &[
+                ("decision", "deny"),
+                ("step", "echo"),
+                ("csrf", &csrf(&page.body)),
+            ],
         )
         .await;
     assert_eq!(denied.status, StatusCode::OK, "{}", denied.body);

@@ -753,7 +753,8 @@ pub(super) async fn claim(
                 ),
             );
         };
-        return answer_run(&state, None, run, &decision, &by).await;
+        let meant = |a: &crate::history::Approval| a.incident == Some(claim.number);
+        return answer_run(&state, None, run, &decision, &by, meant).await;
     }
     match state
         .desk
@@ -785,6 +786,9 @@ pub(super) async fn claim(
 pub(super) struct AnswerForm {
     #[serde(default)]
     decision: String,
+    /// The gated step the page showed.
+    #[serde(default)]
+    step: String,
     #[serde(default)]
     csrf: String,
 }
@@ -805,6 +809,7 @@ async fn answer_run(
     id: RunId,
     decision: &str,
     by: &str,
+    meant: impl Fn(&crate::history::Approval) -> bool,
 ) -> Response {
     let Some(answer) = answer_of(decision) else {
         return message(
@@ -822,7 +827,7 @@ async fn answer_run(
             "approvals are not served here",
         );
     };
-    match crate::routes::runs::decide(approver, id, answer, by).await {
+    match crate::routes::runs::decide(approver, id, answer, by, meant).await {
         Ok(run) => message(
             StatusCode::OK,
             session,
@@ -864,5 +869,6 @@ pub(super) async fn answer(
         );
     };
     let by = session.name.clone();
-    answer_run(&state, Some(&session), run_id, &form.decision, &by).await
+    let meant = |a: &crate::history::Approval| a.step == form.step;
+    answer_run(&state, Some(&session), run_id, &form.decision, &by, meant).await
 }
