@@ -267,17 +267,18 @@ pub async fn list(
     Ok(Json(found))
 }
 
+/// The name of the API key a request of the incident API came with (none for the service's
+/// own credentials).
+#[derive(Debug, Clone)]
+pub struct KeyName(pub String);
+
 /// The scope a request to the incident API needs: `incidents:write` to open, `incidents:ack`
 /// to claim, resolve, reopen or note, `read` to read. The service's own credentials may do all.
-pub async fn require_scope(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if super::admin(&state, &req) {
-        return next.run(req).await;
-    }
-    let needed = match *req.method() {
-        Method::PUT => Scope::IncidentsWrite,
-        Method::POST => Scope::IncidentsAck,
-        _ => Scope::Read,
-    };
+pub async fn require_scope(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let secret: Option<String> = {
         let headers = req.headers();
         let text = |v: &header::HeaderValue| v.to_str().ok().map(str::to_owned);
@@ -287,6 +288,19 @@ pub async fn require_scope(State(state): State<AppState>, req: Request, next: Ne
                 .and_then(text)
                 .and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned))
         })
+    };
+    if super::admin(&state, &req) {
+        // No credentials are configured, or the service's own: a key sent anyway still names
+        // who answered.
+        if let Some(Ok(Some(k))) = secret.as_deref().map(|s| state.desk.keys.find(s)) {
+            req.extensions_mut().insert(KeyName(k.name));
+        }
+        return next.run(req).await;
+    }
+    let needed = match *req.method() {
+        Method::PUT => Scope::IncidentsWrite,
+        Method::POST => Scope::IncidentsAck,
+        _ => Scope::Read,
     };
     let Some(secret) = secret else {
         return super::unauthorized(
@@ -306,7 +320,11 @@ pub async fn require_scope(State(state): State<AppState>, req: Request, next: Ne
             ),
         )
         .into_response(),
-        Ok(Some(_)) => next.run(req).await,
+        Ok(Some(k)) => {
+            // Who answered is recorded by the key, whatever name the body gives.
+            req.extensions_mut().insert(KeyName(k.name));
+            next.run(req).await
+        }
     }
 }
 

@@ -228,6 +228,7 @@ pub struct ApprovalBody {
 /// run's outcome when it waits for none (answered, timed out, or withdrawn already).
 pub async fn approval(
     State(state): State<AppState>,
+    key: Option<axum::Extension<super::incidents::KeyName>>,
     Path(id): Path<String>,
     body: Result<Json<ApprovalBody>, JsonRejection>,
 ) -> Result<Json<Run>, ApiError> {
@@ -241,9 +242,17 @@ pub async fn approval(
             "approvals are not served here",
         ));
     };
+    // With an API key, the record names the key: `by` alone is whatever the caller typed.
+    let by = match (key, req.by) {
+        (Some(axum::Extension(k)), Some(b)) if b.trim() != k.0 => {
+            format!("{} (key {})", who(Some(b)), k.0)
+        }
+        (Some(axum::Extension(k)), _) => k.0,
+        (None, b) => who(b),
+    };
     let step = req.step;
     let meant = |a: &crate::history::Approval| step.as_ref().is_none_or(|s| *s == a.step);
-    decide(approver, id, req.decision, &who(req.by), meant)
+    decide(approver, id, req.decision, &by, meant)
         .await
         .map(Json)
 }

@@ -211,11 +211,31 @@ async fn a_deny_ends_the_run_denied_with_nothing_deleted_and_nobody_paged() {
     let body = json!({"decision": "approve", "by": "alice", "step": "another-step"});
     let other = gate.app.client.post(&url).json(&body).send().await.unwrap();
     assert_eq!(other.status(), StatusCode::CONFLICT);
-    let (status, _) = gate.answer(id, "deny", "alice").await;
-    assert_eq!(status, StatusCode::OK);
+    // An on-call's API key with incidents:ack denies; the record names the key too.
+    let made: Value = gate
+        .app
+        .client
+        .post(gate.app.url("/api/v1/keys"))
+        .json(&json!({"name": "oncall", "scopes": ["incidents:ack"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let denied = gate
+        .app
+        .client
+        .post(&url)
+        .header("X-API-Key", made["key"].as_str().unwrap())
+        .json(&json!({"decision": "deny", "by": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), StatusCode::OK);
     let run = gate.settled(id).await;
     assert_eq!(run["outcome"], "denied", "{run}");
-    assert_eq!(run["approvals"][0]["decidedBy"], "alice");
+    assert_eq!(run["approvals"][0]["decidedBy"], "alice (key oncall)");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(gate.api.deletions().is_empty());
     assert!(gate.am.posted_alerts("RemediationFailed").is_empty());

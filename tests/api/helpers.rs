@@ -692,3 +692,19 @@ pub async fn wait_healthy(port: u16) {
     .await
     .expect("reactor answers /healthz");
 }
+
+/// `<node>/var/log/syslog.2.gz`, 4096 bytes, last written 8 days ago: what the shipped disk
+/// playbook cleans up.
+pub fn old_log(node: &std::path::Path) -> PathBuf {
+    let logs = node.join("var/log");
+    std::fs::create_dir_all(&logs).unwrap();
+    let old = logs.join("syslog.2.gz");
+    std::fs::write(&old, vec![0u8; 4096]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(8 * 86_400))
+        .unwrap();
+    old
+}

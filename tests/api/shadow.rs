@@ -111,3 +111,34 @@ async fn a_shadow_playbook_deletes_nothing_pages_nobody_and_lists_the_delete_it_
     assert_eq!(api.deletions(), ["/api/v1/namespaces/shop/pods/web-1"]);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn in_shadow_for_all_the_shipped_disk_playbook_lists_the_file_it_would_delete_and_keeps_it() {
+    let node = tempfile::tempdir().unwrap();
+    let old = crate::helpers::old_log(node.path());
+    let logs = old.parent().unwrap().to_path_buf();
+    let root = logs.clone();
+    // As REACTOR_MODE=shadow sets it.
+    let app = TestApp::spawn(move |s| {
+        s.disk_cleanup.allowed_roots = vec![root];
+        s.mode = reactor::playbook::Mode::Shadow;
+    })
+    .await;
+    let mut body = payload(&[("NodeFilesystemAlmostOutOfSpace", "5ad0000000000d15")]);
+    let labels = &mut body["alerts"][0]["labels"];
+    labels["mountpoint"] = json!(node.path());
+    labels["device"] = json!("/dev/sda1");
+    labels["fstype"] = json!("ext4");
+    assert_eq!(app.post_webhook(&body).await.status(), 202);
+    let runs = app
+        .wait_for_runs("mode=shadow", Duration::from_secs(10), |r| !r.is_empty())
+        .await;
+    let run = &runs[0];
+    assert_eq!(run["outcome"], "shadow", "{run}");
+    let actions = run["shadowActions"].as_array().unwrap();
+    assert_eq!(actions.len(), 1, "{run}");
+    let action = actions[0].as_str().unwrap();
+    assert!(action.starts_with("delete 1 file(s) matching"), "{action}");
+    assert!(old.exists(), "nothing deleted");
+    app.stop().await;
+}

@@ -228,16 +228,8 @@ async fn an_undeliverable_escalation_is_visible_on_the_run() {
 #[tokio::test]
 async fn the_shipped_disk_playbook_frees_space_under_an_allowed_root() {
     let node = tempfile::tempdir().unwrap();
-    let logs = node.path().join("var/log");
-    std::fs::create_dir_all(&logs).unwrap();
-    let old = logs.join("syslog.2.gz");
-    std::fs::write(&old, vec![0u8; 4096]).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&old)
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() - Duration::from_secs(8 * 86_400))
-        .unwrap();
+    let old = crate::helpers::old_log(node.path());
+    let logs = old.parent().unwrap().to_path_buf();
     let fresh = logs.join("syslog.1.gz");
     std::fs::write(&fresh, b"new").unwrap();
     let root = logs.clone();

@@ -375,6 +375,21 @@ pub(super) fn register_disk_cleanup(engine: &mut Engine, roots: Vec<PathBuf>) {
             report.bytes,
             if report.dry_run { " (dry run)" } else { "" }
         ));
+        if !report.files.is_empty() {
+            // On the run as a change, so a shadow run lists what it would have deleted.
+            let shown: Vec<&String> = report.files.iter().take(20).collect();
+            record_changes(&mut vec![Change {
+                verb: "delete".into(),
+                object: format!(
+                    "{} file(s) matching {glob} under {path}",
+                    report.files.len()
+                ),
+                namespace: String::new(),
+                dry_run: report.dry_run,
+                result: "ok".into(),
+                detail: serde_json::json!({"files": shown, "bytes": report.bytes}),
+            }]);
+        }
         rhai::serde::to_dynamic(&report)
     };
     let r3 = run.clone();
