@@ -105,13 +105,14 @@ pub struct Pauses {
 }
 
 impl Pauses {
-    pub fn open(store: &Store) -> Result<Pauses, StoreError> {
+    /// The pauses in `store`, with those in force at `now` read into memory.
+    pub fn open(store: &Store, now: Timestamp) -> Result<Pauses, StoreError> {
         let pauses = Pauses {
             store: store.clone(),
             tree: store.tree("pauses")?,
             in_force: Arc::default(),
         };
-        pauses.refresh(Timestamp::now())?;
+        pauses.refresh(now)?;
         Ok(pauses)
     }
 
@@ -279,7 +280,7 @@ mod tests {
     async fn a_pause_holds_matching_alerts_until_it_expires_or_is_lifted() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let pauses = Pauses::open(&store).unwrap();
+        let pauses = Pauses::open(&store, Timestamp::now()).unwrap();
         let now: Timestamp = "2026-12-03T10:00:00Z".parse().unwrap();
         let new = NewPause {
             matchers: Some("namespace=\"shop\"".into()),
@@ -306,7 +307,7 @@ mod tests {
         ));
         // Pauses survive a restart.
         drop(pauses);
-        let again = Pauses::open(&store).unwrap();
+        let again = Pauses::open(&store, Timestamp::now()).unwrap();
         assert_eq!(again.all().unwrap().len(), 1);
     }
 
@@ -314,7 +315,7 @@ mod tests {
     async fn a_bad_pause_is_refused_naming_the_field() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let pauses = Pauses::open(&store).unwrap();
+        let pauses = Pauses::open(&store, Timestamp::now()).unwrap();
         let now = Timestamp::now();
         let refused = |new: NewPause| {
             let pauses = pauses.clone();

@@ -125,10 +125,9 @@ impl Engine {
         self.expire_silence(&mut run).await?;
         // The deadline before the run: a crash between them leaves an entry that finds no
         // waiting run, never a waiting run without a deadline.
-        self.approvals.insert(
-            run.id.key(),
-            &deadline.as_millisecond().max(0).to_be_bytes(),
-        )?;
+        let mut entry = deadline.as_millisecond().max(0).to_be_bytes().to_vec();
+        entry.extend_from_slice(run.alert.fingerprint.as_str().as_bytes());
+        self.approvals.insert(run.id.key(), entry)?;
         self.record(&run, unrecorded)?;
         self.store.history_durable().await?;
         self.approval_wake.notify_one();
@@ -170,12 +169,8 @@ impl Engine {
             self.run_url(run.id),
             id = run.id,
         );
-        let service = playbook
-            .escalate
-            .incident
-            .as_ref()
-            .map(|(s, _)| s.clone())
-            .or_else(|| self.incident_service.clone())
+        let service = self
+            .incident_service_of(Some(playbook))
             .unwrap_or_else(|| "reactor".into());
         let new = NewIncident {
             service,
@@ -319,19 +314,34 @@ impl Engine {
         self.resume(run, playbook).await;
     }
 
+    /// The runs waiting for an answer: id, deadline and the alert's fingerprint, from the
+    /// `approvals` tree (an entry that does not parse is dropped).
+    fn waiting(&self) -> Result<Vec<(RunId, Timestamp, String)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.approvals.iter() {
+            let (k, v) = kv?;
+            let parsed = RunId::from_key(&k).zip(v.split_first_chunk::<8>());
+            let Some((id, (ms, fingerprint))) = parsed else {
+                self.approvals.remove(k)?;
+                continue;
+            };
+            let deadline =
+                Timestamp::from_millisecond(i64::from_be_bytes(*ms)).unwrap_or(Timestamp::MIN);
+            out.push((
+                id,
+                deadline,
+                String::from_utf8_lossy(fingerprint).into_owned(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Times out every wait whose deadline has passed; returns the next deadline.
     pub async fn approval_pass(&self) -> Result<Option<Timestamp>, StoreError> {
         let now = self.clock.now();
         let mut next: Option<Timestamp> = None;
         let mut due = Vec::new();
-        for kv in self.approvals.iter() {
-            let (k, v) = kv?;
-            let (Some(id), Ok(ms)) = (RunId::from_key(&k), <[u8; 8]>::try_from(&*v)) else {
-                self.approvals.remove(k)?;
-                continue;
-            };
-            let deadline =
-                Timestamp::from_millisecond(i64::from_be_bytes(ms)).unwrap_or(Timestamp::MIN);
+        for (id, deadline, _) in self.waiting()? {
             if deadline <= now {
                 due.push(id);
             } else {
@@ -371,19 +381,8 @@ impl Engine {
         &self,
         fingerprint: &Fingerprint,
     ) -> Result<(), StoreError> {
-        let mut waiting = Vec::new();
-        for kv in self.approvals.iter() {
-            let (k, _) = kv?;
-            if let Some(id) = RunId::from_key(&k) {
-                waiting.push(id);
-            }
-        }
-        for id in waiting {
-            let of_alert = self
-                .store
-                .get_run(id)?
-                .is_some_and(|r| r.alert.fingerprint == *fingerprint);
-            if !of_alert {
+        for (id, _, of) in self.waiting()? {
+            if of != fingerprint.as_str() {
                 continue;
             }
             match self

@@ -121,6 +121,7 @@ impl Engine {
         external_url: String,
     ) -> Result<Engine, StoreError> {
         let metrics = Arc::new(Metrics::default());
+        let now = clock.now();
         Ok(Engine {
             health: Arc::new(Health::new(&metrics)),
             metrics,
@@ -135,7 +136,7 @@ impl Engine {
             shadow_all: false,
             approvals: store.tree("approvals")?,
             approval_wake: Arc::new(Notify::new()),
-            pauses: crate::pause::Pauses::open(&store)?,
+            pauses: crate::pause::Pauses::open(&store, now)?,
             store,
             playbooks,
             executor,
@@ -413,10 +414,7 @@ impl Engine {
                 .page_run(run.id, &fingerprint, &notice, &channels, now)
                 .await?;
         }
-        let service = playbook
-            .and_then(|p| p.escalate.incident.as_ref())
-            .map(|(s, _)| s.clone())
-            .or_else(|| self.incident_service.clone());
+        let service = self.incident_service_of(playbook);
         let mut page = page;
         if let Some(service) = service {
             if let Some((number, epoch)) =
@@ -501,6 +499,15 @@ impl Engine {
                 Ok(None)
             }
         }
+    }
+
+    /// The service a run of `playbook` opens incidents for: its `escalate.incident`, else
+    /// `incidents.service`.
+    fn incident_service_of(&self, playbook: Option<&Playbook>) -> Option<String> {
+        playbook
+            .and_then(|p| p.escalate.incident.as_ref())
+            .map(|(s, _)| s.clone())
+            .or_else(|| self.incident_service.clone())
     }
 
     /// The channels a failed run of `playbook` pages: its `escalate.to`, else `route.to`.

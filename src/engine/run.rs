@@ -486,16 +486,11 @@ impl Engine {
                 .inc();
             actions.push(action);
         }
-        let reason = match &failure {
-            Some(f) => format!(
-                "shadow: nothing acted; {} action(s) it would have taken, then {f}",
-                actions.len()
-            ),
-            None => format!(
-                "shadow: nothing acted; {} action(s) it would have taken",
-                actions.len()
-            ),
-        };
+        let then = failure.map(|f| format!(", then {f}")).unwrap_or_default();
+        let reason = format!(
+            "shadow: nothing acted; {} action(s) it would have taken{then}",
+            actions.len()
+        );
         run.shadow_actions = actions;
         run.settle(Outcome::Shadow, &reason, now);
         tracing::info!(actions = run.shadow_actions.len(), "shadow run recorded");

@@ -6,7 +6,6 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
@@ -30,7 +29,7 @@ pub async fn create(
     let loaded = |name: &str| in_force.get(name).is_some();
     let pause = state
         .pauses
-        .create(new, loaded, Timestamp::now())
+        .create(new, loaded, state.desk.clock.now())
         .await
         .map_err(error)?;
     tracing::info!(pause = pause.id, by = %pause.by, until = %pause.until, playbook = pause.playbook.as_deref(), matchers = pause.matchers.as_deref(), "maintenance pause started");
@@ -49,7 +48,7 @@ pub async fn list(
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Pause>>, ApiError> {
     let Query(q) = q.map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, r.body_text()))?;
-    let now = Timestamp::now();
+    let now = state.desk.clock.now();
     let mut pauses = state.pauses.all().map_err(ApiError::internal)?;
     if !q.all {
         pauses.retain(|p| p.in_force(now));
@@ -80,7 +79,7 @@ pub async fn lift(
     let by = q.by.unwrap_or_else(|| "api".into());
     let pause = state
         .pauses
-        .lift(id, &by, Timestamp::now())
+        .lift(id, &by, state.desk.clock.now())
         .await
         .map_err(error)?;
     tracing::info!(pause = id, by = %by, "maintenance pause lifted");

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use jiff::Timestamp;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -16,7 +15,7 @@ use crate::helpers::{
     client, free_port, payload, run_binary, spawn_binary, wait_for, wait_healthy, Capture,
     PlaybookDir, TestApp,
 };
-use crate::oncall::{pages_to, seed_oncall, wait_for_page};
+use crate::oncall::{pages_to, wait_for_page, write_seed_oncall};
 
 const POD: &str = "/api/v1/namespaces/shop/pods/web-1";
 
@@ -62,33 +61,17 @@ impl Gate {
         let api = FakeApi::start(vec![pod("shop", "web-1", Some(("ReplicaSet", "web-5d9")))]).await;
         let (pager, am) = (Capture::start().await, Capture::start().await);
         let dir = PlaybookDir::new(&[("playbooks/crashloop.yaml", &playbook(timeout))]);
-        std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
-        let today = Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
-        std::fs::write(
-            dir.path().join("oncall/devops.yaml"),
-            seed_oncall(&today.to_string(), "10m"),
-        )
-        .unwrap();
+        let oncall = write_seed_oncall(dir.path(), "10m");
         let chans = channels(&format!(
             "pager:\n  type: webhook\n  url: {}/\n",
             pager.url()
         ));
-        let (kube, books, scripts, oncall, am_url) = (
-            api.settings(),
-            dir.playbooks(),
-            dir.scripts(),
-            dir.path().join("oncall"),
-            am.url(),
-        );
-        let app = TestApp::spawn(move |s| {
-            s.kubernetes = kube;
-            s.alertmanager.url = Some(am_url);
-            s.playbooks_dir = books;
-            s.scripts_dir = scripts;
-            s.oncall_dir = oncall;
-            s.channels = chans;
-        })
-        .await;
+        let app = api
+            .app(&dir, &am, move |s| {
+                s.oncall_dir = oncall;
+                s.channels = chans;
+            })
+            .await;
         Gate {
             app,
             api,
@@ -115,16 +98,20 @@ impl Gate {
         runs[0].clone()
     }
 
-    async fn answer(&self, run: &str, decision: &str, by: &str) -> (StatusCode, Value) {
-        let resp = self
-            .app
-            .client
-            .post(self.app.url(&format!("/api/v1/runs/{run}/approval")))
-            .json(&json!({"decision": decision, "by": by}))
-            .send()
-            .await
-            .unwrap();
+    /// POSTs `body` to `path`, with the API key `key` if any: the status and the JSON answer.
+    async fn post(&self, path: &str, body: Value, key: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.app.client.post(self.app.url(path)).json(&body);
+        if let Some(k) = key {
+            req = req.header("X-API-Key", k);
+        }
+        let resp = req.send().await.unwrap();
         (resp.status(), resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn answer(&self, run: &str, decision: &str, by: &str) -> (StatusCode, Value) {
+        let path = format!("/api/v1/runs/{run}/approval");
+        self.post(&path, json!({"decision": decision, "by": by}), None)
+            .await
     }
 
     async fn settled(&self, run: &str) -> Value {
@@ -207,32 +194,16 @@ async fn a_deny_ends_the_run_denied_with_nothing_deleted_and_nobody_paged() {
     let run = gate.waiting_run().await;
     let id = run["id"].as_str().unwrap();
     // An answer meant for another step changes nothing.
-    let url = gate.app.url(&format!("/api/v1/runs/{id}/approval"));
+    let path = format!("/api/v1/runs/{id}/approval");
     let body = json!({"decision": "approve", "by": "alice", "step": "another-step"});
-    let other = gate.app.client.post(&url).json(&body).send().await.unwrap();
-    assert_eq!(other.status(), StatusCode::CONFLICT);
+    let (other, _) = gate.post(&path, body, None).await;
+    assert_eq!(other, StatusCode::CONFLICT);
     // An on-call's API key with incidents:ack denies; the record names the key too.
-    let made: Value = gate
-        .app
-        .client
-        .post(gate.app.url("/api/v1/keys"))
-        .json(&json!({"name": "oncall", "scopes": ["incidents:ack"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let denied = gate
-        .app
-        .client
-        .post(&url)
-        .header("X-API-Key", made["key"].as_str().unwrap())
-        .json(&json!({"decision": "deny", "by": "alice"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(denied.status(), StatusCode::OK);
+    let key = json!({"name": "oncall", "scopes": ["incidents:ack"]});
+    let (_, made) = gate.post("/api/v1/keys", key, None).await;
+    let body = json!({"decision": "deny", "by": "alice"});
+    let (denied, _) = gate.post(&path, body, made["key"].as_str()).await;
+    assert_eq!(denied, StatusCode::OK);
     let run = gate.settled(id).await;
     assert_eq!(run["outcome"], "denied", "{run}");
     assert_eq!(run["approvals"][0]["decidedBy"], "alice (key oncall)");
@@ -293,13 +264,7 @@ async fn the_alert_resolving_while_waiting_cancels_the_run_and_withdraws_the_req
 async fn a_sigkill_while_waiting_keeps_the_wait_and_reactor_approve_ends_it_after_the_restart() {
     let api = FakeApi::start(vec![pod("shop", "web-1", Some(("ReplicaSet", "web-5d9")))]).await;
     let dir = PlaybookDir::new(&[("playbooks/crashloop.yaml", &playbook("15m"))]);
-    std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
-    let today = Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
-    std::fs::write(
-        dir.path().join("oncall/devops.yaml"),
-        seed_oncall(&today.to_string(), "10m"),
-    )
-    .unwrap();
+    let oncall = write_seed_oncall(dir.path(), "10m");
     let port = free_port();
     let config = dir.binary_config(
         port,
@@ -307,7 +272,7 @@ async fn a_sigkill_while_waiting_keeps_the_wait_and_reactor_approve_ends_it_afte
         &format!(
             "kubernetes:\n  kubeconfig: [{}]\noncall_dir: {}\nchannels:\n  pager:\n    type: webhook\n    url: http://127.0.0.1:9/\n",
             api.kubeconfig().display(),
-            dir.path().join("oncall").display()
+            oncall.display()
         ),
     );
     let config = config.display().to_string();

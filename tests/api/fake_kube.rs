@@ -53,6 +53,26 @@ pub struct FakeApi {
 }
 
 impl FakeApi {
+    /// reactor against this cluster, with `dir`'s playbooks and scripts and Alertmanager at
+    /// `am`, then `more`.
+    pub async fn app(
+        &self,
+        dir: &crate::helpers::PlaybookDir,
+        am: &crate::helpers::Capture,
+        more: impl FnOnce(&mut reactor::config::Settings),
+    ) -> crate::helpers::TestApp {
+        let (kube, books, scripts, am_url) =
+            (self.settings(), dir.playbooks(), dir.scripts(), am.url());
+        crate::helpers::TestApp::spawn(move |s| {
+            s.kubernetes = kube;
+            s.alertmanager.url = Some(am_url);
+            s.playbooks_dir = books;
+            s.scripts_dir = scripts;
+            more(s);
+        })
+        .await
+    }
+
     /// Serves a fake cluster holding `objects` (full manifests with apiVersion and kind).
     pub async fn start(objects: Vec<Value>) -> FakeApi {
         reactor::app::install_crypto_provider();

@@ -45,6 +45,20 @@ services:
     )
 }
 
+/// Writes the seed's team with today (UTC) on its calendar to `dir`/oncall; returns that
+/// directory.
+pub fn write_seed_oncall(dir: &std::path::Path, level_1_timeout: &str) -> std::path::PathBuf {
+    let oncall = dir.join("oncall");
+    std::fs::create_dir_all(&oncall).unwrap();
+    let today = Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
+    std::fs::write(
+        oncall.join("devops.yaml"),
+        seed_oncall(&today.to_string(), level_1_timeout),
+    )
+    .unwrap();
+    oncall
+}
+
 /// The pages of incident `number` that reached `person` on the webhook channel.
 pub fn pages_to(capture: &Capture, number: u64, person: &str) -> usize {
     capture
@@ -265,13 +279,8 @@ async fn an_escalation_due_while_reactor_is_killed_fires_once_after_the_restart(
     let pager = Capture::start().await;
     let dir = PlaybookDir::new(&[]);
     std::fs::create_dir_all(dir.path().join("oncall")).unwrap();
-    let today = Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
     // Level 1 waits 3 s: long enough to kill reactor before it is due.
-    std::fs::write(
-        dir.path().join("oncall/devops.yaml"),
-        seed_oncall(&today.to_string(), "3s"),
-    )
-    .unwrap();
+    write_seed_oncall(dir.path(), "3s");
     let port = free_port();
     let config = dir.binary_config(
         port,

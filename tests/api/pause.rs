@@ -40,15 +40,7 @@ impl Shop {
         let api = FakeApi::start(vec![pod("shop", "web-1", Some(("ReplicaSet", "web-5d9")))]).await;
         let am = Capture::start().await;
         let dir = PlaybookDir::new(&[("playbooks/crashloop.yaml", PLAYBOOK)]);
-        let (kube, books, scripts, am_url) =
-            (api.settings(), dir.playbooks(), dir.scripts(), am.url());
-        let app = TestApp::spawn(move |s| {
-            s.kubernetes = kube;
-            s.alertmanager.url = Some(am_url);
-            s.playbooks_dir = books;
-            s.scripts_dir = scripts;
-        })
-        .await;
+        let app = api.app(&dir, &am, |_| {}).await;
         Shop { app, api, am, dir }
     }
 

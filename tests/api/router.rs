@@ -55,7 +55,7 @@ fn fixture(limits: Limits, token: Option<&str>, capacity: usize) -> Fixture {
         },
         guards: reactor::guard::Guards::open(&store).unwrap(),
         leadership: reactor::ha::Leadership::single(),
-        pauses: reactor::pause::Pauses::open(&store).unwrap(),
+        pauses: reactor::pause::Pauses::open(&store, jiff::Timestamp::now()).unwrap(),
         approver: None,
         store,
         metrics,

@@ -41,14 +41,7 @@ async fn a_shadow_playbook_deletes_nothing_pages_nobody_and_lists_the_delete_it_
         "mode: shadow\n{PLAYBOOK}  - name: then-fails\n    inline: 'throw \"would have failed\"'\n"
     );
     let dir = PlaybookDir::new(&[("playbooks/crashloop.yaml", &shadow)]);
-    let (kube, books, scripts, am_url) = (api.settings(), dir.playbooks(), dir.scripts(), am.url());
-    let app = TestApp::spawn(move |s| {
-        s.kubernetes = kube;
-        s.alertmanager.url = Some(am_url);
-        s.playbooks_dir = books;
-        s.scripts_dir = scripts;
-    })
-    .await;
+    let app = api.app(&dir, &am, |_| {}).await;
     assert_eq!(
         app.post_webhook(&crashloop("2026-12-03T08:00:00Z"))
             .await
