@@ -254,7 +254,13 @@ async fn the_alert_resolving_while_waiting_cancels_the_run_and_withdraws_the_req
     let run = gate.settled(id).await;
     assert_eq!(run["outcome"], "cancelled", "{run}");
     assert_eq!(run["approvals"][0]["decision"], "withdrawn");
-    assert_eq!(gate.incident(number).await["state"], "RESOLVED");
+    // The request's incident resolves just after the run is settled.
+    let state = wait_for(Duration::from_secs(10), || async {
+        let state = gate.incident(number).await["state"].clone();
+        (state == "RESOLVED").then_some(state)
+    })
+    .await;
+    assert_eq!(state.unwrap_or_default(), "RESOLVED");
     assert!(gate.api.deletions().is_empty());
     assert_eq!(pages_to(&gate.pager, number, "manager"), 0);
     gate.app.stop().await;
